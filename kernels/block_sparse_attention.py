@@ -1,0 +1,569 @@
+"""Block-sparse flash attention (forward + backward) in Triton.
+
+Semantics and layout are defined in :mod:`mixdit.kernels.reference` (``block_sparse_attention_reference``):
+each query tile visits ``kv_count`` key tiles listed in ``kv_index``; optional per-key padding
+(``kv_tile_len``) and a per-query-row bitmask over key groups (``row_select`` + ``kv_tile_group``).
+
+Design (see benchmarks/NOTES.md for the measurements behind it):
+* forward: one program per (query block, batch*head); it walks the visited key tiles in one flat loop
+  (slot, sub-block) so Triton's software pipeliner can prefetch the gathered K/V; online softmax in
+  base 2 with log2(e) folded into the scale; fully masked rows never produce NaN.
+* backward: FA2-style. ``delta = rowsum(dO * O) - dlse`` (so gradients through ``lse`` are exact),
+  a dK/dV kernel that loops over the query tiles visiting its key tile (a transposed layout built on
+  the GPU with no host sync), and a dQ kernel that loops over the visited key tiles like the forward.
+* No host synchronisation anywhere: loop bounds are read inside the kernels, so the forward can be
+  captured in a CUDA graph, and both directions are ``torch.library`` custom ops for ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_forward",
+    "block_sparse_attention_backward",
+    "BlockSparseAttentionFunction",
+    "transpose_layout",
+]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# Test hook: when True, launchers fill their outputs with NaN before the kernels run, so a test can
+# prove every element is written (torch.empty could hide a missed write by reusing old memory).
+_POISON_OUTPUTS = False
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, F32_DOT: tl.constexpr):
+    # Triton's CPU interpreter multiplies bf16 operands wrongly; there the (already rounded) operands
+    # are widened to fp32, which gives the same products the tensor cores compute exactly.
+    if F32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, s_rb, s_rh, s_rs,
+    H, Sq, Sk, qk_scale,
+    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    qt = (pid_m * BLOCK_M) // Q_TILE
+    SUB: tl.constexpr = KV_TILE // BLOCK_N
+    NEED_MASK: tl.constexpr = HAS_LEN or HAS_SEL or (not EVEN_K)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+
+    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :]
+    if EVEN_M:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+
+    count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
+    idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
+    if HAS_SEL:
+        sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
+    for it in range(0, count * SUB):
+        slot = it // SUB
+        sub = it % SUB
+        kt = tl.load(idx_base + slot * s_ii)
+        offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
+        k_ptrs = k_base + offs_k[:, None] * s_ks + offs_d[None, :]
+        v_ptrs = v_base + offs_k[:, None] * s_vs + offs_d[None, :]
+        if EVEN_K:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), F32_DOT)
+        if NEED_MASK:
+            key_ok = offs_k < Sk
+            if HAS_LEN:
+                key_ok = key_ok & ((sub * BLOCK_N + offs_n) < tl.load(KV_LEN + kt))
+            if HAS_SEL:
+                g = tl.load(KV_GROUP + kt)
+                word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
+                bit = ((word >> (g % 32)) & 1) != 0
+                s = tl.where(key_ok[None, :] & bit[:, None], s, float("-inf"))
+            else:
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if NEED_MASK:
+            # a row that has seen only masked keys keeps m = -inf; use 0 so no (-inf) - (-inf)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :]
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * Sq + offs_m
+    if EVEN_M:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty))
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, s_ob, s_os, s_oh, s_db, s_ds, s_dh, H, Sq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    # delta = rowsum(dO * O) - dlse: the lse gradient enters ds exactly like -delta does
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < Sq
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=ok, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
+    s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, s_rb, s_rh, s_rs,
+    H, Sq, Sk, n_kt, n_qt, sm_scale, qk_scale,
+    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    # one program owns BLOCK_N keys of key tile kt and loops over the query tiles that visit kt.
+    # Padding keys past Sk need no mask: their dK/dV rows are never stored.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kt = (pid_n * BLOCK_N) // KV_TILE
+    SUB: tl.constexpr = Q_TILE // BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < Sk
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    if HAS_LEN:
+        key_ok = key_ok & ((pid_n * BLOCK_N - kt * KV_TILE + tl.arange(0, BLOCK_N)) < tl.load(KV_LEN + kt))
+    if HAS_SEL:
+        g = tl.load(KV_GROUP + kt)
+        sel_base = ROW_SEL + b * s_rb + h * s_rh + g // 32
+
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_db + h * s_dh
+    row_base = pid_bh.to(tl.int64) * Sq
+    lay = pid_bh.to(tl.int64) * n_kt + kt
+    count = tl.load(Q_COUNT + lay)
+    idx_base = Q_INDEX + lay * n_qt
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for it in range(0, count * SUB):
+        qt = tl.load(idx_base + it // SUB)
+        offs_m = qt * Q_TILE + (it % SUB) * BLOCK_M + offs_mb
+        row_ok = offs_m < Sq
+        q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # lse = +inf past Sq makes p = 0 there; delta = 0 there
+        lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        sT = _mm(k, tl.trans(q), F32_DOT)
+        pT = tl.exp2(sT * qk_scale - lse2[None, :])
+        if HAS_LEN or HAS_SEL:
+            ok = key_ok[:, None]
+            if HAS_SEL:
+                word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
+                ok = ok & (((word >> (g % 32)) & 1) != 0)[None, :]
+            pT = tl.where(ok, pT, 0.0)
+        dv += _mm(pT.to(do.dtype), do, F32_DOT)
+        dpT = _mm(v, tl.trans(do), F32_DOT)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _mm(dsT.to(q.dtype), q, F32_DOT)
+
+    dk = dk * sm_scale
+    st_ok = (offs_n < Sk)[:, None]
+    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=st_ok)
+    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=st_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_dqb, s_dqs, s_dqh,
+    s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, s_rb, s_rh, s_rs,
+    H, Sq, Sk, sm_scale, qk_scale,
+    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    # one program owns BLOCK_M query rows and walks their visited key tiles like the forward.
+    # Padding keys past Sk load as k = v = 0, so they add ds * k = 0 to dQ: no mask needed.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    qt = (pid_m * BLOCK_M) // Q_TILE
+    SUB: tl.constexpr = KV_TILE // BLOCK_N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    row_base = pid_bh.to(tl.int64) * Sq
+    lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
+    idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
+    if HAS_SEL:
+        sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for it in range(0, count * SUB):
+        kt = tl.load(idx_base + (it // SUB) * s_ii)
+        sub = it % SUB
+        offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
+        kmask = (offs_k < Sk)[:, None]
+        k = tl.load(k_base + offs_k[:, None] * s_ks + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * s_vs + offs_d[None, :], mask=kmask, other=0.0)
+        s = _mm(q, tl.trans(k), F32_DOT)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        if HAS_LEN or HAS_SEL:
+            ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+            if HAS_LEN:
+                ok = ok & ((sub * BLOCK_N + offs_n) < tl.load(KV_LEN + kt))[None, :]
+            if HAS_SEL:
+                g = tl.load(KV_GROUP + kt)
+                word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
+                ok = ok & (((word >> (g % 32)) & 1) != 0)[:, None]
+            p = tl.where(ok, p, 0.0)
+        dp = _mm(do, tl.trans(v), F32_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, F32_DOT)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# configs: a small fixed table keyed on head_dim (measured on H100, see benchmarks/NOTES.md)
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M/BLOCK_N are clipped to the layout tiles.
+_FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
+_DKDV_CONFIGS = {64: (64, 128, 8, 2), 128: (64, 128, 8, 2)}  # (BLOCK_M queries, BLOCK_N keys, ...)
+_DQ_CONFIGS = {64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
+_INTERPRET_CONFIG = (64, 64, 4, 1)
+
+# optional overrides used by the benchmark's config sweep: {"fwd"|"dkdv"|"dq": (BM, BN, warps, stages)}
+_CONFIG_OVERRIDE: dict = {}
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _f32_dot(q) -> bool:
+    return _interpreting() and q.dtype == torch.bfloat16
+
+
+def _pick(kind: str, table: dict, D: int, q_tile: int, kv_tile: int):
+    if kind in _CONFIG_OVERRIDE:
+        cfg = _CONFIG_OVERRIDE[kind]
+    elif _interpreting():
+        cfg = _INTERPRET_CONFIG
+    else:
+        cfg = table.get(D, table[128] if D > 64 else table[64])
+    bm, bn, warps, stages = cfg
+    bm, bn = min(bm, q_tile), min(bn, kv_tile)
+    if D > 128:  # keep registers in check for large heads
+        bm, bn = min(bm, 64), min(bn, 64)
+    return bm, bn, warps, stages
+
+
+def _check(q, k, v, q_tile, kv_tile):
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"expected q [B,Sq,H,D], k/v [B,Sk,H,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share dtype float16 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for t in (q_tile, kv_tile):
+        if t < 16 or t & (t - 1):
+            raise ValueError(f"q_tile/kv_tile must be powers of two >= 16, got {q_tile}, {kv_tile}")
+
+
+def _last_contig(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _int32(t):
+    return None if t is None else (t if t.dtype == torch.int32 else t.to(torch.int32))
+
+
+def _sel_args(row_select, kv_tile_group, q):
+    if row_select is None:
+        return q, q, (0, 0, 0)  # dummies, never read (HAS_SEL=False)
+    rs = _int32(row_select)
+    if rs.stride(-1) != 1:
+        rs = rs.contiguous()
+    return rs, _int32(kv_tile_group).contiguous(), (rs.stride(0), rs.stride(1), rs.stride(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile: int = 128, kv_tile: int = 128,
+                                   scale: Optional[float] = None, kv_tile_len=None, row_select=None,
+                                   kv_tile_group=None):
+    """Launch the forward kernel; returns ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``. No autograd."""
+    _check(q, k, v, q_tile, kv_tile)
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kv_count, kv_index = _int32(kv_count), _int32(kv_index)
+    kv_len = _int32(kv_tile_len)
+    rs, grp, rs_strides = _sel_args(row_select, kv_tile_group, q)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    if _POISON_OUTPUTS:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    bm, bn, warps, stages = _pick("fwd", _FWD_CONFIGS, D, q_tile, kv_tile)
+    grid = (triton.cdiv(Sq, bm), B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, kv_count, kv_index, kv_len if kv_len is not None else kv_count, rs, grp,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        kv_count.stride(0), kv_count.stride(1), kv_count.stride(2),
+        kv_index.stride(0), kv_index.stride(1), kv_index.stride(2), kv_index.stride(3), *rs_strides,
+        H, Sq, Sk, scale * _LOG2E,
+        Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_LEN=kv_len is not None, HAS_SEL=row_select is not None,
+        EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def transpose_layout(kv_count, kv_index, n_kv_tiles: int):
+    """Per key tile, the query tiles that visit it: ``(q_count [B,H,n_kt], q_index [B,H,n_kt,n_qt])``.
+
+    Built on the device with scatter + stable argsort (no host sync). Index rows are contiguous int32.
+    """
+    B, H, n_qt = kv_count.shape
+    slot = torch.arange(kv_index.shape[-1], device=kv_index.device)
+    live = slot.view(1, 1, 1, -1) < kv_count.unsqueeze(-1)
+    idx = torch.where(live, kv_index.long(), n_kv_tiles)  # dead slots go to a spill column
+    visit = torch.zeros(B, H, n_qt, n_kv_tiles + 1, dtype=torch.bool, device=kv_index.device)
+    visit.scatter_(3, idx, True)
+    visit_t = visit[..., :n_kv_tiles].transpose(2, 3)  # [B, H, n_kt, n_qt]
+    q_count = visit_t.sum(-1, dtype=torch.int32)
+    q_index = torch.argsort((~visit_t).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return q_count.contiguous(), q_index.contiguous()
+
+
+def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile: int = 128,
+                                    kv_tile: int = 128, scale: Optional[float] = None, kv_tile_len=None,
+                                    row_select=None, kv_tile_group=None, grad_lse=None):
+    """Launch the backward kernels; returns ``(dq, dk, dv)``. ``grad_lse`` (optional) is dL/dlse."""
+    _check(q, k, v, q_tile, kv_tile)
+    q, k, v, out = _last_contig(q), _last_contig(k), _last_contig(v), _last_contig(out)
+    grad_out = _last_contig(grad_out.to(q.dtype))
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kv_count, kv_index = _int32(kv_count), _int32(kv_index)
+    kv_len = _int32(kv_tile_len)
+    rs, grp, rs_strides = _sel_args(row_select, kv_tile_group, q)
+    lse = lse.float().contiguous()
+    n_kt, n_qt = triton.cdiv(Sk, kv_tile), triton.cdiv(Sq, q_tile)
+
+    delta = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    pre_bm = 64
+    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_bm), B * H)](
+        out, grad_out, grad_lse.float().contiguous() if grad_lse is not None else delta, delta,
+        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        H, Sq, HEAD_DIM=D, BLOCK_M=pre_bm, HAS_DLSE=grad_lse is not None,
+    )
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if _POISON_OUTPUTS:
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
+    kv_len_arg = kv_len if kv_len is not None else kv_count
+    has_len, has_sel = kv_len is not None, row_select is not None
+
+    q_count, q_index = transpose_layout(kv_count, kv_index, n_kt)
+    bm, bn, warps, stages = _pick("dkdv", _DKDV_CONFIGS, D, q_tile, kv_tile)
+    _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * H)](
+        q, k, v, grad_out, lse, delta, dk, dv, q_count, q_index, kv_len_arg, rs, grp,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *rs_strides,
+        H, Sq, Sk, n_kt, n_qt, scale, scale * _LOG2E,
+        Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q), num_warps=warps, num_stages=stages,
+    )
+
+    bm, bn, warps, stages = _pick("dq", _DQ_CONFIGS, D, q_tile, kv_tile)
+    _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
+        q, k, v, grad_out, lse, delta, dq, kv_count, kv_index, kv_len_arg, rs, grp,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        kv_count.stride(0), kv_count.stride(1), kv_count.stride(2),
+        kv_index.stride(0), kv_index.stride(1), kv_index.stride(2), kv_index.stride(3), *rs_strides,
+        H, Sq, Sk, scale, scale * _LOG2E,
+        Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q), num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Function (eager) and torch.library custom ops (torch.compile / CUDA graphs)
+# ----------------------------------------------------------------------------------------------
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """Eager autograd wrapper around the launchers (the public function uses the custom op)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group):
+        out, lse = block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale,
+                                                  kv_tile_len, row_select, kv_tile_group)
+        ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, kv_tile_len, row_select, kv_tile_group)
+        ctx.cfg = (q_tile, kv_tile, scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, kv_count, kv_index, kv_tile_len, row_select, kv_tile_group = ctx.saved_tensors
+        q_tile, kv_tile, scale = ctx.cfg
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile,
+                                                     kv_tile, scale, kv_tile_len, row_select, kv_tile_group,
+                                                     grad_lse)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+@torch.library.custom_op("mixdit::block_sparse_attn_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
+            q_tile: int, kv_tile: int, scale: float, kv_tile_len: Optional[torch.Tensor],
+            row_select: Optional[torch.Tensor], kv_tile_group: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len,
+                                          row_select, kv_tile_group)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group):
+    B, Sq, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("mixdit::block_sparse_attn_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
+            q_tile: int, kv_tile: int, scale: float, kv_tile_len: Optional[torch.Tensor],
+            row_select: Optional[torch.Tensor], kv_tile_group: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile,
+                                           scale, kv_tile_len, row_select, kv_tile_group, grad_lse)
+
+
+@_bwd_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len,
+      row_select, kv_tile_group):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index)
+    ctx.extra = (kv_tile_len, row_select, kv_tile_group)
+    ctx.cfg = (q_tile, kv_tile, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_count, kv_index = ctx.saved_tensors
+    kv_tile_len, row_select, kv_tile_group = ctx.extra
+    q_tile, kv_tile, scale = ctx.cfg
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(grad_out, grad_lse, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, scale,
+                         kv_tile_len, row_select, kv_tile_group)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_sparse_attention(q, k, v, kv_count, kv_index, *, q_tile: int = 128, kv_tile: int = 128,
+                           scale: Optional[float] = None, kv_tile_len=None, row_select=None, kv_tile_group=None):
+    """Block-sparse attention over ``[B, S, H, D]`` tensors; returns ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``.
+
+    The layout (``kv_count [B,H,n_q_tiles]``, ``kv_index [B,H,n_q_tiles,max_tiles]`` int32, optional
+    ``kv_tile_len``, ``row_select`` + ``kv_tile_group``) is documented in :mod:`mixdit.kernels.reference`.
+    Differentiable in q, k, v (gradients through ``lse`` too); no host synchronisation; traceable by
+    ``torch.compile(fullgraph=True)``. ``scale`` defaults to ``1/sqrt(D)``.
+    """
+    if (row_select is None) != (kv_tile_group is None):
+        raise ValueError("row_select and kv_tile_group go together")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _fwd_op(q, k, v, kv_count, kv_index, int(q_tile), int(kv_tile), scale, kv_tile_len, row_select,
+                   kv_tile_group)

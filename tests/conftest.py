@@ -1,0 +1,43 @@
+"""Shared test helpers. Without CUDA, Triton kernels run in its CPU interpreter (set before any import of triton)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def tolerance(ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor) -> float:
+    """FlagAttention's rule: allowed max error = 2 x (same-dtype PyTorch error vs fp32) + 1e-5."""
+    return 2 * (ref_same_dtype.float() - ref_fp32.float()).abs().max().item() + 1e-5
+
+
+def assert_close_rule(name: str, out: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor) -> None:
+    """Check ``out`` against the fp32 reference with :func:`tolerance`; -inf entries must match exactly."""
+    out, ref_fp32, ref_same = out.float(), ref_fp32.float(), ref_same_dtype.float()
+    assert not torch.isnan(out).any(), f"{name}: NaN in kernel output"
+    inf_k, inf_r = torch.isinf(out), torch.isinf(ref_fp32)
+    assert torch.equal(inf_k, inf_r), f"{name}: inf pattern differs ({int((inf_k != inf_r).sum())} entries)"
+    if inf_r.any():
+        assert torch.equal(out[inf_r], ref_fp32[inf_r]), f"{name}: inf sign differs"
+    fin = ~inf_r
+    err = (out[fin] - ref_fp32[fin]).abs().max().item() if fin.any() else 0.0
+    tol = tolerance(ref_same[fin], ref_fp32[fin]) if fin.any() else 1e-5
+    assert err <= tol, f"{name}: max error {err:.3e} > tolerance {tol:.3e}"
+
+
+@pytest.fixture
+def assert_close():
+    """Fixture form of :func:`assert_close_rule` (test modules can't import conftest under importlib mode)."""
+    return assert_close_rule

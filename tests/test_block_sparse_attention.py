@@ -1,0 +1,240 @@
+"""mixdit.kernels.block_sparse_attention vs the naive reference (CPU via TRITON_INTERPRET, and CUDA)."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from mixdit.kernels import block_sparse_attention
+from mixdit.kernels.block_sparse_attention import BlockSparseAttentionFunction, transpose_layout
+from mixdit.kernels.reference import block_sparse_attention_reference, dense_layout, random_layout
+
+# the module shares its name with the exported function: fetch the module itself
+bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    # every launcher output starts as NaN: an unwritten element fails the comparison
+    monkeypatch.setattr(bsa, "_POISON_OUTPUTS", True)
+
+
+def _inputs(B, Sq, Sk, H, D, dtype, device):
+    q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)
+    k = torch.randn(B, Sk, H, D, dtype=dtype, device=device)
+    v = torch.randn(B, Sk, H, D, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _check_all(assert_close, q, k, v, layout, *, q_tile, kv_tile, grad=True, lse_grad=False, fn=None, **extra):
+    """Compare out, lse (and dq, dk, dv) with the fp32 and same-dtype references under the tolerance rule."""
+    kv_count, kv_index = layout
+    fn = fn or (lambda *a, **kw: block_sparse_attention(*a, **kw))
+    leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+    out, lse = fn(*leaves, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, **extra)
+    refs = {}
+    for name, upcast in (("fp32", True), ("same", False)):
+        src = [t.detach().float() if upcast else t.detach() for t in (q, k, v)]
+        src = [t.clone().requires_grad_(grad) for t in src]
+        r_out, r_lse = block_sparse_attention_reference(*[t.to(q.dtype) if not upcast else t for t in src],
+                                                        kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile,
+                                                        upcast=upcast, **extra)
+        if upcast:  # the fp32 reference must not round its output back to bf16/fp16
+            r_out, r_lse = _ref_fp32(src, kv_count, kv_index, q_tile, kv_tile, extra)
+        refs[name] = (src, r_out, r_lse)
+    assert_close("out", out, refs["same"][1], refs["fp32"][1])
+    assert_close("lse", lse, refs["same"][2], refs["fp32"][2])
+    if not grad:
+        return out, lse
+    g_out = torch.randn_like(out, dtype=torch.float32)
+    g_lse = torch.randn_like(lse) if lse_grad else None
+
+    def loss(o, l):
+        val = (o.float() * g_out).sum()
+        if g_lse is not None:
+            val = val + (l * g_lse).sum()
+        return val
+
+    loss(out, lse).backward()
+    for name in refs:
+        src, r_out, r_lse = refs[name]
+        loss(r_out, r_lse).backward()
+    for i, nm in enumerate(("dq", "dk", "dv")):
+        assert_close(nm, leaves[i].grad, refs["same"][0][i].grad, refs["fp32"][0][i].grad)
+    return out, lse
+
+
+def _ref_fp32(src, kv_count, kv_index, q_tile, kv_tile, extra):
+    # reference in fp32 end to end: feed fp32 tensors (the reference keeps the input dtype)
+    return block_sparse_attention_reference(*src, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile,
+                                            upcast=True, **extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU + CUDA (tiny shapes: the interpreter is slow)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dtype,D,q_tile,kv_tile,Sq,Sk,density",
+    [
+        (torch.float16, 64, 64, 64, 200, 200, 0.5),     # ragged last tile
+        (torch.bfloat16, 64, 128, 64, 160, 230, 0.6),   # Sq != Sk, q tile spans two kernel blocks
+        (torch.bfloat16, 128, 128, 128, 130, 260, 0.7),
+        (torch.float16, 32, 64, 128, 96, 300, 0.5),
+    ],
+)
+def test_random_layout(assert_close, device, dtype, D, q_tile, kv_tile, Sq, Sk, density):
+    B, H = 2, 2
+    q, k, v = _inputs(B, Sq, Sk, H, D, dtype, device)
+    layout = random_layout(B, H, Sq, Sk, density, q_tile, kv_tile, device=device)
+    _check_all(assert_close, q, k, v, layout, q_tile=q_tile, kv_tile=kv_tile, lse_grad=True)
+
+
+def test_diagonal_only_and_all_tiles(assert_close, device):
+    B, H, S, D = 1, 2, 192, 64
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
+    kv_count, kv_index = random_layout(B, H, S, S, 0.0, 64, 64, device=device)  # diagonal only
+    dc, di = dense_layout(B, H, S, S, 64, 64, device=device)
+    # head 0: diagonal only; head 1: every tile (in shuffled order)
+    kv_count[:, 1] = dc[:, 1]
+    kv_index[:, 1] = di[:, 1][..., torch.randperm(di.shape[-1], device=device)]
+    _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=64, kv_tile=64)
+
+
+def test_masks_len_rowselect_empty(assert_close, device):
+    """kv_tile_len padding, row_select bitmasks (incl. a fully masked first visited tile) and empty rows."""
+    B, H, S, D, T = 2, 2, 256, 64, 64
+    n_t = S // T
+    q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
+    kv_count, kv_index = random_layout(B, H, S, S, 0.6, T, T, device=device)
+    kv_count[0, 0, 1] = 0  # a query tile with no tile at all: out 0, lse -inf
+    kv_tile_len = torch.randint(1, T + 1, (n_t,), dtype=torch.int32, device=device)
+    kv_tile_len[0] = T
+    groups = 40  # two bitmask words
+    kv_tile_group = torch.randint(0, groups, (n_t,), dtype=torch.int32, device=device)
+    bits = torch.rand(B, H, S, groups, device=device) < 0.5
+    # rows whose first visited tile is masked but a later one is visible
+    first = kv_tile_group[kv_index[..., 0].long()]  # [B, H, n_qt]
+    first_rows = first.repeat_interleave(T, dim=-1)[..., :S]
+    bits.scatter_(3, first_rows.unsqueeze(-1).long(), False)
+    bits[1, 1, 5:9] = False  # rows that see nothing
+    weights = (1 << torch.arange(32, dtype=torch.int64, device=device))
+    padded = torch.zeros(B, H, S, 64, dtype=torch.int64, device=device)
+    padded[..., :groups] = bits.long()
+    words = (padded.view(B, H, S, 2, 32) * weights).sum(-1)
+    row_select = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=T, kv_tile=T,
+                          kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group)
+    assert torch.isinf(lse[1, 1, 5:9]).all() and (out[1, 5:9, 1] == 0).all()
+    assert torch.isinf(lse[0, 0, T:2 * T]).all()
+
+
+def test_dense_layout_equals_sdpa(device):
+    B, H, S, D = 1, 2, 200, 64
+    q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
+    out, lse = block_sparse_attention(q, k, v, *dense_layout(B, H, S, S, 64, 64, device=device), q_tile=64, kv_tile=64)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+    ref16 = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    err, tol = (out.float() - ref.transpose(1, 2)).abs().max().item(), 2 * (ref16.float() - ref).abs().max().item() + 1e-5
+    assert err <= tol, (err, tol)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(D)
+    assert (lse - torch.logsumexp(s, -1)).abs().max().item() < 1e-3
+
+
+def test_autograd_function_and_transpose_layout(assert_close, device):
+    B, H, S, D = 1, 2, 130, 64
+    q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
+    layout = random_layout(B, H, S, S, 0.5, 64, 64, device=device)
+
+    def fn(q, k, v, kc, ki, *, q_tile, kv_tile):
+        return BlockSparseAttentionFunction.apply(q, k, v, kc, ki, q_tile, kv_tile, None, None, None, None)
+
+    _check_all(assert_close, q, k, v, layout, q_tile=64, kv_tile=64, fn=fn)
+    q_count, q_index = transpose_layout(*layout, 3)
+    kc, ki = layout
+    for b in range(B):
+        for h in range(H):
+            for t in range(3):
+                want = sorted(qt for qt in range(3) if t in ki[b, h, qt, : kc[b, h, qt]].tolist())
+                assert sorted(q_index[b, h, t, : q_count[b, h, t]].tolist()) == want
+
+
+def test_torch_compile_fullgraph(device):
+    B, H, S, D = 1, 2, 128, 64
+    q, k, v = (t.requires_grad_() for t in _inputs(B, S, S, H, D, torch.float16, device))
+    layout = random_layout(B, H, S, S, 0.5, 64, 64, device=device)
+
+    def f(q, k, v, kc, ki):
+        out, lse = block_sparse_attention(q, k, v, kc, ki, q_tile=64, kv_tile=64)
+        return out.float().sum() + lse.sum()
+
+    backend = "inductor" if HAS_CUDA else "aot_eager"  # no C++ compiler needed on CPU
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    val = compiled(q, k, v, *layout)
+    val.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    eager = f(q, k, v, *layout)
+    eager.backward()
+    assert torch.allclose(val, eager, rtol=1e-4, atol=1e-3)
+    for g, t in zip(grads, (q, k, v)):
+        assert torch.allclose(g.float(), t.grad.float(), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA only: larger shapes, the production tile configs, CUDA graphs
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dtype,D,q_tile,kv_tile,S,density",
+    [
+        (torch.bfloat16, 128, 128, 128, 2100, 0.3),
+        (torch.float16, 128, 128, 64, 1500, 0.4),
+        (torch.bfloat16, 64, 64, 64, 1333, 0.25),
+        (torch.bfloat16, 64, 128, 128, 1024, 1.0),
+    ],
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_large(assert_close, dtype, D, q_tile, kv_tile, S, density):
+    B, H = 2, 3
+    q, k, v = _inputs(B, S, S, H, D, dtype, "cuda")
+    layout = random_layout(B, H, S, S, density, q_tile, kv_tile, device="cuda")
+    _check_all(assert_close, q, k, v, layout, q_tile=q_tile, kv_tile=kv_tile, lse_grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_masks_large(assert_close):
+    B, H, S, D, T = 1, 4, 1000, 128, 128
+    n_t = (S + T - 1) // T
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, "cuda")
+    layout = random_layout(B, H, S, S, 0.5, T, T, device="cuda")
+    kv_tile_len = torch.randint(1, T + 1, (n_t,), dtype=torch.int32, device="cuda")
+    kv_tile_group = torch.arange(n_t, dtype=torch.int32, device="cuda")
+    row_select = torch.randint(-2**31, 2**31 - 1, (B, H, S, 1), dtype=torch.int64, device="cuda").to(torch.int32)
+    _check_all(assert_close, q, k, v, layout, q_tile=T, kv_tile=T, kv_tile_len=kv_tile_len,
+               row_select=row_select, kv_tile_group=kv_tile_group)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_capture():
+    B, H, S, D = 1, 4, 1024, 128
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, "cuda")
+    kc, ki = random_layout(B, H, S, S, 0.5, device="cuda")
+    block_sparse_attention(q, k, v, kc, ki)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = block_sparse_attention(q, k, v, kc, ki)
+    q.copy_(torch.randn_like(q))
+    kc2, ki2 = random_layout(B, H, S, S, 0.5, device="cuda")
+    kc.copy_(kc2)
+    ki.copy_(ki2)
+    graph.replay()
+    ref, ref_lse = block_sparse_attention(q, k, v, kc, ki)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
