@@ -1,0 +1,188 @@
+"""One small adapter per model family: where the self-attention modules are, how layers are
+numbered, how tokens are laid out, and how to read the latent grid from a denoiser call.
+
+Features ask the adapter; they never test model classes themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from mixdit.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention module a feature may patch."""
+
+    layer_index: int  # the family's documented layer number (see each adapter)
+    name: str  # module path inside the denoiser, e.g. "blocks.3.attn1"
+    module: torch.nn.Module
+    kind: str  # "joint" (text in the sequence), "self" (visual tokens only), "single" (FLUX/Hunyuan single-stream)
+
+
+class FamilyAdapter:
+    family: str = ""
+    transformer_class: str = ""
+    text_position: str = "none"  # "before" | "after" | "cross"
+    is_video: bool = False
+
+    # -- denoisers -------------------------------------------------------------------------
+    @staticmethod
+    def denoisers(pipe_or_model) -> list[tuple[str, torch.nn.Module]]:
+        """(attribute name, module) for every denoiser (Wan 2.2 has two experts)."""
+        if isinstance(pipe_or_model, torch.nn.Module):
+            return [("transformer", pipe_or_model)]
+        out = []
+        for name in ("transformer", "transformer_2"):
+            model = getattr(pipe_or_model, name, None)
+            if model is not None:
+                out.append((name, model))
+        return out
+
+    # -- layers ----------------------------------------------------------------------------
+    def attention_sites(self, model) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def num_layers(self, model) -> int:
+        return len(self.attention_sites(model))
+
+    def heads(self, model) -> int:
+        return self.attention_sites(model)[0].module.heads
+
+    # -- token layout ----------------------------------------------------------------------
+    def grid(self, model, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """Latent grid after patchify, (frames, height, width), from the denoiser's inputs."""
+        raise NotImplementedError
+
+    def text_len(self, model, args: tuple, kwargs: dict) -> int:
+        ehs = _arg(args, kwargs, "encoder_hidden_states", self._ehs_pos)
+        return 0 if ehs is None or self.text_position == "cross" else int(ehs.shape[1])
+
+    _ehs_pos = 1  # positional index of encoder_hidden_states in the denoiser's forward
+
+    def timestep(self, args: tuple, kwargs: dict) -> float | None:
+        t = kwargs.get("timestep")
+        if t is None:
+            return None
+        t = t.flatten()[0] if torch.is_tensor(t) else t
+        return float(t)
+
+
+def _arg(args, kwargs, name, pos):
+    if name in kwargs:
+        return kwargs[name]
+    return args[pos] if len(args) > pos else None
+
+
+def _sites(blocks, attr: str, kind: str, prefix: str, start: int = 0) -> Iterator[AttentionSite]:
+    for i, block in enumerate(blocks):
+        yield AttentionSite(start + i, f"{prefix}.{i}.{attr}", getattr(block, attr), kind)
+
+
+class SD3Adapter(FamilyAdapter):
+    """SD3 / SD3.5: layer i = joint block i (``transformer_blocks[i].attn``); sequence = [image, text]."""
+
+    family, transformer_class, text_position = "sd3", "SD3Transformer2DModel", "after"
+
+    def attention_sites(self, model):
+        n = len(model.transformer_blocks)
+        # the last SD3 block is context_pre_only: text still enters its joint attention
+        return list(_sites(model.transformer_blocks, "attn", "joint", "transformer_blocks")) if n else []
+
+    def grid(self, model, args, kwargs):
+        x = _arg(args, kwargs, "hidden_states", 0)
+        p = model.config.patch_size
+        return (1, x.shape[-2] // p, x.shape[-1] // p)
+
+
+class FluxAdapter(FamilyAdapter):
+    """FLUX.1: layers 0..18 = double-stream blocks, 19..56 = single-stream blocks; sequence = [text, image]."""
+
+    family, transformer_class, text_position = "flux", "FluxTransformer2DModel", "before"
+
+    def attention_sites(self, model):
+        double = list(_sites(model.transformer_blocks, "attn", "joint", "transformer_blocks"))
+        single = list(_sites(model.single_transformer_blocks, "attn", "single", "single_transformer_blocks",
+                             start=len(double)))
+        return double + single
+
+    def grid(self, model, args, kwargs):
+        img_ids = kwargs.get("img_ids")
+        x = _arg(args, kwargs, "hidden_states", 0)
+        if img_ids is None:
+            return (1, 1, x.shape[1])
+        ids = img_ids[-1] if img_ids.ndim == 2 else img_ids[0, -1]
+        # packed latents are raster ordered: the last token holds the largest (row, col)
+        h, w = int(ids[1]) + 1, int(ids[2]) + 1
+        return (1, h, w) if h * w == x.shape[1] else (1, 1, x.shape[1])
+
+
+class WanAdapter(FamilyAdapter):
+    """Wan 2.1/2.2: layer i = ``blocks[i].attn1`` (video self-attention); text enters through cross-attention."""
+
+    family, transformer_class, text_position, is_video = "wan", "WanTransformer3DModel", "cross", True
+    _ehs_pos = 2
+
+    def attention_sites(self, model):
+        return list(_sites(model.blocks, "attn1", "self", "blocks"))
+
+    def grid(self, model, args, kwargs):
+        x = _arg(args, kwargs, "hidden_states", 0)
+        pt, ph, pw = model.config.patch_size
+        return (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+
+
+class HunyuanVideoAdapter(FamilyAdapter):
+    """HunyuanVideo: layers = dual-stream blocks then single-stream blocks; sequence = [video, text]."""
+
+    family, transformer_class, text_position, is_video = "hunyuan_video", "HunyuanVideoTransformer3DModel", "after", True
+    _ehs_pos = 2
+
+    def attention_sites(self, model):
+        double = list(_sites(model.transformer_blocks, "attn", "joint", "transformer_blocks"))
+        single = list(_sites(model.single_transformer_blocks, "attn", "single", "single_transformer_blocks",
+                             start=len(double)))
+        return double + single
+
+    def grid(self, model, args, kwargs):
+        x = _arg(args, kwargs, "hidden_states", 0)
+        p, pt = model.config.patch_size, model.config.patch_size_t
+        return (x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)
+
+
+class CogVideoXAdapter(FamilyAdapter):
+    """CogVideoX: layer i = ``transformer_blocks[i].attn1``; sequence = [text, video]."""
+
+    family, transformer_class, text_position, is_video = "cogvideox", "CogVideoXTransformer3DModel", "before", True
+
+    def attention_sites(self, model):
+        return list(_sites(model.transformer_blocks, "attn1", "joint", "transformer_blocks"))
+
+    def grid(self, model, args, kwargs):
+        x = _arg(args, kwargs, "hidden_states", 0)  # [B, F, C, H, W]
+        p, pt = model.config.patch_size, model.config.patch_size_t or 1
+        return ((x.shape[1] + pt - 1) // pt, x.shape[3] // p, x.shape[4] // p)
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in
+                                      (SD3Adapter(), FluxAdapter(), WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter())}
+SUPPORTED_FAMILIES = tuple(ADAPTERS)
+
+
+def adapter_for(pipe_or_model: Any) -> FamilyAdapter:
+    """The adapter for a diffusers pipeline or a bare denoiser; a clear error for anything else."""
+    model = pipe_or_model if isinstance(pipe_or_model, torch.nn.Module) else getattr(pipe_or_model, "transformer", None)
+    cls = type(model).__name__ if model is not None else type(pipe_or_model).__name__
+    for adapter in ADAPTERS.values():
+        if cls == adapter.transformer_class:
+            return adapter
+    supported = ", ".join(f"{a.family} ({a.transformer_class})" for a in ADAPTERS.values())
+    raise UnsupportedModelError(f"mixdit does not support {cls}; supported model families: {supported}")
+
+
+def detect_family(pipe_or_model: Any) -> str:
+    return adapter_for(pipe_or_model).family

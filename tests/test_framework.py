@@ -1,0 +1,138 @@
+"""apply / remove / summary, the forward context and the processor wrapper, on tiny denoisers."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mixdit
+from mixdit.api import FEATURES, Feature, register_feature
+from mixdit.errors import ConfigError, UnsupportedModelError
+from mixdit.pipelines.adapters import adapter_for
+
+
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                 out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                 pooled_projection_dim=64, out_channels=4).eval()
+
+
+def wan_inputs(batch=2):
+    return dict(hidden_states=torch.randn(batch, 16, 3, 8, 10), timestep=torch.tensor([500.0] * batch),
+                encoder_hidden_states=torch.randn(batch, 7, 32), return_dict=False)
+
+
+def sd3_inputs(batch=2):
+    return dict(hidden_states=torch.randn(batch, 4, 8, 8), encoder_hidden_states=torch.randn(batch, 5, 32),
+                pooled_projections=torch.randn(batch, 64), timestep=torch.tensor([10.0] * batch), return_dict=False)
+
+
+@dataclass
+class RecorderConfig:
+    scale: float = 1.0
+
+    def validate(self):
+        from mixdit.config import check_number
+
+        check_number("recorder.scale", self.scale, 0.0, 10.0)
+
+
+class Recorder(Feature):
+    """Test feature: records each attention call's context and scales the output."""
+
+    keyword, config_class = "_recorder", RecorderConfig
+    seen: list = []
+
+    def sites(self, model, denoiser_name):
+        return self.adapter.attention_sites(model)
+
+    def attend(self, call):
+        Recorder.seen.append((call.ctx.layer_index, call.ctx.grid, call.ctx.text_len, call.ctx.text_position,
+                              tuple(call.query.shape)))
+        return None  # defer to dense
+
+    def transform(self, call, out):
+        return out * self.config.scale
+
+    def summary(self):
+        return {"calls": len(Recorder.seen)}
+
+
+@pytest.fixture(autouse=True)
+def _register():
+    register_feature(Recorder)
+    Recorder.seen = []
+    yield
+    FEATURES.pop("_recorder", None)
+
+
+@pytest.mark.parametrize("make,inputs", [(tiny_wan, wan_inputs), (tiny_sd3, sd3_inputs)])
+def test_apply_identity_then_remove_is_bitwise(make, inputs):
+    model = make()
+    x = inputs()
+    with torch.no_grad():
+        ref = model(**x)[0]
+        mixdit.apply(model, _recorder=RecorderConfig(scale=1.0))
+        patched = model(**x)[0]
+        assert Recorder.seen, "feature never saw an attention call"
+        assert torch.equal(patched, ref)
+        mixdit.apply(model, _recorder={"scale": 0.5})  # applying twice replaces
+        changed = model(**x)[0]
+        assert not torch.allclose(changed, ref)
+        procs = [s.module.processor for s in adapter_for(model).attention_sites(model)]
+        assert all(type(p).__name__ == "MixditAttnProcessor" for p in procs)
+        assert all(type(p.original).__name__ != "MixditAttnProcessor" for p in procs)  # never double-wrapped
+        mixdit.remove(model)
+        after = model(**x)[0]
+    assert torch.equal(after, ref)
+    assert mixdit.summary(model) == {"features": {}}
+
+
+def test_forward_context_wan():
+    model = tiny_wan()
+    mixdit.apply(model, _recorder=True)
+    with torch.no_grad():
+        model(**wan_inputs(batch=1))
+    layers = [s[0] for s in Recorder.seen]
+    assert layers == [0, 1, 2]
+    assert all(s[1] == (3, 4, 5) and s[2] == 0 and s[3] == "cross" for s in Recorder.seen)
+    s = mixdit.summary(model)
+    assert s["family"] == "wan" and s["patched_attention_modules"] == 3 and s["denoiser_calls"] == 1
+    assert mixdit.current_context() is None  # reset after the call
+    mixdit.remove(model)
+
+
+def test_forward_context_sd3_text_after():
+    model = tiny_sd3()
+    mixdit.apply(model, _recorder=True)
+    with torch.no_grad():
+        model(**sd3_inputs(batch=1))
+    assert [s[0] for s in Recorder.seen] == [0, 1]
+    assert all(s[1] == (1, 8, 8) and s[2] == 5 and s[3] == "after" and s[4][2] == 64 + 5 for s in Recorder.seen)
+    mixdit.remove(model)
+
+
+def test_bad_config_names_field():
+    model = tiny_wan()
+    with pytest.raises(ConfigError, match=r"recorder\.scale = 99 .*\[0\.0, 10\.0\]"):
+        mixdit.apply(model, _recorder=RecorderConfig(scale=99))
+    with pytest.raises(ConfigError, match="feature keyword"):
+        mixdit.apply(model, not_a_feature=True)
+    assert mixdit.summary(model) == {"features": {}}
+
+
+def test_unsupported_model_lists_families():
+    with pytest.raises(UnsupportedModelError, match="sd3.*flux.*wan.*hunyuan_video.*cogvideox"):
+        mixdit.apply(torch.nn.Linear(2, 2), _recorder=True)
