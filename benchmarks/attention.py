@@ -1,0 +1,251 @@
+"""Block-sparse attention benchmark (GPU): dense SDPA (cuDNN, flash), FlexAttention with the same block
+mask, and mixdit's Triton kernel, forward and forward+backward, at several densities.
+
+    python benchmarks/attention.py                       # every shape, fwd (+ fwd+bwd where listed)
+    python benchmarks/attention.py --quick               # Wan-1.3B only
+    python benchmarks/attention.py --shapes flux,sd35 --densities 1,0.25
+    python benchmarks/attention.py --sweep               # time kernel configs (BLOCK_M/N, warps, stages)
+
+TFLOP/s count only computed tiles: 4*B*H*S^2*D*(visited tiles / all tiles) for the forward and 3.5x that
+for forward+backward. Writes results/attention-<gpu>.json and .md (``--out-dir`` to change).
+A ``router_ms`` column is left for the VMoBA router's own timing (measured elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+SHAPES = {  # name: (B, H, S, D, directions)
+    "wan1.3b": (2, 12, 32760, 128, ("fwd", "fwdbwd")),
+    "wan14b": (1, 40, 75600, 128, ("fwd",)),
+    "flux": (1, 24, 4608, 128, ("fwd", "fwdbwd")),
+    "sd35": (1, 24, 4429, 64, ("fwd", "fwdbwd")),
+}
+TILE = 128
+
+
+def bench(fn, rep_ms=200):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+
+def make_inputs(B, H, S, D, grad):
+    # [B, S, H, D] storage (the diffusers dispatcher layout); random, never zeros
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_(grad) for _ in range(3))
+    return q, k, v
+
+
+def mixdit_fn(q, k, v, layout, direction):
+    from mixdit.kernels import block_sparse_attention
+
+    kc, ki = layout
+    if direction == "fwd":
+        return lambda: block_sparse_attention(q, k, v, kc, ki, q_tile=TILE, kv_tile=TILE)
+    g = torch.randn_like(q)
+
+    def run():
+        out, _ = block_sparse_attention(q, k, v, kc, ki, q_tile=TILE, kv_tile=TILE)
+        out.backward(g)
+    return run
+
+
+def sdpa_fn(q, k, v, backend, direction):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    g = torch.randn_like(qt)
+
+    def run():
+        with sdpa_kernel(be):
+            out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+            if direction == "fwdbwd":
+                out.backward(g)
+    return run
+
+
+_FLEX = {}
+
+
+def flex_fn(q, k, v, layout, direction, S):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if "f" not in _FLEX:
+        _FLEX["f"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX["f"]
+    kc, ki = layout
+    mask = BlockMask.from_kv_blocks(kc, ki, BLOCK_SIZE=TILE, seq_lengths=(S, S))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    g = torch.randn_like(qt)
+
+    def run():
+        out = flex(qt, kt, vt, block_mask=mask)
+        if direction == "fwdbwd":
+            out.backward(g)
+    return run
+
+
+def gpu_slug():
+    name = torch.cuda.get_device_name()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run_benchmark(shapes, densities, directions, rep_ms, flex_on):
+    from mixdit.kernels.reference import random_layout
+
+    rows = []
+    for name in shapes:
+        B, H, S, D, dirs = SHAPES[name]
+        for direction in [d for d in directions if d in dirs]:
+            grad = direction == "fwdbwd"
+            q, k, v = make_inputs(B, H, S, D, grad)
+            mult = 3.5 if grad else 1.0
+            dense_flops = 4 * B * H * S * S * D * mult
+            base = {}
+
+            def add(impl, density, frac, fn):
+                try:
+                    ms = bench(fn, rep_ms * (4 if S > 60000 else 1))
+                except Exception as e:  # keep the rest of the table if one backend fails
+                    print(f"  {name} {direction} {impl} d={density}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    return None
+                row = dict(shape=name, B=B, H=H, S=S, D=D, impl=impl, density=density, computed_fraction=frac,
+                           direction=direction, ms=ms, tflops=dense_flops * frac / ms / 1e9, router_ms=None)
+                rows.append(row)
+                print(f"  {name:8s} {direction:6s} {impl:12s} d={density:<6} {ms:9.3f} ms {row['tflops']:7.1f} TF/s", flush=True)
+                return row
+
+            for be in ("cudnn", "flash"):
+                if name == "wan14b" and be == "flash":
+                    continue  # 335 ms a call, nothing new
+                r = add(f"sdpa-{be}", 1.0, 1.0, sdpa_fn(q, k, v, be, direction))
+                if r:
+                    base[be] = r["ms"]
+            for density in densities:
+                layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
+                n_qt = layout[1].shape[2]
+                frac = layout[0].sum().item() / (B * H * n_qt * layout[1].shape[3])
+                fl = None
+                if flex_on and name != "wan14b":
+                    fl = add("flex", density, frac, flex_fn(q, k, v, layout, direction, S))
+                mx = add("mixdit", density, frac, mixdit_fn(q, k, v, layout, direction))
+                if mx:
+                    for be, ms in base.items():
+                        mx[f"speedup_vs_{be}"] = ms / mx["ms"]
+                    if fl:
+                        mx["speedup_vs_flex"] = fl["ms"] / mx["ms"]
+                        for be, ms in base.items():
+                            fl[f"speedup_vs_{be}"] = ms / fl["ms"]
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(rep_ms):
+    """Time kernel configs at the Wan-1.3B shape (d=0.25 and 1.0) via the launcher's override hook."""
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    from mixdit.kernels.reference import random_layout
+
+    B, H, S, D = 2, 12, 32760, 128
+    q, k, v = make_inputs(B, H, S, D, False)
+    out = []
+    fwd_cfgs = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+                (64, 128, 4, 3), (128, 128, 4, 3)]
+    for density in (1.0, 0.25):
+        layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
+        frac = layout[0].sum().item() / layout[1].numel()
+        flops = 4 * B * H * S * S * D * frac
+        for cfg in fwd_cfgs:
+            bsa._CONFIG_OVERRIDE.clear()
+            bsa._CONFIG_OVERRIDE["fwd"] = cfg
+            try:
+                ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
+            except Exception as e:
+                print("fwd", cfg, "FAILED", str(e)[:150], flush=True)
+                continue
+            out.append(dict(kernel="fwd", cfg=cfg, density=density, ms=ms, tflops=flops / ms / 1e9))
+            print(f"sweep fwd d={density} {cfg}: {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s", flush=True)
+    bsa._CONFIG_OVERRIDE.clear()
+    # backward: time the whole fwd+bwd with one kernel's config changed at a time
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    layout = random_layout(B, H, S, S, 0.25, TILE, TILE, device="cuda")
+    frac = layout[0].sum().item() / layout[1].numel()
+    flops = 3.5 * 4 * B * H * S * S * D * frac
+    bwd_cfgs = {"dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
+                "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]}
+    for kind, cfgs in bwd_cfgs.items():
+        for cfg in cfgs:
+            bsa._CONFIG_OVERRIDE.clear()
+            bsa._CONFIG_OVERRIDE[kind] = cfg
+            try:
+                ms = bench(mixdit_fn(qg, kg, vg, layout, "fwdbwd"), rep_ms)
+            except Exception as e:
+                print(kind, cfg, "FAILED", str(e)[:150], flush=True)
+                continue
+            out.append(dict(kernel=kind, cfg=cfg, density=0.25, ms=ms, tflops=flops / ms / 1e9))
+            print(f"sweep fwdbwd({kind}={cfg}) d=0.25: {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s", flush=True)
+    bsa._CONFIG_OVERRIDE.clear()
+    return out
+
+
+def write_results(rows, out_dir, gpu):
+    os.makedirs(out_dir, exist_ok=True)
+    slug = gpu_slug()
+    for r in rows:
+        r["gpu"] = gpu
+    with open(os.path.join(out_dir, f"attention-{slug}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = [f"# Block-sparse attention on {gpu} (bf16, torch {torch.__version__})", "",
+             "TFLOP/s on computed tiles; speedups are time ratios (baseline / this).", "",
+             "| shape | dir | impl | density | ms | TFLOP/s | vs cuDNN dense | vs flash dense | vs Flex same mask | router ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda key: f"{r[key]:.2f}x" if r.get(key) else ""  # noqa: E731
+        lines.append(f"| {r['shape']} (B{r['B']} H{r['H']} S{r['S']} D{r['D']}) | {r['direction']} | {r['impl']} | "
+                     f"{r['density']} | {r['ms']:.3f} | {r['tflops']:.0f} | {f('speedup_vs_cudnn')} | "
+                     f"{f('speedup_vs_flash')} | {f('speedup_vs_flex')} | {r['router_ms'] or ''} |")
+    with open(os.path.join(out_dir, f"attention-{slug}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    ap.add_argument("--densities", default="1,0.5,0.25,0.125")
+    ap.add_argument("--directions", default="fwd,fwdbwd")
+    ap.add_argument("--quick", action="store_true", help="Wan-1.3B only")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time kernel configs instead of the comparison")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    gpu = torch.cuda.get_device_name()
+    t0 = time.time()
+    if a.sweep:
+        res = sweep(a.rep_ms)
+        os.makedirs(a.out_dir, exist_ok=True)
+        with open(os.path.join(a.out_dir, f"attention-sweep-{gpu_slug()}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"sweep took {time.time() - t0:.0f} s")
+        return
+    shapes = ["wan1.3b"] if a.quick else a.shapes.split(",")
+    rows = run_benchmark(shapes, [float(x) for x in a.densities.split(",")], a.directions.split(","), a.rep_ms,
+                         not a.no_flex)
+    print(write_results(rows, a.out_dir, gpu))
+    print(f"benchmark took {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
