@@ -1,0 +1,475 @@
+"""VMoBA: mixture-of-block attention for video DiTs (config, block partition, functional attention).
+
+Rules follow the reference implementation (KwaiVGI/VMoBA ``src/vmoba.py``, ported in
+hao-ai-lab/FastVideo ``fastvideo/attention/backends/vmoba.py``):
+
+* Layer -> partition: ``(layer_index - layer_cycle_start) % 3`` = 0: 1D temporal chunks of
+  ``temporal_block`` whole latent frames, 1: 2D spatial tubes ``spatial_block = (h, w)`` through
+  all frames, 2: 3D cubes ``spatiotemporal_block = (t, h, w)`` (FastVideo: ``moba_layer =
+  layer_idx - first_full_layer``, one layer of each type, published ``first_full_layer = 0``).
+* Blocks are ordered (block-frame, block-row, block-col); inside a block tokens keep raster order
+  (frame, row, col) — the reference's ``rearrange`` order. Non-dividing grids get partial blocks
+  at the high end of each axis (the reference asserts divisibility for 2D/3D and keeps a short last
+  chunk in 1D).
+* Gate, own block, threshold / top-k / global selection: see :mod:`mixdit.kernels.router_reference`.
+  Selection is strictly per sample (the reference's global mode mixes the CFG halves).
+* Text tokens (joint attention models): every pair involving a text token is dense; video queries
+  merge their sparse video part and dense text part exactly through log-sum-exp.
+
+Public API: :class:`VMoBAConfig`, :func:`vmoba_attention`, :func:`vmoba_should_run_dense`,
+:func:`layer_type_for`, :func:`get_partition` / :class:`VMoBAPartition`, :class:`VMoBAStats`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mixdit.config import check_choice, check_int_tuple, check_number
+from mixdit.errors import ConfigError
+
+LAYER_TYPES = ("temporal", "spatial", "spatiotemporal")
+SELECTIONS = ("threshold", "global", "topk")
+ROUTER_PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class VMoBAConfig:
+    """VMoBA settings. Defaults = the published Wan2.1-T2V-1.3B configuration.
+
+    selection: ``"threshold"`` (per query token and head, the published default), ``"global"``
+        (per sample and head over all (query, block) pairs) or ``"topk"``.
+    threshold: share τ of the min-max normalised gate mass to cover (threshold/global).
+    temporal_block / spatial_block / spatiotemporal_block: block shapes in latent-grid units
+        after patchify (frames; (rows, cols); (frames, rows, cols)).
+    topk_*: k per layer type for ``selection="topk"`` (own block included).
+    dense_steps: first denoising steps kept dense: a float in [0, 1] is a fraction of the steps
+        (0.24 = 12 of 50, FastVideo's ``first_full_step = 12``), an int is a count.
+    dense_layers: layer indices always dense (Sparse-VideoGen/Radial keep layer 0 dense).
+    min_tokens: below this many video tokens the layer runs dense. Why 4096: under ~4K tokens a
+        dense cuDNN call costs < ~0.2 ms (H100, 12 heads) and the fixed router / gather / launch
+        cost of the sparse path (~3 small kernels + 3 gathers) eats the saving, so VMoBA would
+        be slower than dense. Re-calibrate with ``benchmarks/vmoba_attention.py``.
+    layer_cycle_start: layer index that gets the first 1D partition of the 1D -> 2D -> 3D cycle.
+    q_tile / kv_tile: tile sizes of the block-sparse kernel; every block is padded to whole
+        key tiles.
+    router_precision: ``tl.dot`` precision of the fp32 gate on GPU (``"tf32x3"`` ≈ fp32 on
+        tensor cores; ``"ieee"`` exact and slower; ``"tf32"`` fastest, ~1e-3 relative error).
+    tile_union_only: APPROXIMATE fast path, off by default: every query row attends to the union
+        of the blocks selected by the rows of its query tile (skips the per-row bitmask test).
+    """
+
+    selection: str = "threshold"
+    threshold: float = 0.25
+    temporal_block: int = 2
+    spatial_block: tuple = (3, 4)
+    spatiotemporal_block: tuple = (4, 6, 4)
+    topk_temporal: int = 3
+    topk_spatial: int = 20
+    topk_spatiotemporal: int = 15
+    dense_steps: float = 0.24
+    dense_layers: tuple = (0,)
+    min_tokens: int = 4096
+    layer_cycle_start: int = 0
+    q_tile: int = 128
+    kv_tile: int = 128
+    router_precision: str = "tf32x3"
+    tile_union_only: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.spatial_block, list):
+            self.spatial_block = tuple(self.spatial_block)
+        if isinstance(self.spatiotemporal_block, list):
+            self.spatiotemporal_block = tuple(self.spatiotemporal_block)
+        if isinstance(self.dense_layers, list):
+            self.dense_layers = tuple(self.dense_layers)
+        self.validate()
+
+    def validate(self) -> None:
+        check_choice("vmoba.selection", self.selection, SELECTIONS)
+        check_number("vmoba.threshold", self.threshold, 0.0, 1.0)
+        check_number("vmoba.temporal_block", self.temporal_block, 1, integer=True)
+        check_int_tuple("vmoba.spatial_block", self.spatial_block, 2)
+        check_int_tuple("vmoba.spatiotemporal_block", self.spatiotemporal_block, 3)
+        for name in ("topk_temporal", "topk_spatial", "topk_spatiotemporal"):
+            check_number(f"vmoba.{name}", getattr(self, name), 1, integer=True)
+        if isinstance(self.dense_steps, float):
+            check_number("vmoba.dense_steps", self.dense_steps, 0.0, 1.0)
+        else:
+            check_number("vmoba.dense_steps", self.dense_steps, 0, integer=True)
+        if (not isinstance(self.dense_layers, tuple)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.dense_layers)):
+            raise ConfigError("vmoba.dense_layers", self.dense_layers, "a tuple of layer indices >= 0")
+        check_number("vmoba.min_tokens", self.min_tokens, 0, integer=True)
+        check_number("vmoba.layer_cycle_start", self.layer_cycle_start, 0, integer=True)
+        check_choice("vmoba.q_tile", self.q_tile, (64, 128))
+        check_choice("vmoba.kv_tile", self.kv_tile, (16, 32, 64, 128))
+        check_choice("vmoba.router_precision", self.router_precision, ROUTER_PRECISIONS)
+        check_choice("vmoba.tile_union_only", self.tile_union_only, (False, True))
+
+    def block_shape(self, layer_type: str, grid) -> tuple:
+        """Block shape (frames, rows, cols) in grid units for a layer type (before clipping)."""
+        F_, Hh, W = grid
+        if layer_type == "temporal":
+            return (self.temporal_block, Hh, W)
+        if layer_type == "spatial":
+            return (F_, self.spatial_block[0], self.spatial_block[1])
+        if layer_type == "spatiotemporal":
+            return tuple(self.spatiotemporal_block)
+        raise ConfigError("vmoba.layer_type", layer_type, "one of " + ", ".join(LAYER_TYPES))
+
+    def topk_for(self, layer_type: str) -> int:
+        return {"temporal": self.topk_temporal, "spatial": self.topk_spatial,
+                "spatiotemporal": self.topk_spatiotemporal}[layer_type]
+
+    def dense_step_count(self, num_steps: int) -> int:
+        if isinstance(self.dense_steps, float):
+            return int(math.ceil(self.dense_steps * num_steps - 1e-9))
+        return int(self.dense_steps)
+
+
+def layer_type_for(layer_index: int, config: VMoBAConfig) -> str:
+    """``"temporal"`` (1D), ``"spatial"`` (2D) or ``"spatiotemporal"`` (3D) for a layer index."""
+    return LAYER_TYPES[(int(layer_index) - config.layer_cycle_start) % 3]
+
+
+def vmoba_should_run_dense(config: VMoBAConfig, step_index: int | None, num_steps: int | None,
+                           layer_index: int, num_tokens: int) -> bool:
+    """Whether this call runs dense attention: a dense layer, a dense early step, or too few
+    video tokens (``num_tokens < min_tokens``). ``step_index``/``num_steps`` may be None (unknown
+    step: only the layer and token rules apply)."""
+    if layer_index in config.dense_layers or num_tokens < config.min_tokens:
+        return True
+    if step_index is not None and num_steps is not None:
+        return step_index < config.dense_step_count(num_steps)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# partition
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VMoBAPartition:
+    """Index maps between raster token order and VMoBA's block layouts (all on one device).
+
+    ``q_perm[p]``: raster token at block-order position ``p`` (block-contiguous, unpadded);
+    ``q_inv[r]``: block-order position of raster token ``r`` (``out_raster = out_block[:, q_inv]``);
+    ``q_block[p]``: block of the query at position ``p`` (its own block);
+    ``kv_perm[j]``: raster token at padded key position ``j`` (each block starts on a key-tile
+    boundary; pad rows repeat the block's first token and are masked by ``kv_tile_len``);
+    ``kv_tile_len[t]``/``kv_tile_group[t]``: real rows / block of key tile ``t``;
+    ``block_tile_start[c]``/``block_tile_count[c]``: the key tiles of block ``c``;
+    ``block_start[c]``/``block_size[c]``: block ``c`` in the unpadded block order.
+    """
+
+    layer_type: str
+    grid: tuple
+    block_shape: tuple  # clipped to the grid
+    blocks_per_axis: tuple
+    kv_tile: int
+    q_perm: torch.Tensor
+    q_inv: torch.Tensor
+    q_block: torch.Tensor
+    kv_perm: torch.Tensor
+    kv_tile_len: torch.Tensor
+    kv_tile_group: torch.Tensor
+    block_tile_start: torch.Tensor
+    block_tile_count: torch.Tensor
+    block_start: torch.Tensor
+    block_size: torch.Tensor
+    q_is_identity: bool
+    kv_is_identity: bool
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_size.numel()
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.kv_tile_len.numel()
+
+
+def get_partition(grid, layer_type: str, block_shape, kv_tile: int = 128, device=None) -> VMoBAPartition:
+    """Partition of a ``(frames, rows, cols)`` grid into blocks of ``block_shape`` (cached)."""
+    grid = tuple(int(g) for g in grid)
+    block_shape = tuple(int(b) for b in block_shape)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _partition_cached(grid, layer_type, block_shape, int(kv_tile), str(dev))
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_cached(grid, layer_type, block_shape, kv_tile, device) -> VMoBAPartition:
+    Fg, Hg, Wg = grid
+    if min(grid) < 1:
+        raise ConfigError("vmoba.grid", grid, "three integers >= 1")
+    bt, bh, bw = (min(b, g) for b, g in zip(block_shape, grid))
+    nbt, nbh, nbw = -(-Fg // bt), -(-Hg // bh), -(-Wg // bw)
+    S = Fg * Hg * Wg
+    f = torch.arange(Fg).view(-1, 1, 1).expand(grid)
+    y = torch.arange(Hg).view(1, -1, 1).expand(grid)
+    x = torch.arange(Wg).view(1, 1, -1).expand(grid)
+    block = ((f // bt) * nbh + (y // bh)) * nbw + (x // bw)
+    block = block.reshape(-1)
+    NB = nbt * nbh * nbw
+    raster = torch.arange(S)
+    q_perm = torch.argsort(block * S + raster)  # block-major, raster inside a block
+    q_inv = torch.empty_like(q_perm)
+    q_inv[q_perm] = torch.arange(S)
+    q_block = block[q_perm]
+    block_size = torch.bincount(block, minlength=NB)
+    block_start = torch.cumsum(block_size, 0) - block_size
+    tiles = -(-block_size // kv_tile)
+    block_tile_start = torch.cumsum(tiles, 0) - tiles
+    n_kt = int(tiles.sum())
+    kv_tile_group = torch.repeat_interleave(torch.arange(NB), tiles)
+    local_tile = torch.arange(n_kt) - block_tile_start[kv_tile_group]
+    kv_tile_len = (block_size[kv_tile_group] - local_tile * kv_tile).clamp(max=kv_tile)
+    # padded key positions: block c's token number o sits at block_tile_start[c]*kv_tile + o
+    local = torch.arange(S) - block_start[q_block]
+    padded_pos = block_tile_start[q_block] * kv_tile + local
+    kv_perm = q_perm[block_start[kv_tile_group].repeat_interleave(kv_tile)]  # block's first token
+    kv_perm[padded_pos] = q_perm
+    q_is_identity = bool(torch.equal(q_perm, raster))
+    kv_is_identity = q_is_identity and n_kt * kv_tile == S
+
+    def to(t):
+        return t.to(device=device, dtype=torch.int32).contiguous()
+
+    return VMoBAPartition(
+        layer_type=layer_type, grid=grid, block_shape=(bt, bh, bw), blocks_per_axis=(nbt, nbh, nbw),
+        kv_tile=kv_tile, q_perm=q_perm.to(device).contiguous(), q_inv=q_inv.to(device).contiguous(),
+        q_block=to(q_block), kv_perm=kv_perm.to(device).contiguous(), kv_tile_len=to(kv_tile_len),
+        kv_tile_group=to(kv_tile_group), block_tile_start=to(block_tile_start),
+        block_tile_count=to(tiles), block_start=to(block_start), block_size=to(block_size),
+        q_is_identity=q_is_identity, kv_is_identity=kv_is_identity)
+
+
+def partition_for_layer(grid, layer_index: int, config: VMoBAConfig, device=None) -> VMoBAPartition:
+    lt = layer_type_for(layer_index, config)
+    return get_partition(grid, lt, config.block_shape(lt, grid), config.kv_tile, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# stats
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class VMoBAStats:
+    """Achieved density per layer type, accumulated as device tensors (no host sync until read).
+
+    ``density``: selected key tokens / all video key tokens (what VMoBA's rule keeps);
+    ``tile_density``: visited key tiles / all key tiles (what the kernel computes, incl. padding
+    and the per-query-tile union). Dense calls are counted under ``"dense"``.
+    """
+
+    sums: dict = field(default_factory=dict)
+    tile_sums: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    def record(self, layer_type: str, density, tile_density=None) -> None:
+        self.counts[layer_type] = self.counts.get(layer_type, 0) + 1
+        for store, val in ((self.sums, density), (self.tile_sums, tile_density)):
+            if val is None:
+                continue
+            val = val.detach() if torch.is_tensor(val) else torch.tensor(float(val))
+            store[layer_type] = store[layer_type] + val if layer_type in store else val
+
+    def as_dict(self) -> dict:
+        """``{layer_type: {"calls", "density", "tile_density"}}`` (host sync happens here)."""
+        out = {}
+        for lt, n in self.counts.items():
+            row = {"calls": n}
+            if lt in self.sums:
+                row["density"] = float(self.sums[lt]) / n
+            if lt in self.tile_sums:
+                row["tile_density"] = float(self.tile_sums[lt]) / n
+            out[lt] = row
+        return out
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.tile_sums.clear()
+        self.counts.clear()
+
+
+def _stats_object(stats):
+    if stats is None or isinstance(stats, VMoBAStats):
+        return stats
+    if isinstance(stats, dict):
+        return stats.setdefault("vmoba", VMoBAStats())
+    raise TypeError("stats must be a VMoBAStats, a dict or None")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels dispatch
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _resolve_block_sparse_attention():
+    try:
+        from mixdit.kernels.block_sparse_attention import block_sparse_attention
+        return block_sparse_attention, False
+    except ModuleNotFoundError as e:
+        if e.name != "mixdit.kernels.block_sparse_attention":
+            raise
+    from mixdit.kernels.reference import block_sparse_attention_reference
+    return block_sparse_attention_reference, True
+
+
+def block_sparse_attention_or_reference_fallback(q, k, v, kv_count, kv_index, **kw):
+    """The Triton block-sparse kernel; ONLY when its module does not exist yet, the naive PyTorch
+    reference (``using_block_sparse_reference_fallback()`` says which)."""
+    fn, _ = _resolve_block_sparse_attention()
+    return fn(q, k, v, kv_count, kv_index, **kw)
+
+
+def using_block_sparse_reference_fallback() -> bool:
+    return _resolve_block_sparse_attention()[1]
+
+
+def _triton_usable(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def route(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoBAConfig):
+    """Router on block-ordered ``qb`` and padded ``kb``: the fused Triton router on CUDA (or under
+    ``TRITON_INTERPRET=1``); on plain CPU tensors the naive reference (same rules)."""
+    topk = config.topk_for(part.layer_type)
+    if _triton_usable(qb):
+        from mixdit.kernels.block_router import route_blocks
+        return route_blocks(
+            qb, kb, q_block=part.q_block, block_size=part.block_size,
+            block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
+            kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group,
+            selection=config.selection, threshold=config.threshold, topk=topk,
+            q_tile=config.q_tile, kv_tile=part.kv_tile, precision=config.router_precision)
+    return route_reference(qb, kb, part, config)
+
+
+def route_reference(qb, kb, part: VMoBAPartition, config: VMoBAConfig):
+    """Same outputs as the Triton router, from :mod:`mixdit.kernels.router_reference`."""
+    from mixdit.kernels.block_router import RouterOutput
+    from mixdit.kernels import router_reference as rr
+    real = _real_key_rows(part, kb.device)
+    sel = rr.select_blocks_reference(
+        qb, kb[:, real], part.q_block, part.kv_tile_group.long().repeat_interleave(part.kv_tile)[real],
+        part.num_blocks, selection=config.selection, threshold=config.threshold,
+        topk=config.topk_for(part.layer_type), dtype=torch.float32)
+    kv_count, kv_index = rr.tile_layout_from_selection(sel, part.kv_tile_group, config.q_tile)
+    B, H, Sq, _ = sel.shape
+    n_qt = kv_count.shape[-1]
+    return RouterOutput(
+        rr.selection_to_row_select(sel), kv_count, kv_index,
+        rr.selected_key_fraction(sel, part.block_size),
+        kv_count.sum().float() / float(B * H * n_qt * part.num_kv_tiles))
+
+
+def _real_key_rows(part: VMoBAPartition, device) -> torch.Tensor:
+    pos = torch.arange(part.num_kv_tiles * part.kv_tile, device=device)
+    return pos % part.kv_tile < part.kv_tile_len.to(device).long().repeat_interleave(part.kv_tile)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+def _sdpa(q, k, v, scale):
+    """Dense attention in the ``[B, S, H, D]`` layout."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+def _dense_with_lse(q, k, v, scale, q_tile, kv_tile):
+    """Dense attention that also returns the log-sum-exp ``[B, H, Sq]`` (block-sparse kernel with
+    a layout that visits every key tile)."""
+    from mixdit.kernels.reference import dense_layout
+    B, Sq, H, _ = q.shape
+    kv_count, kv_index = dense_layout(B, H, Sq, k.shape[1], q_tile, kv_tile, device=q.device)
+    return block_sparse_attention_or_reference_fallback(
+        q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=scale)
+
+
+def merge_attention_lse(out_a, lse_a, out_b, lse_b):
+    """Exact merge of two attention parts over disjoint key sets (``out [B,S,H,D]``, ``lse [B,H,S]``)."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    den = wa + wb
+    wa = (wa / den).transpose(1, 2).unsqueeze(-1)
+    wb = (wb / den).transpose(1, 2).unsqueeze(-1)
+    out = out_a.float() * wa + out_b.float() * wb
+    return out.to(out_a.dtype), m + torch.log(den)
+
+
+def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, layer_index: int,
+                    config: VMoBAConfig | None = None, scale: float | None = None, text_len: int = 0,
+                    text_position: str = "none", stats=None, step_index: int | None = None,
+                    num_steps: int | None = None) -> torch.Tensor:
+    """VMoBA self-attention. ``q, k, v``: ``[B, S, H, D]``; ``S = F*Hh*W`` video tokens in raster
+    order (frame, row, col) for ``grid = (F, Hh, W)``, plus ``text_len`` text tokens placed
+    ``"before"`` or ``"after"`` them (``text_position="none"``: no text). Returns ``[B, S, H, D]``.
+
+    Video x video pairs use the partition of ``layer_index``, the router and the block-sparse
+    kernel; pairs involving text are dense and merged through log-sum-exp. Runs fully dense per
+    :func:`vmoba_should_run_dense` (``step_index``/``num_steps`` optional). ``stats``: a
+    :class:`VMoBAStats` (or a dict that gets one under ``"vmoba"``) accumulating the density.
+    """
+    config = config or VMoBAConfig()
+    check_choice("vmoba.text_position", text_position, ("none", "before", "after"))
+    B, S, H, D = q.shape
+    Fg, Hg, Wg = (int(g) for g in grid)
+    Sv = Fg * Hg * Wg
+    T = int(text_len) if text_position != "none" else 0
+    if Sv + T != S:
+        raise ConfigError("vmoba.grid", tuple(grid), f"F*H*W + text_len == sequence length {S} (got {Sv} + {T})")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    st = _stats_object(stats)
+    if vmoba_should_run_dense(config, step_index, num_steps, layer_index, Sv):
+        if st is not None:
+            st.record("dense", 1.0, 1.0)
+        return _sdpa(q, k, v, scale)
+
+    if text_position == "before":
+        vid = slice(T, S)
+        txt = slice(0, T)
+    else:
+        vid = slice(0, Sv)
+        txt = slice(Sv, S)
+    qv, kv_, vv = q[:, vid], k[:, vid], v[:, vid]
+    part = partition_for_layer(grid, layer_index, config, q.device)
+    qb = qv if part.q_is_identity else qv[:, part.q_perm]
+    if part.kv_is_identity:
+        kb, vb = kv_, vv
+    else:
+        kb, vb = kv_[:, part.kv_perm], vv[:, part.kv_perm]
+    qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
+    r = route(qb, kb, part, config)
+    out_b, lse_b = block_sparse_attention_or_reference_fallback(
+        qb, kb, vb, r.kv_count, r.kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile, scale=scale,
+        kv_tile_len=part.kv_tile_len, row_select=None if config.tile_union_only else r.row_select,
+        kv_tile_group=None if config.tile_union_only else part.kv_tile_group)
+    if st is not None:
+        st.record(part.layer_type, r.density, r.tile_density)
+    if T:
+        out_t, lse_t = _dense_with_lse(qb, k[:, txt].contiguous(), v[:, txt].contiguous(), scale,
+                                       config.q_tile, config.kv_tile)
+        out_b, _ = merge_attention_lse(out_b, lse_b, out_t, lse_t)
+    out_v = out_b if part.q_is_identity else out_b[:, part.q_inv]
+    if not T:
+        return out_v.contiguous()
+    out_txt = _sdpa(q[:, txt], k, v, scale)
+    parts = (out_txt, out_v) if text_position == "before" else (out_v, out_txt)
+    return torch.cat(parts, dim=1)
+
+
+__all__ = [
+    "VMoBAConfig", "VMoBAPartition", "VMoBAStats", "get_partition", "layer_type_for", "partition_for_layer",
+    "vmoba_attention", "vmoba_should_run_dense", "merge_attention_lse", "route", "route_reference",
+    "block_sparse_attention_or_reference_fallback", "using_block_sparse_reference_fallback",
+    "LAYER_TYPES", "SELECTIONS",
+]
