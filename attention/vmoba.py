@@ -333,6 +333,20 @@ def using_block_sparse_reference_fallback() -> bool:
     return _resolve_block_sparse_attention()[1]
 
 
+def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
+    """Block-sparse call adapted to the kernel's contract: head dim zero-padded to a power of two
+    >= 16 (scores unchanged, output sliced back) and fp32/fp64 inputs computed in bf16 (the kernel
+    runs fp16/bf16 only; the output is cast back to the input dtype)."""
+    D = q.shape[-1]
+    Dp = max(16, 1 << (D - 1).bit_length())
+    dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if Dp != D:
+        q, k, v = (F.pad(t, (0, Dp - D)) for t in (q, k, v))
+    out, lse = block_sparse_attention_or_reference_fallback(
+        q.to(dt), k.to(dt), v.to(dt), kv_count, kv_index, scale=scale, **kw)
+    return out[..., :D].to(q.dtype), lse
+
+
 def _triton_usable(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -390,8 +404,7 @@ def _dense_with_lse(q, k, v, scale, q_tile, kv_tile):
     from mixdit.kernels.reference import dense_layout
     B, Sq, H, _ = q.shape
     kv_count, kv_index = dense_layout(B, H, Sq, k.shape[1], q_tile, kv_tile, device=q.device)
-    return block_sparse_attention_or_reference_fallback(
-        q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=scale)
+    return _kernel_attention(q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=scale)
 
 
 def merge_attention_lse(out_a, lse_a, out_b, lse_b):
@@ -449,7 +462,7 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
         kb, vb = kv_[:, part.kv_perm], vv[:, part.kv_perm]
     qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
     r = route(qb, kb, part, config)
-    out_b, lse_b = block_sparse_attention_or_reference_fallback(
+    out_b, lse_b = _kernel_attention(
         qb, kb, vb, r.kv_count, r.kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile, scale=scale,
         kv_tile_len=part.kv_tile_len, row_select=None if config.tile_union_only else r.row_select,
         kv_tile_group=None if config.tile_union_only else part.kv_tile_group)

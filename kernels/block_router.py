@@ -54,7 +54,7 @@ MODE_GLOBAL_MINMAX = 3
 MODE_GLOBAL_SUMS = 4
 
 GLOBAL_CANDIDATES = 16  # candidates per global search pass
-GLOBAL_PASSES = 6  # 16**-6 ~ 6e-8 resolution on the normalised cut value
+GLOBAL_PASSES = 7  # 15**-7 ~ 6e-9 resolution on the normalised cut value
 BISECT_STEPS = 26  # threshold bisection steps on [0, top] (2**-26 < fp32 resolution near 1)
 
 
@@ -120,9 +120,13 @@ def _route_kernel(Q, MEANS_T, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS
         valid = row_ok[:, None] & col_ok[None, :]
         mn = tl.min(tl.min(tl.where(valid, s, float("inf")), axis=1), axis=0)
         mx = tl.max(tl.max(tl.where(valid, s, float("-inf")), axis=1), axis=0)
-        pbase = PARTIAL + (bh.to(tl.int64) * n_rt + rt) * 2
+        own0 = tl.load(Q_BLOCK + rows, mask=row_ok, other=0)
+        oth = valid & (cols[None, :] != own0[:, None])
+        top = tl.max(tl.max(tl.where(oth, s, float("-inf")), axis=1), axis=0)
+        pbase = PARTIAL + (bh.to(tl.int64) * n_rt + rt) * 3
         tl.store(pbase, mn)
         tl.store(pbase + 1, mx)
+        tl.store(pbase + 2, top)
         return
 
     own = tl.load(Q_BLOCK + rows, mask=row_ok, other=0)
@@ -297,27 +301,34 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
 
 def _global_cut(launch, BH: int, n_rt: int, threshold: float, dev):
     """Per-(sample, head) min, denominator and cut value of the global rule (device tensors)."""
-    mm = torch.empty(BH, n_rt, 2, device=dev, dtype=torch.float32)
+    mm = torch.empty(BH, n_rt, 3, device=dev, dtype=torch.float32)
     launch(MODE_GLOBAL_MINMAX, partial=mm)
     g_min = mm[..., 0].amin(1).contiguous()
     g_den = mm[..., 1].amax(1) - g_min
     g_den = torch.where(g_den <= EPS, torch.ones_like(g_den), g_den).contiguous()
+    # largest normalised gate of an "other" pair: the cut never goes above it (>= 1 pair taken)
+    top = ((mm[..., 2].amax(1) - g_min) / g_den).clamp(min=0.0)
+    n = GLOBAL_CANDIDATES
     lo = torch.zeros(BH, device=dev, dtype=torch.float32)
-    step = torch.full((BH,), 1.0 / GLOBAL_CANDIDATES, device=dev, dtype=torch.float32)
-    j = torch.arange(GLOBAL_CANDIDATES, device=dev)
-    partial = torch.empty(BH, n_rt, GLOBAL_CANDIDATES + 2, device=dev, dtype=torch.float32)
+    step = (top / (n - 1)).contiguous()  # candidates lo + step * j, j = 0 .. n-1 (both ends)
+    partial = torch.empty(BH, n_rt, n + 2, device=dev, dtype=torch.float32)
     select_all = None
     for p in range(GLOBAL_PASSES):
         launch(MODE_GLOBAL_SUMS, g_min, g_den, lo, step, partial)
-        sums = partial.sum(1)  # [BH, 2 + NCAND]
+        sums = partial.sum(1)  # [BH, 2 + n]
         own, total = sums[:, 0], sums[:, 1]
         remain = (threshold - own / (total + EPS)).clamp(min=0.0)
         ok = sums[:, 2:] / (total + EPS)[:, None] >= remain[:, None]  # monotone: True then False
         n_ok = ok.sum(1)
-        if p == 0:
-            select_all = n_ok == 0  # even every other pair does not reach the share
         jstar = (n_ok - 1).clamp(min=0)
-        lo = (lo + step * jstar).contiguous()
-        step = (step / GLOBAL_CANDIDATES).contiguous()
+        if p == 0:
+            select_all = n_ok == 0  # even all other pairs together do not reach the share
+            at_top = n_ok == n  # the top pair alone reaches it: the cut is the top value
+            lo = torch.where(at_top, top, lo + step * jstar)
+            step = torch.where(at_top, torch.zeros_like(step), step / (n - 1))
+        else:
+            lo = lo + step * jstar
+            step = step / (n - 1)
+        lo, step = lo.contiguous(), step.contiguous()
     cut = torch.where(select_all, torch.full_like(lo, -1.0), lo).contiguous()
     return g_min, g_den, cut
