@@ -158,30 +158,43 @@ def sweep(rep_ms):
     B, H, S, D = 2, 12, 32760, 128
     q, k, v = make_inputs(B, H, S, D, False)
     out = []
-    fwd_cfgs = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
-                (64, 128, 4, 3), (128, 128, 4, 3)]
+    fwd_cfgs = [(128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 4)]
+    variants = [{}, {"tail_only_mask": True}, {"tma": True}, {"tma": True, "tail_only_mask": True},
+                {"tma": True, "warp_specialize": True}, {"warp_specialize": True}]
+    defaults = dict(bsa._FWD_OPTS)
+    from mixdit.kernels.reference import block_sparse_attention_reference as ref_fn
+    # correctness of each code path on a small ragged shape before timing it
+    qs, ks, vs = make_inputs(1, 2, 1000, D, False)
+    small = random_layout(1, 2, 1000, 1000, 0.5, TILE, TILE, device="cuda")
+    r_out, r_lse = ref_fn(qs, ks, vs, *small, q_tile=TILE, kv_tile=TILE)
     for density in (1.0, 0.25):
         layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
         frac = layout[0].sum().item() / layout[1].numel()
         flops = 4 * B * H * S * S * D * frac
-        for cfg in fwd_cfgs:
-            bsa._CONFIG_OVERRIDE.clear()
-            bsa._CONFIG_OVERRIDE["fwd"] = cfg
-            try:
-                ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
-            except Exception as e:
-                print("fwd", cfg, "FAILED", str(e)[:150], flush=True)
-                continue
-            out.append(dict(kernel="fwd", cfg=cfg, density=density, ms=ms, tflops=flops / ms / 1e9))
-            print(f"sweep fwd d={density} {cfg}: {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s", flush=True)
+        for var in variants:
+            for cfg in fwd_cfgs:
+                bsa._FWD_OPTS.update(defaults)
+                bsa._FWD_OPTS.update(var)
+                bsa._CONFIG_OVERRIDE.clear()
+                bsa._CONFIG_OVERRIDE["fwd"] = cfg
+                try:
+                    o, l = bsa.block_sparse_attention_forward(qs, ks, vs, *small, TILE, TILE)
+                    err = max((o.float() - r_out.float()).abs().max().item(), (l - r_lse).abs().max().item())
+                    ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
+                except Exception as e:
+                    print("fwd", var, cfg, "FAILED", str(e)[:300], flush=True)
+                    continue
+                out.append(dict(kernel="fwd", cfg=cfg, opts=var, density=density, ms=ms, tflops=flops / ms / 1e9, err=err))
+                print(f"sweep fwd d={density} {cfg} {var}: {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s err {err:.2e}", flush=True)
+    bsa._FWD_OPTS.update(defaults)
     bsa._CONFIG_OVERRIDE.clear()
     # backward: time the whole fwd+bwd with one kernel's config changed at a time
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     layout = random_layout(B, H, S, S, 0.25, TILE, TILE, device="cuda")
     frac = layout[0].sum().item() / layout[1].numel()
     flops = 3.5 * 4 * B * H * S * S * D * frac
-    bwd_cfgs = {"dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
-                "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]}
+    bwd_cfgs = {"dkdv": [(64, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3)],
+                "dq": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)]}
     for kind, cfgs in bwd_cfgs.items():
         for cfg in cfgs:
             bsa._CONFIG_OVERRIDE.clear()

@@ -62,7 +62,7 @@ def _fwd_kernel(
     Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TAIL_ONLY_MASK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -71,6 +71,8 @@ def _fwd_kernel(
     qt = (pid_m * BLOCK_M) // Q_TILE
     SUB: tl.constexpr = KV_TILE // BLOCK_N
     NEED_MASK: tl.constexpr = HAS_LEN or HAS_SEL or (not EVEN_K)
+    # rows can stay at m = -inf after a block only with per-row/per-key masks or an all-padding sub-block
+    SAFE_MAX: tl.constexpr = HAS_LEN or HAS_SEL or ((not EVEN_K) and SUB > 1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -84,6 +86,10 @@ def _fwd_kernel(
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
+    if USE_TMA:  # Hopper bulk copies of each gathered [BLOCK_N, D] tile; rows past Sk read as zeros
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    last_kt = (Sk - 1) // KV_TILE
 
     count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
     idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
@@ -95,21 +101,29 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
-    for it in range(0, count * SUB):
+    for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
         slot = it // SUB
         sub = it % SUB
         kt = tl.load(idx_base + slot * s_ii)
         offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
-        k_ptrs = k_base + offs_k[:, None] * s_ks + offs_d[None, :]
-        v_ptrs = v_base + offs_k[:, None] * s_vs + offs_d[None, :]
-        if EVEN_K:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if USE_TMA:
+            k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
+            v = v_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
         else:
-            k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+            k_ptrs = k_base + offs_k[:, None] * s_ks + offs_d[None, :]
+            v_ptrs = v_base + offs_k[:, None] * s_vs + offs_d[None, :]
+            if EVEN_K:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
         s = _mm(q, tl.trans(k), F32_DOT)
-        if NEED_MASK:
+        if TAIL_ONLY_MASK and not (HAS_LEN or HAS_SEL) and not EVEN_K:
+            # only the last key tile is ragged: skip the per-element select on every other tile
+            if kt == last_kt:
+                s = tl.where((offs_k < Sk)[None, :], s, float("-inf"))
+        elif NEED_MASK:
             key_ok = offs_k < Sk
             if HAS_LEN:
                 key_ok = key_ok & ((sub * BLOCK_N + offs_n) < tl.load(KV_LEN + kt))
@@ -121,7 +135,7 @@ def _fwd_kernel(
             else:
                 s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        if NEED_MASK:
+        if SAFE_MAX:
             # a row that has seen only masked keys keeps m = -inf; use 0 so no (-inf) - (-inf)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -307,6 +321,26 @@ _INTERPRET_CONFIG = (64, 64, 4, 1)
 _CONFIG_OVERRIDE: dict = {}
 
 
+# forward code-path switches (measured in benchmarks/NOTES.md); the benchmark's sweep flips them
+_FWD_OPTS = {"tma": False, "warp_specialize": False, "tail_only_mask": False}
+_ALLOCATOR_SET = False
+
+
+def _use_tma(k, v) -> bool:
+    # device-side TMA descriptors: Hopper+, 16-byte aligned bases and row strides
+    global _ALLOCATOR_SET
+    if not _FWD_OPTS["tma"] or _interpreting() or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    esz = k.element_size()
+    if any((t.data_ptr() % 16) or (t.stride(1) * esz % 16) or (t.stride(0) * esz % 16) or (t.stride(2) * esz % 16)
+           for t in (k, v)):
+        return False
+    if not _ALLOCATOR_SET:  # descriptors created in-kernel need a small global scratch buffer
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+    return True
+
+
 def _interpreting() -> bool:
     import os
 
@@ -382,6 +416,7 @@ def block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile: int = 12
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
     bm, bn, warps, stages = _pick("fwd", _FWD_CONFIGS, D, q_tile, kv_tile)
+    use_tma = _use_tma(k, v)
     grid = (triton.cdiv(Sq, bm), B * H)
     _fwd_kernel[grid](
         q, k, v, out, lse, kv_count, kv_index, kv_len if kv_len is not None else kv_count, rs, grp,
@@ -392,7 +427,8 @@ def block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile: int = 12
         H, Sq, Sk, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         HAS_LEN=kv_len is not None, HAS_SEL=row_select is not None,
-        EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q),
+        EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=use_tma,
+        WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _interpreting(), TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
