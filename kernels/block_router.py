@@ -256,6 +256,9 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
         precision = "ieee"
     n_rt = triton.cdiv(Sq, block_m)
     dev = q.device
+    # tau >= 1 means "cover the whole mass": every block. (With the reference's +1e-6 in fp32 the
+    # share of the others can round onto the target and drop the minimum block; 2.0 avoids that.)
+    threshold = 2.0 if threshold >= 1.0 else float(threshold)
     means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD)
 
     row_select = torch.empty(B, H, Sq, W, device=dev, dtype=torch.int32)

@@ -22,6 +22,8 @@ Rules (``own`` = the block that contains query token ``i``; it is always selecte
         the head (at least one other *pair* per head, the own block per token).
     topk: the own block plus the ``k - 1`` other blocks with the largest gate (``k`` clipped to
         the number of blocks).
+    ``tau >= 1`` selects every block (in fp32 the reference's ``+1e-6`` can round away and drop
+    the minimum block; the intent of "cover the whole mass" is all blocks).
 
 Ties: where the reference sorts equal values it picks an arbitrary order; here every value equal
 to the cut value is taken. Tests skip rows whose decision sits within float noise of a tie.
@@ -108,6 +110,8 @@ def select_blocks_reference(q: torch.Tensor, k: torch.Tensor, q_block: torch.Ten
     den = mx - mn
     den = torch.where(den <= EPS, torch.ones_like(den), den)
     norm = (gate - mn) / den
+    if threshold >= 1.0:  # cover the whole mass: every block (robust to the +eps rounding)
+        return torch.ones_like(own_mask)
     return _threshold_rule(norm, own_mask, threshold, dims)
 
 

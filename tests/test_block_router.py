@@ -1,0 +1,169 @@
+"""Fused VMoBA router (Triton; CPU interpreter here) vs the naive reference."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mixdit.attention.vmoba import VMoBAConfig, partition_for_layer  # noqa: E402
+from mixdit.kernels import router_reference as rr  # noqa: E402
+from mixdit.kernels.block_router import route_blocks  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GRID = (5, 5, 7)  # divides none of the block shapes below
+CFG = VMoBAConfig(temporal_block=2, spatial_block=(2, 3), spatiotemporal_block=(2, 2, 3),
+                  topk_temporal=2, topk_spatial=3, topk_spatiotemporal=4, kv_tile=16, q_tile=64,
+                  min_tokens=0, dense_layers=())
+TIE = 1e-5
+
+
+def _inputs(layer, B=2, H=2, D=32, seed=0, dtype=torch.float32):
+    part = partition_for_layer(GRID, layer, CFG, DEV)
+    g = torch.Generator().manual_seed(seed)
+    S = GRID[0] * GRID[1] * GRID[2]
+    q = torch.randn(B, S, H, D, generator=g).to(DEV, dtype)
+    k = torch.randn(B, S, H, D, generator=g).to(DEV, dtype)
+    return part, q, k
+
+
+def _route(part, q, k, selection, threshold=0.25, topk=3):
+    qb = q[:, part.q_perm].contiguous()
+    kb = k[:, part.kv_perm].contiguous()
+    return route_blocks(qb, kb, q_block=part.q_block, block_size=part.block_size,
+                        block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
+                        kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, selection=selection,
+                        threshold=threshold, topk=topk, q_tile=CFG.q_tile, kv_tile=CFG.kv_tile,
+                        precision="ieee")
+
+
+def _reference(part, q, k, selection, threshold=0.25, topk=3):
+    qb = q[:, part.q_perm]
+    kb = k[:, part.q_perm]  # block order, unpadded
+    return rr.select_blocks_reference(qb.cpu(), kb.cpu(), part.q_block.cpu(), part.q_block.cpu(), part.num_blocks,
+                                      selection=selection, threshold=threshold, topk=topk)
+
+
+def _near_tie(part, q, k, selection, threshold, topk):
+    """Boolean ``[B, H, Sq, C]``: entries whose decision sits within float noise of a tie."""
+    qb, kb = q[:, part.q_perm].cpu(), k[:, part.q_perm].cpu()
+    gate = rr.block_gate_reference(qb, kb, part.q_block.cpu(), part.num_blocks)  # fp64 [B,H,S,C]
+    C = gate.shape[-1]
+    own = torch.zeros(gate.shape[-2], C, dtype=torch.bool)
+    own[torch.arange(gate.shape[-2]), part.q_block.long().cpu()] = True
+    own = own.expand_as(gate)
+    if selection == "topk":
+        others = torch.where(own, torch.full_like(gate, -1e30), gate)
+        srt = others.sort(-1, descending=True).values
+        kk = min(topk, C) - 1
+        if kk <= 0 or kk >= C - 1:
+            return torch.zeros_like(own)
+        gap = (srt[..., kk - 1] - srt[..., kk]).abs() < TIE * gate.abs().amax()
+        return gap.unsqueeze(-1).expand_as(own)
+    dims = (-1,) if selection == "threshold" else (-2, -1)
+    mn, mx = gate.amin(dim=dims, keepdim=True), gate.amax(dim=dims, keepdim=True)
+    norm = (gate - mn) / (mx - mn)
+    total = norm.sum(dim=dims, keepdim=True)
+    remain = (threshold - (norm * own).sum(dim=dims, keepdim=True) / (total + rr.EPS)).clamp(min=0)
+    others = torch.where(own, torch.full_like(norm, -1.0), norm)
+    flat = others.flatten(start_dim=others.dim() - len(dims))
+    srt = flat.sort(-1, descending=True).values
+    ratio = srt.clamp(min=0).cumsum(-1) / (total.flatten(start_dim=others.dim() - len(dims)) + rr.EPS)
+    close_ratio = ((ratio - remain.flatten(start_dim=others.dim() - len(dims))).abs() < TIE).any(-1)
+    close_vals = ((srt[..., :-1] - srt[..., 1:]).abs() < TIE).any(-1) if selection == "threshold" else \
+        torch.zeros_like(close_ratio)
+    amb = close_ratio | close_vals
+    shape = list(own.shape[:others.dim() - len(dims)]) + [1] * len(dims)
+    return amb.view(shape).expand_as(own)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("selection", ["threshold", "topk", "global"])
+def test_router_matches_reference(layer, selection):
+    topk = CFG.topk_for(["temporal", "spatial", "spatiotemporal"][layer])
+    for seed in (0, 1):
+        part, q, k = _inputs(layer, seed=seed)
+        r = _route(part, q, k, selection, topk=topk)
+        got = rr.row_select_to_selection(r.row_select, part.num_blocks).cpu()
+        ref = _reference(part, q, k, selection, topk=topk)
+        diff = got != ref
+        if diff.any():
+            amb = _near_tie(part, q, k, selection, 0.25, topk)
+            assert not (diff & ~amb).any(), f"{int((diff & ~amb).sum())} selections differ away from ties"
+            assert diff.float().mean() < 0.01
+        # own block always selected
+        own = torch.zeros_like(got[0, 0])
+        own[torch.arange(own.shape[0]), part.q_block.long().cpu()] = True
+        assert got[:, :, own].all()
+        # layout: per-query-tile union of the per-token selection, expanded to key tiles
+        cnt, idx = rr.tile_layout_from_selection(got, part.kv_tile_group.cpu(), CFG.q_tile)
+        assert torch.equal(r.kv_count.cpu(), cnt)
+        for b, h, t in [(0, 0, 0), (1, 1, cnt.shape[-1] - 1)]:
+            n = int(cnt[b, h, t])
+            assert torch.equal(r.kv_index.cpu()[b, h, t, :n], idx[b, h, t, :n])
+        assert abs(float(r.density) - float(rr.selected_key_fraction(got, part.block_size.cpu()))) < 1e-5
+
+
+@pytest.mark.parametrize("layer", [1, 2], ids=["2d", "3d"])
+def test_topk_count(layer):
+    part, q, k = _inputs(layer, seed=3)
+    for topk in (1, 3, part.num_blocks + 5):
+        r = _route(part, q, k, "topk", topk=topk)
+        got = rr.row_select_to_selection(r.row_select, part.num_blocks)
+        assert (got.sum(-1) == min(topk, part.num_blocks)).all()
+
+
+@pytest.mark.parametrize("selection", ["threshold", "global"])
+def test_threshold_one_selects_all(selection):
+    part, q, k = _inputs(2, seed=4)
+    r = _route(part, q, k, selection, threshold=1.0)
+    assert rr.row_select_to_selection(r.row_select, part.num_blocks).all()
+    assert (r.kv_count == part.num_kv_tiles).all()
+    assert abs(float(r.density) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("selection", ["threshold", "global", "topk"])
+def test_selection_is_per_sample(selection):
+    """CFG batch: changing sample 1 never changes sample 0's selection (the reference's global mode
+    mixes the batch; ours must not)."""
+    part, q, k = _inputs(1, seed=5)
+    r1 = _route(part, q, k, selection)
+    q2, k2 = q.clone(), k.clone()
+    q2[1] = q2[1] * 3.0 + 1.0
+    k2[1] = torch.randn_like(k2[1])
+    r2 = _route(part, q2, k2, selection)
+    assert torch.equal(r1.row_select[0], r2.row_select[0])
+    assert torch.equal(r1.kv_count[0], r2.kv_count[0])
+    assert not torch.equal(r1.row_select[1], r2.row_select[1])
+
+
+def test_bf16_queries_and_bitmask_words():
+    """bf16 inputs route like their fp32 upcast; more than 32 blocks use several bitmask words."""
+    grid = (3, 6, 8)
+    cfg = VMoBAConfig(spatiotemporal_block=(1, 2, 2), kv_tile=16, q_tile=64)
+    part = partition_for_layer(grid, 2, cfg, DEV)  # 3*3*4 = 36 blocks -> 2 words
+    assert part.num_blocks == 36
+    g = torch.Generator().manual_seed(6)
+    S = 3 * 6 * 8
+    q = torch.randn(1, S, 2, 32, generator=g).to(DEV, torch.bfloat16)
+    k = torch.randn(1, S, 2, 32, generator=g).to(DEV, torch.bfloat16)
+    qb, kb = q[:, part.q_perm].contiguous(), k[:, part.kv_perm].contiguous()
+    r = route_blocks(qb, kb, q_block=part.q_block, block_size=part.block_size,
+                     block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
+                     kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, selection="topk", topk=34,
+                     q_tile=64, kv_tile=16, precision="ieee")
+    assert r.row_select.shape[-1] == 2
+    got = rr.row_select_to_selection(r.row_select, 36).cpu()
+    ref = rr.select_blocks_reference(qb.float().cpu(), k[:, part.q_perm].float().cpu(), part.q_block.cpu(),
+                                     part.q_block.cpu(), 36, selection="topk", topk=34)
+    assert (got.sum(-1) == 34).all()
+    assert (got != ref).float().mean() < 0.01
+
+
+def test_row_select_packing_roundtrip():
+    sel = torch.rand(2, 3, 5, 70) < 0.5
+    sel[..., 31] = True  # sign bit
+    assert torch.equal(rr.row_select_to_selection(rr.selection_to_row_select(sel), 70), sel)
