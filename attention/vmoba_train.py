@@ -1,0 +1,940 @@
+"""Continue training a video DiT's transformer with VMoBA applied (``mixdit train vmoba``).
+
+    mixdit train vmoba --model tiny-wan --data synthetic:64 --out runs/vmoba --steps 200
+    accelerate launch --num_processes 8 -m mixdit train vmoba --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers \\
+        --data clips/ --out runs/wan-vmoba --height 480 --width 832 --frames 77 --mixed-precision bf16 \\
+        --gradient-checkpointing --vmoba-threshold 0.25
+
+Python: ``train_vmoba(TrainConfig(model="tiny-wan", data="synthetic:16", out="runs/x", steps=30))``
+returns ``{"losses": [...], "samples_per_second": ..., ...}``.
+
+What it does, in order:
+
+1. Loads the model: a name :func:`mixdit.pipelines.zoo.load_pipeline` knows (built-in, local
+   pipeline folder, hub id), a folder holding only a transformer (``config.json`` +
+   weights), or (Python) a pipeline / transformer object. Wan 2.2's two experts: ``expert=
+   "transformer"`` (high noise, t >= boundary) or ``"transformer_2"`` (low noise, t < boundary);
+   the sampled timesteps are restricted to the chosen expert's interval.
+2. Builds the dataset (:func:`build_dataset`): ``synthetic:N`` (smooth random latents + random
+   prompt embeddings, identical on every rank), a folder of latent files (``.pt`` /
+   ``.safetensors`` holding ``latents [C, F, H, W]`` and ``prompt_embeds [L, D]`` or a ``prompt``
+   string), or a folder of videos (mp4/gif/webm/mov/avi/mkv read with imageio, resized and
+   center-cropped to ``height x width``, first ``frames`` frames, encoded once with the pipeline's
+   VAE and cached under ``OUT/cache``; prompts from ``<stem>.txt`` or ``metadata.jsonl``
+   (``{"file_name", "text"}``), else the empty prompt). Prompts are encoded once with the
+   pipeline's text encoder (``encode_prompt``, ``max_sequence_length`` tokens).
+3. Applies VMoBA to the transformer (``mixdit.apply(transformer, vmoba=config)``; ``vmoba=None``
+   trains dense, the baseline to compare against) and trains with the flow-matching objective
+   diffusers' flow-matching training scripts use (SD3/FLUX/Wan-style): ``u`` from
+   ``compute_density_for_timestep_sampling`` (uniform by default, or logit-normal / mode), index
+   into a ``FlowMatchEulerDiscreteScheduler``'s (shifted) training timesteps and sigmas,
+   ``x_t = (1 - σ) x0 + σ ε``, target ``ε - x0``, MSE weighted by
+   ``compute_loss_weighting_for_sd3``; AdamW, gradient clipping, ``accelerate.Accelerator`` for
+   devices, DDP, mixed precision and gradient accumulation.
+4. Saves ``OUT/<expert>`` (``save_pretrained``) at the end and ``OUT/checkpoint-<step>/<expert>``
+   every ``save_every`` steps; when the model came from a pipeline, ``OUT`` is also written as the
+   full pipeline folder (``DiffusionPipeline.from_pretrained(OUT)`` loads it, trained expert in).
+
+Data across processes: every rank builds the same index list; each epoch is one permutation
+(seeded by ``seed`` and the epoch, the same on every rank) split round-robin, so ranks see
+disjoint samples and together the whole set (when ``N`` is not a multiple of the number of
+processes, the permutation is padded with its own first entries so every rank takes the same
+number of steps, as ``DistributedSampler`` does). Gradients are all-reduced by DDP, so all ranks
+hold identical weights. Noise and timesteps are drawn per rank (seed + rank).
+
+Gradient checkpointing keeps VMoBA active in the recomputation: the checkpoint function carries
+mixdit's forward context into the backward pass (otherwise the recomputed blocks would run dense
+attention and silently give different gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixdit.config import check_choice, check_number
+from mixdit.errors import ConfigError, MixditError
+
+EXPERTS = ("transformer", "transformer_2")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
+LATENT_SUFFIXES = (".pt", ".pth", ".safetensors")
+DEFAULT_SIZE = {"height": 480, "width": 832, "frames": 81}  # WanPipeline's defaults
+SYNTHETIC_TEXT_LEN = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Settings of one VMoBA training run (CLI flags use the same names with dashes).
+
+    model: built-in name / pipeline folder / hub id / transformer-only folder, or a diffusers
+        pipeline or transformer object (Python only).
+    data: ``synthetic:N``, a folder of latent files, or a folder of videos (see the module doc).
+    vmoba: a :class:`~mixdit.attention.vmoba.VMoBAConfig`, a dict of its fields, ``True``
+        (defaults) or ``None``/``False`` (dense training, the baseline).
+    height / width / frames: pixel size of the clips (videos and ``synthetic:N``); default: the
+        model's built-in defaults (``pipe._mixdit_defaults``) or Wan's 480 x 832 x 81.
+    steps: optimizer steps; each consumes ``batch_size x gradient_accumulation_steps`` samples
+        per process.
+    save_every: also save ``OUT/checkpoint-<step>/<expert>`` every this many steps (0: only at
+        the end).
+    flow_shift: shift of the training sigmas; None: the pipeline scheduler's ``flow_shift`` /
+        ``shift`` (3.0 if it has neither).
+    record_samples: debug: per-rank JSON with the sample indices each rank saw and a checksum of
+        its final weights; ``{rank}`` in the path is replaced, else ``.rank<r>`` is inserted
+        before the suffix.
+    """
+
+    model: Any = "tiny-wan"
+    data: str = "synthetic:16"
+    out: str = "outputs/train-vmoba"
+    expert: str = "transformer"
+    steps: int = 100
+    learning_rate: float = 1e-5
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    vmoba: Any = True
+    save_every: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float | None = None
+    max_sequence_length: int = 226
+    cache_dir: str | None = None
+    cpu: bool = False
+    num_workers: int = 0
+    record_samples: str | None = None
+    progress: bool = True
+    save: bool = True
+
+    def validate(self) -> None:
+        """Check every field a user can get wrong (before any model is loaded)."""
+        check_choice("expert", self.expert, EXPERTS)
+        check_number("steps", self.steps, 1, integer=True)
+        check_number("learning_rate", self.learning_rate, 0.0, lo_open=True)
+        check_number("batch_size", self.batch_size, 1, integer=True)
+        check_number("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, integer=True)
+        check_number("seed", self.seed, 0, integer=True)
+        check_number("save_every", self.save_every, 0, integer=True)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        check_number("weight_decay", self.weight_decay, 0.0)
+        check_number("adam_beta1", self.adam_beta1, 0.0, 1.0)
+        check_number("adam_beta2", self.adam_beta2, 0.0, 1.0)
+        check_number("adam_epsilon", self.adam_epsilon, 0.0, lo_open=True)
+        check_number("max_grad_norm", self.max_grad_norm, 0.0)
+        check_number("logit_std", self.logit_std, 0.0, lo_open=True)
+        check_number("max_sequence_length", self.max_sequence_length, 1, integer=True)
+        check_number("num_workers", self.num_workers, 0, integer=True)
+        if self.flow_shift is not None:
+            check_number("flow_shift", self.flow_shift, 0.0, lo_open=True)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None:
+                check_number(name, value, 16, integer=True)
+                if value % 16:
+                    raise ConfigError(name, value, "a multiple of 16 (VAE factor 8 x patch 2)")
+        if self.frames is not None:
+            check_number("frames", self.frames, 1, integer=True)
+            if (self.frames - 1) % 4:
+                raise ConfigError("frames", self.frames, "4k + 1 frames (1, 5, 9, ..., 81): the Wan VAE packs 4 frames per latent frame")
+        if self.mixed_precision == "fp16" and (self.cpu or not torch.cuda.is_available()):
+            raise ConfigError("mixed_precision", self.mixed_precision, "'no' or 'bf16' on CPU (fp16 needs a GPU)")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            raise ConfigError("out", self.out, "an output folder path")
+        parse_data_spec(self.data)  # raises ConfigError
+        self.vmoba = resolve_vmoba_config(self.vmoba)
+
+
+def resolve_vmoba_config(vmoba):
+    """``True`` -> default ``VMoBAConfig``; dict -> ``VMoBAConfig(**dict)``; None/False -> None."""
+    if vmoba is None or vmoba is False:
+        return None
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    if vmoba is True:
+        return VMoBAConfig()
+    if isinstance(vmoba, dict):
+        known = {f.name for f in dataclasses.fields(VMoBAConfig)}
+        unknown = sorted(set(vmoba) - known)
+        if unknown:
+            raise ConfigError(f"vmoba.{unknown[0]}", vmoba[unknown[0]], "a field of VMoBAConfig: " + ", ".join(sorted(known)))
+        return VMoBAConfig(**vmoba)
+    if isinstance(vmoba, VMoBAConfig):
+        vmoba.validate()
+        return vmoba
+    raise ConfigError("vmoba", vmoba, "a VMoBAConfig, a dict of its fields, True or None")
+
+
+def parse_data_spec(data) -> tuple[str, Any]:
+    """``("synthetic", N)`` or ``("folder", Path)``; ConfigError for anything else."""
+    if not isinstance(data, (str, os.PathLike)) or not str(data):
+        raise ConfigError("data", data, "synthetic:N or a folder of videos / latent files")
+    text = os.fspath(data)
+    if text.startswith("synthetic:"):
+        count = text.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError("data", text, "synthetic:N with N >= 1 (e.g. synthetic:64)")
+        return "synthetic", int(count)
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ConfigError("data", text, "an existing folder of videos (.mp4/.gif/...) or latent files "
+                                        "(.pt/.safetensors), or synthetic:N (folder not found)")
+    return "folder", path
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    transformer: torch.nn.Module
+    pipe: Any  # the diffusers pipeline, or None for a bare transformer
+    name: str
+    boundary_ratio: float | None
+    vae_scale_temporal: int = 4
+    vae_scale_spatial: int = 8
+    defaults: dict = field(default_factory=dict)
+
+
+def load_model(model, expert: str = "transformer") -> LoadedModel:
+    """Resolve ``model`` (name, folder, pipeline or transformer) to the expert to train."""
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        if expert != "transformer":
+            raise ConfigError("expert", expert, "'transformer' when a bare transformer is given")
+        return LoadedModel(model.float(), None, type(model).__name__, None)
+    pipe, name = None, None
+    if isinstance(model, (str, os.PathLike)):
+        name = os.fspath(model)
+        folder = Path(name).expanduser()
+        if (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+            return LoadedModel(_load_transformer_folder(folder), None, name, None)
+        from mixdit.pipelines.zoo import load_pipeline
+
+        pipe = load_pipeline(name, device="cpu", dtype=torch.float32)
+    elif hasattr(model, "components"):
+        pipe, name = model, getattr(model, "mixdit_model_name", type(model).__name__)
+    else:
+        raise ConfigError("model", model, "a model name, a folder, a diffusers pipeline or a transformer")
+    transformer = getattr(pipe, expert, None)
+    if transformer is None:
+        have = [e for e in EXPERTS if getattr(pipe, e, None) is not None]
+        raise ConfigError("expert", expert, "one of the pipeline's denoisers: " + ", ".join(have))
+    transformer.float()
+    boundary = getattr(getattr(pipe, "config", {}), "boundary_ratio", None)
+    if getattr(pipe, "transformer_2", None) is None:
+        boundary = None  # a single denoiser covers the whole schedule
+    vae = getattr(pipe, "vae", None)
+    return LoadedModel(transformer, pipe, name, boundary,
+                       vae_scale_temporal=int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4),
+                       vae_scale_spatial=int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8) if vae is not None else 8,
+                       defaults=dict(getattr(pipe, "_mixdit_defaults", None) or {}))
+
+
+def _load_transformer_folder(folder: Path):
+    import diffusers
+
+    config = json.loads((folder / "config.json").read_text())
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError("model", str(folder), "a diffusers pipeline folder or a folder saved by a diffusers "
+                                                 f"transformer's save_pretrained (unknown class {config.get('_class_name')!r})")
+    return cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+
+
+def _text_dim(transformer) -> int:
+    cfg = transformer.config
+    for name in ("text_dim", "joint_attention_dim", "text_embed_dim"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise ConfigError("model", type(transformer).__name__, "a transformer with a text_dim config (Wan family)")
+
+
+def _latent_grid(loaded: LoadedModel, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    return ((frames - 1) // loaded.vae_scale_temporal + 1, height // loaded.vae_scale_spatial,
+            width // loaded.vae_scale_spatial)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+class TrainDataset(torch.utils.data.Dataset):
+    """Items ``{"index", "latents" [C,F,H,W] fp32, "prompt_embeds" [L,D] fp32}``.
+
+    ``kind="synthetic"``: generated from ``(seed, index)`` on demand (same on every rank);
+    ``kind="files"``: one latent file per item, loaded on demand; prompt strings map to
+    embeddings encoded once (``prompt_cache``).
+    """
+
+    def __init__(self, kind: str, count: int, *, files=None, shape=None, text_shape=None, seed=0,
+                 prompt_cache=None):
+        self.kind, self.count, self.files = kind, count, files or []
+        self.shape, self.text_shape, self.seed = shape, text_shape, seed
+        self.prompt_cache = prompt_cache or {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        if self.kind == "synthetic":
+            latents, embeds = synthetic_sample(index, self.shape, self.text_shape, self.seed)
+        else:
+            record = read_latent_file(self.files[index])
+            latents = record["latents"]
+            embeds = record.get("prompt_embeds")
+            if embeds is None:
+                embeds = self.prompt_cache[record.get("prompt", "")]
+        return {"index": index, "latents": latents.float(), "prompt_embeds": embeds.float()}
+
+
+def synthetic_sample(index: int, shape, text_shape, seed: int = 0):
+    """Smooth random latents ``shape = (C, F, H, W)`` (coarse noise, trilinear upsampling,
+    unit variance per channel) and random prompt embeddings ``text_shape = (L, D)``."""
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + index)
+    C, F_, H, W = shape
+    coarse = torch.randn(1, C, max(1, (F_ + 1) // 2), max(1, (H + 3) // 4), max(1, (W + 3) // 4), generator=g)
+    latents = torch.nn.functional.interpolate(coarse, size=(F_, H, W), mode="trilinear", align_corners=True)[0]
+    latents = (latents - latents.mean(dim=(1, 2, 3), keepdim=True)) / latents.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+    embeds = torch.randn(*text_shape, generator=g)
+    return latents, embeds
+
+
+def read_latent_file(path: Path) -> dict:
+    """``{"latents", "prompt_embeds"?, "prompt"?}`` from a ``.pt``/``.pth`` or ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+            meta = f.metadata() or {}
+        if "prompt" in meta and "prompt_embeds" not in out:
+            out["prompt"] = meta["prompt"]
+    else:
+        out = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(out, dict):
+            raise ConfigError("data", str(path), "a dict with 'latents' and 'prompt_embeds' or 'prompt'")
+    if "latents" not in out or not torch.is_tensor(out["latents"]) or out["latents"].dim() != 4:
+        raise ConfigError("data", str(path), "a file holding 'latents' [C, F, H, W]")
+    if "prompt_embeds" in out:
+        pe = out["prompt_embeds"]
+        if pe.dim() == 3 and pe.shape[0] == 1:
+            out["prompt_embeds"] = pe = pe[0]
+        if pe.dim() != 2:
+            raise ConfigError("data", str(path), "'prompt_embeds' of shape [L, D]")
+    elif not isinstance(out.get("prompt", None), str):
+        raise ConfigError("data", str(path), "a file holding 'prompt_embeds' [L, D] or a 'prompt' string")
+    return out
+
+
+def collate(items: list[dict]) -> dict:
+    shapes = {tuple(it["latents"].shape) for it in items}
+    if len(shapes) > 1:
+        raise ConfigError("batch_size", len(items), f"1, or latents of one shape (got {sorted(shapes)})")
+    L = max(it["prompt_embeds"].shape[0] for it in items)
+    embeds = []
+    for it in items:  # zero-pad text to the longest (Wan pads its UMT5 output with zeros too)
+        pe = it["prompt_embeds"]
+        embeds.append(torch.nn.functional.pad(pe, (0, 0, 0, L - pe.shape[0])))
+    return {"index": torch.tensor([it["index"] for it in items]),
+            "latents": torch.stack([it["latents"] for it in items]),
+            "prompt_embeds": torch.stack(embeds)}
+
+
+def shard_indices(count: int, rank: int, world: int, seed: int, epoch: int) -> list[int]:
+    """This rank's share of epoch ``epoch``: one seeded permutation (identical on all ranks),
+    padded with its own head to a multiple of ``world``, split round-robin."""
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(count, generator=g).tolist()
+    total = math.ceil(count / world) * world
+    while len(perm) < total:
+        perm += perm[: total - len(perm)]
+    return perm[rank::world]
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Exactly ``num_batches`` batches of ``batch_size`` indices for one rank (epochs chained)."""
+
+    def __init__(self, count, batch_size, num_batches, rank, world, seed):
+        self.count, self.batch_size, self.num_batches = count, batch_size, num_batches
+        self.rank, self.world, self.seed = rank, world, seed
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        stream: list[int] = []
+        epoch = 0
+        for _ in range(self.num_batches):
+            while len(stream) < self.batch_size:
+                stream += shard_indices(self.count, self.rank, self.world, self.seed, epoch)
+                epoch += 1
+            batch, stream = stream[: self.batch_size], stream[self.batch_size:]
+            yield batch
+
+
+def build_dataset(config: TrainConfig, loaded: LoadedModel, accelerator) -> TrainDataset:
+    """The dataset for ``config.data`` (see the module docstring); encodes and caches on the main
+    process first, the other ranks then read the cache."""
+    kind, value = parse_data_spec(config.data)
+    height, width, frames = _size(config, loaded)
+    if kind == "synthetic":
+        C = int(loaded.transformer.config.in_channels)
+        shape = (C, *_latent_grid(loaded, height, width, frames))
+        return TrainDataset("synthetic", value, shape=shape, text_shape=(SYNTHETIC_TEXT_LEN, _text_dim(loaded.transformer)),
+                            seed=config.seed)
+    folder: Path = value
+    latent_files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in LATENT_SUFFIXES and p.is_file())
+    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    if not latent_files and not videos:
+        raise ConfigError("data", str(folder), "a folder holding videos (" + "/".join(VIDEO_SUFFIXES)
+                          + ") or latent files (" + "/".join(LATENT_SUFFIXES) + "); none found")
+    if latent_files and videos:
+        raise ConfigError("data", str(folder), "either videos or latent files, not both in one folder")
+    cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.out) / "cache"
+    with accelerator.main_process_first():
+        if videos:
+            files = _encode_videos(videos, folder, cache_dir, loaded, config, (height, width, frames), accelerator)
+            prompts: dict = {}
+        else:
+            files = latent_files
+            needed = sorted({rec["prompt"] for rec in map(read_latent_file, files) if "prompt_embeds" not in rec})
+            prompts = _encode_prompts(needed, loaded, config, accelerator, cache_dir) if needed else {}
+    return TrainDataset("files", len(files), files=files, prompt_cache=prompts)
+
+
+def _size(config: TrainConfig, loaded: LoadedModel) -> tuple[int, int, int]:
+    out = []
+    for name in ("height", "width", "frames"):
+        value = getattr(config, name) or loaded.defaults.get(name) or DEFAULT_SIZE[name]
+        out.append(int(value))
+    return tuple(out)
+
+
+def _require(loaded: LoadedModel, what: str):
+    comp = getattr(loaded.pipe, what, None) if loaded.pipe is not None else None
+    if comp is None:
+        raise ConfigError("model", loaded.name, f"a pipeline with a {what} (needed to encode this data; "
+                                                "or give pre-encoded latents with prompt_embeds)")
+    return comp
+
+
+def _encode_prompts(prompts: list[str], loaded: LoadedModel, config: TrainConfig, accelerator, cache_dir: Path) -> dict:
+    pipe = loaded.pipe
+    text_encoder = _require(loaded, "text_encoder")
+    key = hashlib.sha256(json.dumps([loaded.name, config.max_sequence_length, prompts]).encode()).hexdigest()[:16]
+    path = cache_dir / f"prompts-{key}.pt"
+    if path.is_file():
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    device = accelerator.device
+    text_encoder.to(device)
+    out = {}
+    with torch.no_grad():
+        for p in prompts:
+            embeds, _ = pipe.encode_prompt(p, do_classifier_free_guidance=False, max_sequence_length=config.max_sequence_length,
+                                           device=device, dtype=torch.float32)
+            out[p] = embeds[0].cpu()
+    text_encoder.to("cpu")
+    if accelerator.is_main_process:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save(out, path)
+    return out
+
+
+def _prompt_for(video: Path, root: Path) -> str:
+    side = video.with_suffix(".txt")
+    if side.is_file():
+        return side.read_text().strip()
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        rel = str(video.relative_to(root))
+        for line in meta.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("file_name") in (rel, video.name):
+                    return str(row.get("text", row.get("prompt", "")))
+    return ""
+
+
+def read_video(path: Path, height: int, width: int, frames: int) -> torch.Tensor:
+    """``[3, frames, height, width]`` in [-1, 1]: the first ``frames`` frames (the last one
+    repeated if the clip is shorter), scaled to cover ``height x width`` and center-cropped."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    try:
+        arr = iio.imread(str(path), index=None)
+    except Exception as e:  # unreadable file: name it
+        raise MixditError(f"could not read video {str(path)!r}: {e}") from e
+    arr = np.asarray(arr)
+    if arr.ndim == 3:  # a single frame
+        arr = arr[None]
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    elif arr.ndim == 3 or arr.shape[-1] == 1:
+        arr = np.repeat(arr.reshape(*arr.shape[:3], 1), 3, axis=-1)
+    video = torch.from_numpy(np.ascontiguousarray(arr[:frames])).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    if video.shape[0] < frames:
+        video = torch.cat([video, video[-1:].expand(frames - video.shape[0], -1, -1, -1)])
+    h, w = video.shape[-2:]
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    video = torch.nn.functional.interpolate(video, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    video = video[:, :, top:top + height, left:left + width]
+    return video.permute(1, 0, 2, 3).clamp(-1, 1).contiguous()
+
+
+def _encode_videos(videos, root: Path, cache_dir: Path, loaded: LoadedModel, config: TrainConfig, size, accelerator):
+    """Encode each video once with the VAE (posterior mean, normalised by the VAE's
+    ``latents_mean``/``latents_std`` as WanPipeline expects) into ``cache_dir``; returns the
+    cached latent files."""
+    height, width, frames = size
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    todo, files = [], []
+    for v in videos:
+        st = v.stat()
+        key = hashlib.sha256(json.dumps([str(v.resolve()), st.st_size, st.st_mtime_ns, size, loaded.name,
+                                         config.max_sequence_length, _prompt_for(v, root)]).encode()).hexdigest()[:20]
+        path = cache_dir / f"{v.stem}-{key}.pt"
+        files.append(path)
+        if not path.is_file():
+            todo.append((v, path))
+    if not todo:
+        return files
+    if not accelerator.is_main_process:  # main_process_first: the main rank has filled the cache
+        raise MixditError(f"latent cache {str(cache_dir)!r} is incomplete on rank {accelerator.process_index}; "
+                          "is it on a disk every process sees?")
+    vae = _require(loaded, "vae")
+    device = accelerator.device
+    vae.to(device)
+    prompts = _encode_prompts(sorted({_prompt_for(v, root) for v, _ in todo}), loaded, config, accelerator, cache_dir)
+    cfg = vae.config
+    mean = torch.tensor(getattr(cfg, "latents_mean", None) or [0.0] * cfg.z_dim).view(-1, 1, 1, 1)
+    std = torch.tensor(getattr(cfg, "latents_std", None) or [1.0] * cfg.z_dim).view(-1, 1, 1, 1)
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        for v, path in tqdm(todo, desc="encoding videos", disable=not config.progress):
+            pixels = read_video(v, height, width, frames).unsqueeze(0).to(device, vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            latents = ((dist.mean[0].float().cpu() - mean) / std).contiguous()
+            _atomic_save({"latents": latents, "prompt_embeds": prompts[_prompt_for(v, root)],
+                          "source": str(v)}, path)
+    vae.to("cpu")
+    return files
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, str(tmp))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# objective
+# ----------------------------------------------------------------------------------------------
+class FlowMatchingObjective:
+    """The flow-matching loss of diffusers' SD3/FLUX-style training scripts, for one expert.
+
+    Training timesteps and sigmas are a ``FlowMatchEulerDiscreteScheduler``'s (1000, shifted);
+    ``u`` from ``compute_density_for_timestep_sampling`` picks an index; Wan 2.2 experts only
+    draw from their own side of ``boundary_ratio x 1000``.
+    """
+
+    def __init__(self, config: TrainConfig, loaded: LoadedModel):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        shift = config.flow_shift
+        if shift is None and loaded.pipe is not None and getattr(loaded.pipe, "scheduler", None) is not None:
+            sc = loaded.pipe.scheduler.config
+            shift = sc.get("flow_shift") or (sc.get("shift") if not sc.get("use_dynamic_shifting") else None)
+        self.shift = float(shift or 3.0)
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.shift)
+        self.timesteps = sched.timesteps.float().clone()  # descending, 1000 -> ~1
+        self.sigmas = sched.sigmas[: len(self.timesteps)].float().clone()
+        lo, hi = 0, len(self.timesteps)
+        if loaded.boundary_ratio is not None:
+            boundary = loaded.boundary_ratio * 1000
+            high = int((self.timesteps >= boundary).sum())  # prefix: high-noise expert
+            lo, hi = (0, high) if config.expert == "transformer" else (high, len(self.timesteps))
+            if hi <= lo:
+                raise ConfigError("expert", config.expert, "an expert whose timestep interval is not empty")
+        self.lo, self.hi = lo, hi
+        self.config = config
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        c = self.config
+        scheme = "none" if c.timestep_sampling == "uniform" else c.timestep_sampling
+        u = compute_density_for_timestep_sampling(scheme, batch_size, logit_mean=c.logit_mean, logit_std=c.logit_std,
+                                                  mode_scale=c.mode_scale, generator=generator)
+        idx = (self.lo + u * (self.hi - self.lo)).long().clamp(self.lo, self.hi - 1)
+        return self.timesteps[idx], self.sigmas[idx]
+
+    def loss(self, model, latents, prompt_embeds, generator: torch.Generator):
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        B = latents.shape[0]
+        timesteps, sigmas = self.sample(B, generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        timesteps, s = timesteps.to(latents.device), sigmas.to(latents.device).view(B, 1, 1, 1, 1)
+        noisy = (1.0 - s) * latents + s * noise
+        pred = model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        target = noise - latents
+        weighting = compute_loss_weighting_for_sd3("none" if self.config.timestep_sampling == "uniform" else
+                                                   self.config.timestep_sampling, sigmas=s)
+        return (weighting.float() * (pred.float() - target.float()) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient checkpointing that keeps mixdit's forward context
+# ----------------------------------------------------------------------------------------------
+def checkpoint_keeping_context(module, *args):
+    """``torch.utils.checkpoint`` (non-reentrant) whose recomputation runs under the same mixdit
+    forward context as the forward did, so VMoBA (not dense attention) is recomputed."""
+    from torch.utils.checkpoint import checkpoint
+
+    from mixdit.pipelines.context import current_context, reset_context, set_context
+
+    ctx = current_context()
+
+    def run(*a):
+        if ctx is None or current_context() is ctx:
+            return module(*a)
+        token = set_context(ctx)
+        try:
+            return module(*a)
+        finally:
+            reset_context(token)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 over the float32 bytes of every parameter, in name order."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _record_path(pattern: str, rank: int) -> Path:
+    if "{rank}" in pattern:
+        return Path(pattern.format(rank=rank))
+    p = Path(pattern)
+    return p.with_name(f"{p.stem}.rank{rank}{p.suffix or '.json'}")
+
+
+def _apply_vmoba(transformer, vmoba_config):
+    if vmoba_config is None:
+        return None
+    import mixdit
+    from mixdit.api import FEATURES
+
+    if "vmoba" not in FEATURES:
+        try:
+            import mixdit.attention.vmoba_feature  # noqa: F401  registers the feature
+        except ModuleNotFoundError:
+            pass
+    return mixdit.apply(transformer, vmoba=vmoba_config)
+
+
+def train_vmoba(config: TrainConfig) -> dict:
+    """Run one training job (see the module docstring). Returns the final metrics:
+
+    ``losses`` (mean over processes, one per optimizer step), ``samples_per_second`` (all
+    processes, excluding the first step's warm-up), ``seconds``, ``steps``, ``world_size``,
+    ``out`` (folder), ``saved`` (paths written), ``vmoba`` (mixdit summary or None),
+    ``weights_sha256`` (checksum of the trained expert).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    config.validate()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(config.seed)  # same initialisation of anything random on every rank
+
+    loaded = load_model(config.model, config.expert)
+    transformer = loaded.transformer
+    dataset = build_dataset(config, loaded, accelerator)
+    objective = FlowMatchingObjective(config, loaded)
+
+    transformer.requires_grad_(True)
+    transformer.train()
+    if config.gradient_checkpointing:
+        if not getattr(transformer, "_supports_gradient_checkpointing", False):
+            raise ConfigError("gradient_checkpointing", True, f"False ({type(transformer).__name__} does not support it)")
+        transformer.enable_gradient_checkpointing(checkpoint_keeping_context)
+    session = _apply_vmoba(transformer, config.vmoba)
+
+    micro_batches = config.steps * config.gradient_accumulation_steps
+    sampler = ShardedBatchSampler(len(dataset), config.batch_size, micro_batches, rank, world, config.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=config.num_workers)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
+                                  eps=config.adam_epsilon)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 17 + rank)
+
+    out = Path(config.out)
+    saved: list[str] = []
+    seen: list[int] = []
+    losses: list[float] = []
+    window = torch.zeros((), device=accelerator.device)
+    bar = tqdm(total=config.steps, desc=f"train vmoba ({'dense' if config.vmoba is None else 'vmoba'})",
+               disable=not (config.progress and accelerator.is_local_main_process))
+    step, micro, t_first, t0 = 0, 0, None, time.perf_counter()
+    for batch in loader:
+        seen.extend(int(i) for i in batch["index"])
+        latents = batch["latents"].to(accelerator.device)
+        embeds = batch["prompt_embeds"].to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss = objective.loss(model, latents, embeds, generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        window = window + loss.detach().float() / config.gradient_accumulation_steps
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        step_loss = float(accelerator.reduce(window, reduction="mean"))
+        window = torch.zeros((), device=accelerator.device)
+        losses.append(step_loss)
+        if t_first is None:
+            t_first = time.perf_counter()
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if config.save and config.save_every and step % config.save_every == 0 and step < config.steps:
+            saved += _save(accelerator, model, loaded, out / f"checkpoint-{step}", config, final=False)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    timed_steps = max(0, step - 1)
+    timed = time.perf_counter() - t_first if t_first is not None else 0.0
+    samples = timed_steps * config.batch_size * config.gradient_accumulation_steps * world
+    if timed_steps == 0:  # a one-step run: count its warm-up too
+        samples, timed = step * config.batch_size * config.gradient_accumulation_steps * world, seconds
+
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    summary = None
+    if session is not None:
+        import mixdit
+
+        summary = mixdit.summary(unwrapped)
+        mixdit.remove(unwrapped)
+    unwrapped.eval()
+    checksum = weights_checksum(unwrapped)
+    if config.save:
+        saved += _save(accelerator, unwrapped, loaded, out, config, final=True)
+    if config.record_samples:
+        path = _record_path(config.record_samples, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rank": rank, "world_size": world, "samples": seen, "weights_sha256": checksum,
+                                    "losses": losses}))
+    accelerator.wait_for_everyone()
+    metrics = {
+        "losses": losses, "final_loss": losses[-1] if losses else None, "steps": step,
+        "samples_per_second": samples / timed if timed > 0 else float("nan"), "seconds": seconds,
+        "world_size": world, "out": str(out), "saved": saved, "vmoba": summary, "weights_sha256": checksum,
+        "dataset_size": len(dataset), "flow_shift": objective.shift,
+    }
+    if accelerator.is_main_process and config.save:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+    accelerator.end_training()
+    return metrics
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _save(accelerator, model, loaded: LoadedModel, folder: Path, config: TrainConfig, final: bool) -> list[str]:
+    """Main process writes ``folder/<expert>`` (and, at the end, the whole pipeline into ``folder``)."""
+    accelerator.wait_for_everyone()
+    written: list[str] = []
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        target = folder / config.expert
+        if final and loaded.pipe is not None:
+            loaded.pipe.save_pretrained(str(folder), safe_serialization=True)
+            written.append(str(folder))
+        model.save_pretrained(str(target), safe_serialization=True)  # the trained weights, always
+        written.append(str(target))
+        meta = {"model": loaded.name, "expert": config.expert, "steps_config": config.steps,
+                "vmoba": None if config.vmoba is None else dataclasses.asdict(config.vmoba)}
+        (target / "mixdit_train.json").write_text(json.dumps(_jsonable(meta), indent=1))
+    accelerator.wait_for_everyone()
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def _vmoba_fields():
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    return [f for f in dataclasses.fields(VMoBAConfig)]
+
+
+def _parse_vmoba_value(field_, text: str):
+    default = field_.default
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"vmoba.{field_.name}", text, "true or false")
+    if isinstance(default, tuple):
+        parts = [p for p in text.replace(" ", "").strip("()[]").split(",") if p]
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"vmoba.{field_.name}", text, "comma-separated integers, e.g. 3,4") from None
+    if isinstance(default, (int, float)):
+        try:
+            return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+        except ValueError:
+            raise ConfigError(f"vmoba.{field_.name}", text, "a number") from None
+    return text
+
+
+def register_commands(subparsers) -> None:
+    """``mixdit train vmoba ...`` (the CLI plug-in contract of :mod:`mixdit.cli`)."""
+    train = subparsers.add_parser("train", help="train or fine-tune a model (train vmoba ...)")
+    train_sub = train.add_subparsers(dest="train_command", metavar="WHAT")
+    p = train_sub.add_parser(
+        "vmoba", help="continue training a video DiT's transformer with VMoBA attention",
+        description="Continue training a video DiT's transformer (Wan family) with VMoBA applied, on videos, "
+                    "pre-encoded latents or synthetic:N data. Works under `accelerate launch` (one or many "
+                    "processes). Saves OUT/<expert> (+ the full pipeline in OUT).")
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help=f"built-in name, pipeline folder, hub id or transformer folder (default: {d.model})")
+    p.add_argument("--data", required=True, help="synthetic:N | a folder of videos (mp4/gif...) | a folder of .pt/.safetensors latents")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--expert", default=d.expert, choices=EXPERTS, help="which denoiser to train (Wan 2.2: transformer = high noise)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=d.learning_rate,
+                   help=f"AdamW learning rate (default: {d.learning_rate})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per process per micro-step")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--height", type=int, default=None, help="clip height in pixels (videos, synthetic)")
+    p.add_argument("--width", type=int, default=None, help="clip width in pixels")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (4k+1)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="also save OUT/checkpoint-<step> every N steps (0: end only)")
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=MIXED_PRECISIONS)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    p.add_argument("--timestep-sampling", default=d.timestep_sampling, choices=TIMESTEP_SAMPLINGS)
+    p.add_argument("--flow-shift", type=float, default=None, help="sigma shift (default: the pipeline scheduler's, else 3.0)")
+    p.add_argument("--max-sequence-length", type=int, default=d.max_sequence_length, help="text tokens when encoding prompts")
+    p.add_argument("--cache-dir", default=None, help="where encoded videos/prompts are cached (default: OUT/cache)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
+    p.add_argument("--no-vmoba", action="store_true", help="train with dense attention (the baseline)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--record-samples", default=None, help=argparse_suppress())
+    group = p.add_argument_group("VMoBA", "fields of VMoBAConfig (default: its defaults)")
+    for f in _vmoba_fields():
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(f"--vmoba-{f.name.replace('_', '-')}", dest=f"vmoba_{f.name}", default=None, metavar="V",
+                           help=f"(default: {shown})")
+    p.set_defaults(func=_cmd_train_vmoba)
+    train.set_defaults(func=lambda args, modules: (train.print_help(), 2)[1])
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def config_from_args(args) -> TrainConfig:
+    vmoba = None
+    if not args.no_vmoba:
+        vmoba = {}
+        for f in _vmoba_fields():
+            text = getattr(args, f"vmoba_{f.name}", None)
+            if text is not None:
+                vmoba[f.name] = _parse_vmoba_value(f, text)
+    return TrainConfig(
+        model=args.model, data=args.data, out=args.out, expert=args.expert, steps=args.steps,
+        learning_rate=args.learning_rate, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed, height=args.height,
+        width=args.width, frames=args.frames, vmoba=vmoba, save_every=args.save_every,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, timestep_sampling=args.timestep_sampling,
+        flow_shift=args.flow_shift, max_sequence_length=args.max_sequence_length, cache_dir=args.cache_dir,
+        cpu=args.cpu, num_workers=args.num_workers, record_samples=args.record_samples, progress=not args.no_progress)
+
+
+def _cmd_train_vmoba(args, modules) -> int:
+    config = config_from_args(args)
+    config.validate()  # before anything heavy
+    metrics = train_vmoba(config)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0:
+        losses = metrics["losses"]
+        head = sum(losses[:5]) / max(1, len(losses[:5]))
+        tail = sum(losses[-5:]) / max(1, len(losses[-5:]))
+        print(f"trained {metrics['steps']} steps on {metrics['world_size']} process(es): loss {head:.4f} -> {tail:.4f} "
+              f"(mean of first/last 5), {metrics['samples_per_second']:.2f} samples/s")
+        print(metrics["out"])
+    return 0
+
+
+__all__ = ["TrainConfig", "train_vmoba", "register_commands", "config_from_args", "FlowMatchingObjective",
+           "TrainDataset", "build_dataset", "shard_indices", "synthetic_sample", "read_latent_file", "read_video",
+           "checkpoint_keeping_context", "weights_checksum", "load_model"]
