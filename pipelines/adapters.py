@@ -6,6 +6,7 @@ Features ask the adapter; they never test model classes themselves.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -64,6 +65,28 @@ class FamilyAdapter:
 
     _ehs_pos = 1  # positional index of encoder_hidden_states in the denoiser's forward
 
+    # -- batch rows and blocks (used by features that add rows, e.g. perturbation guidance) --------
+    # forward arguments of the denoiser holding one entry per batch row (expanded when rows are added)
+    row_args: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                 "guidance", "encoder_hidden_states_image", "encoder_attention_mask")
+    # arguments of each block holding one entry per batch row
+    block_row_args: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "temb")
+
+    def blocks(self, model) -> list[tuple[int, torch.nn.Module]]:
+        """(layer index, block module) in execution order: the block that holds each attention site."""
+        return [(s.layer_index, model.get_submodule(s.name.rsplit(".", 1)[0])) for s in self.attention_sites(model)]
+
+    def guidance_rows(self, pipe, denoiser_name: str, batch_size: int, call_name: str | None
+                      ) -> tuple[tuple[str, ...], float]:
+        """Roles of the rows of one denoiser call made by this family's diffusers pipeline, and the
+        classifier-free guidance scale the pipeline will apply to the ``cond`` rows (1.0 = none).
+
+        ``pipe`` is None for a bare denoiser call; ``call_name`` is the pipeline's
+        ``cache_context`` name (``"cond"``/``"uncond"``) when it sets one."""
+        if call_name == "uncond":
+            return ("uncond",) * batch_size, 1.0
+        return ("cond",) * batch_size, 1.0
+
     def timestep(self, args: tuple, kwargs: dict) -> float | None:
         t = kwargs.get("timestep")
         if t is None:
@@ -76,6 +99,17 @@ def _arg(args, kwargs, name, pos):
     if name in kwargs:
         return kwargs[name]
     return args[pos] if len(args) > pos else None
+
+
+def _pipeline_call_locals(pipe) -> dict:
+    """Local variables of ``pipe.__call__`` when it is running up the stack (for settings a pipeline
+    keeps only as locals, e.g. FLUX's ``true_cfg_scale``); {} otherwise."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
+            return dict(frame.f_locals)
+        frame = frame.f_back
+    return {}
 
 
 def _sites(blocks, attr: str, kind: str, prefix: str, start: int = 0) -> Iterator[AttentionSite]:
@@ -97,6 +131,13 @@ class SD3Adapter(FamilyAdapter):
         x = _arg(args, kwargs, "hidden_states", 0)
         p = model.config.patch_size
         return (1, x.shape[-2] // p, x.shape[-1] // p)
+
+    def guidance_rows(self, pipe, denoiser_name, batch_size, call_name):
+        # StableDiffusion3Pipeline batches [uncond, cond] when it applies CFG (guidance_scale > 1)
+        if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False) and batch_size % 2 == 0:
+            half = batch_size // 2
+            return ("uncond",) * half + ("cond",) * half, float(pipe.guidance_scale)
+        return ("cond",) * batch_size, 1.0
 
 
 class FluxAdapter(FamilyAdapter):
@@ -120,6 +161,17 @@ class FluxAdapter(FamilyAdapter):
         h, w = int(ids[1]) + 1, int(ids[2]) + 1
         return (1, h, w) if h * w == x.shape[1] else (1, 1, x.shape[1])
 
+    def guidance_rows(self, pipe, denoiser_name, batch_size, call_name):
+        # FluxPipeline calls the transformer for "cond", then (true CFG only) for "uncond"
+        if call_name == "uncond":
+            return ("uncond",) * batch_size, 1.0
+        scale = 1.0
+        if pipe is not None:
+            local = _pipeline_call_locals(pipe)
+            if local.get("do_true_cfg"):
+                scale = float(local.get("true_cfg_scale", 1.0))
+        return ("cond",) * batch_size, scale
+
 
 class WanAdapter(FamilyAdapter):
     """Wan 2.1/2.2: layer i = ``blocks[i].attn1`` (video self-attention); text enters through cross-attention."""
@@ -134,6 +186,17 @@ class WanAdapter(FamilyAdapter):
         x = _arg(args, kwargs, "hidden_states", 0)
         pt, ph, pw = model.config.patch_size
         return (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+
+    def guidance_rows(self, pipe, denoiser_name, batch_size, call_name):
+        # WanPipeline calls the current expert for "cond", then (CFG only) for "uncond"
+        if call_name == "uncond":
+            return ("uncond",) * batch_size, 1.0
+        scale = 1.0
+        if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False):
+            scale = getattr(pipe, "_guidance_scale", 1.0)
+            if denoiser_name == "transformer_2" and getattr(pipe, "_guidance_scale_2", None) is not None:
+                scale = pipe._guidance_scale_2
+        return ("cond",) * batch_size, float(scale)
 
 
 class HunyuanVideoAdapter(FamilyAdapter):
