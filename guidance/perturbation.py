@@ -345,10 +345,27 @@ class PerturbationGuidance(Feature):
         return None
 
     # -- per call ----------------------------------------------------------------------------
+    def _step(self, ctx: ForwardContext) -> tuple[int | None, int | None]:
+        if ctx.step_index is not None and ctx.num_steps:
+            return ctx.step_index, ctx.num_steps
+        if isinstance(self.pipe, torch.nn.Module):
+            return None, None
+        # some pipelines (SD3) do not set `_current_timestep`: read the denoising loop's own counter
+        from mixdit.pipelines.adapters import _pipeline_call_locals
+
+        local = _pipeline_call_locals(self.pipe)
+        i, timesteps = local.get("i"), local.get("timesteps")
+        if isinstance(i, int) and timesteps is not None:
+            return i, len(timesteps)
+        return None, None
+
     def _in_window(self, ctx: ForwardContext) -> bool:
-        if ctx.step_index is None or not ctx.num_steps:
+        if tuple(self.config.window) == (0.0, 1.0):
             return True
-        frac = ctx.step_index / ctx.num_steps
+        step, num = self._step(ctx)
+        if step is None or not num:
+            return True
+        frac = step / num
         start, stop = self.config.window
         return start <= frac < stop
 
