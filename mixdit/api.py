@@ -90,7 +90,7 @@ def _load_builtin_features() -> None:
     # importing these modules registers their features
     import importlib
 
-    for mod in ("mixdit.attention.vmoba", "mixdit.guidance.perturbation", "mixdit.attention.moh",
+    for mod in ("mixdit.attention.vmoba_feature", "mixdit.guidance.perturbation", "mixdit.attention.moh",
                 "mixdit.pipelines.moe"):
         try:
             importlib.import_module(mod)

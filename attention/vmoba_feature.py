@@ -1,0 +1,61 @@
+"""Installs VMoBA through ``mixdit.apply(pipe, vmoba=VMoBAConfig(...))``.
+
+Every self-attention module of a supported video DiT gets mixdit's processor; the algorithm itself
+lives in :mod:`mixdit.attention.vmoba`. Cross-attention is never touched (Wan's ``attn2``).
+"""
+
+from __future__ import annotations
+
+from mixdit.api import Feature, register_feature
+from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats, vmoba_attention, vmoba_should_run_dense
+
+
+@register_feature
+class VMoBAFeature(Feature):
+    keyword = "vmoba"
+    config_class = VMoBAConfig
+    supported_families = ("wan", "hunyuan_video", "cogvideox")
+
+    def __init__(self, config, adapter, pipe):
+        super().__init__(config, adapter, pipe)
+        self.stats = VMoBAStats()
+
+    def sites(self, model, denoiser_name):
+        return self.adapter.attention_sites(model)  # both Wan 2.2 experts: called once per denoiser
+
+    def wants(self, site, ctx):
+        if ctx.grid is None:
+            return False
+        return not vmoba_should_run_dense(self.config, ctx.step_index, ctx.num_steps, site.layer_index,
+                                          ctx.num_visual_tokens)
+
+    def attend(self, call):
+        ctx = call.ctx
+        if call.extra or call.query.shape[2] != ctx.num_visual_tokens + ctx.text_len:
+            return None  # an attention call VMoBA does not understand (dropout, GQA, ...): stay dense
+        key_mask = _key_mask(call.attn_mask, call.query.shape[0], call.key.shape[2])
+        if key_mask is False:
+            return None
+        q, k, v = (t.transpose(1, 2) for t in (call.query, call.key, call.value))  # views, [B, S, H, D]
+        out = vmoba_attention(q, k, v, grid=ctx.grid, layer_index=call.site.layer_index, config=self.config,
+                              scale=call.scale, text_len=ctx.text_len,
+                              text_position=ctx.text_position if ctx.text_len else "none",
+                              stats=self.stats, text_key_mask=key_mask)
+        return out.transpose(1, 2)
+
+    def summary(self):
+        return {"config": {"selection": self.config.selection, "threshold": self.config.threshold},
+                "density": self.stats.as_dict()}
+
+
+def _key_mask(attn_mask, batch: int, num_keys: int):
+    """A boolean ``[B, num_keys]`` key mask from SDPA's ``attn_mask``, None if absent, False if the
+    mask is more than a key mask (then VMoBA defers to dense attention)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != __import__("torch").bool or attn_mask.shape[-1] != num_keys:
+        return False
+    m = attn_mask.reshape(attn_mask.shape[0], -1, num_keys)
+    if m.shape[1] != 1:
+        return False
+    return m[:, 0].expand(batch, num_keys)

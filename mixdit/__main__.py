@@ -1,0 +1,5 @@
+import sys
+
+from mixdit.cli import main
+
+sys.exit(main())

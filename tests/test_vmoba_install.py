@@ -1,0 +1,115 @@
+"""VMoBA installed through mixdit.apply on tiny Wan, HunyuanVideo and CogVideoX denoisers."""
+
+import pytest
+import torch
+
+import mixdit
+from mixdit.errors import UnsupportedModelError
+
+# tiny grids: every layer type must still cut the grid into several blocks
+SMALL = dict(temporal_block=1, spatial_block=(2, 2), spatiotemporal_block=(1, 2, 2), dense_steps=0,
+             dense_layers=(), min_tokens=0, kv_tile=16, q_tile=64)
+ALL_BLOCKS = dict(SMALL, selection="topk", topk_temporal=1000, topk_spatial=1000, topk_spatiotemporal=1000)
+
+
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                 out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
+def wan_inputs(batch):
+    return dict(hidden_states=torch.randn(batch, 16, 3, 8, 12), timestep=torch.tensor([500.0] * batch),
+                encoder_hidden_states=torch.randn(batch, 7, 32), return_dict=False)
+
+
+def tiny_hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                          num_layers=2, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                          patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+                                          pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)).eval()
+
+
+def hunyuan_inputs(batch):
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[:, 4:] = False  # padded text tokens: keys masked
+    return dict(hidden_states=torch.randn(batch, 4, 3, 4, 6), timestep=torch.tensor([500.0] * batch),
+                encoder_hidden_states=torch.randn(batch, 6, 16), encoder_attention_mask=mask,
+                pooled_projections=torch.randn(batch, 8), guidance=torch.tensor([3000.0] * batch), return_dict=False)
+
+
+def tiny_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                       time_embed_dim=2, text_embed_dim=8, num_layers=3, sample_width=16,
+                                       sample_height=16, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                       max_text_seq_length=8).eval()
+
+
+def cogvideox_inputs(batch):
+    return dict(hidden_states=torch.randn(batch, 3, 4, 16, 16), encoder_hidden_states=torch.randn(batch, 8, 8),
+                timestep=torch.tensor([500] * batch), return_dict=False)
+
+
+MODELS = [(tiny_wan, wan_inputs), (tiny_hunyuan, hunyuan_inputs), (tiny_cogvideox, cogvideox_inputs)]
+
+
+@pytest.mark.parametrize("make,inputs", MODELS, ids=["wan", "hunyuan_video", "cogvideox"])
+def test_all_blocks_equals_dense_and_remove_is_bitwise(make, inputs):
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    model, x = make(), inputs(2)
+    with torch.no_grad():
+        ref = model(**x)[0]
+        mixdit.apply(model, vmoba=VMoBAConfig(**ALL_BLOCKS))
+        full = model(**x)[0]
+        density = mixdit.summary(model)["features"]["vmoba"]["density"]
+        mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25)))
+        sparse = model(**x)[0]
+        sparse_density = mixdit.summary(model)["features"]["vmoba"]["density"]
+        mixdit.remove(model)
+        after = model(**x)[0]
+    torch.testing.assert_close(full, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(sparse, ref, atol=1e-4), "threshold selection changed nothing"
+    assert torch.equal(after, ref)
+    assert density and sparse_density, "summary reports no density"
+
+
+def test_cfg_batch_selects_per_sample():
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    model = tiny_wan()
+    mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25)))
+    x = wan_inputs(2)
+    with torch.no_grad():
+        both = model(**x)[0]
+        alone = model(**{k: (v[:1] if torch.is_tensor(v) else v) for k, v in x.items()})[0]
+        x2 = dict(x, hidden_states=torch.cat([x["hidden_states"][:1], 5 * torch.randn_like(x["hidden_states"][1:])]))
+        changed_other = model(**x2)[0]
+    torch.testing.assert_close(both[:1], alone, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(changed_other[:1], both[:1], atol=2e-5, rtol=1e-4)
+    mixdit.remove(model)
+
+
+def test_cross_attention_untouched_and_unsupported_family():
+    from diffusers import SD3Transformer2DModel
+
+    model = tiny_wan()
+    session = mixdit.apply(model, vmoba=True)
+    patched = {name for name, m in model.named_modules() if type(getattr(m, "processor", None)).__name__ == "MixditAttnProcessor"}
+    assert patched and all(n.endswith("attn1") for n in patched)
+    assert session.summary()["patched_attention_modules"] == 3
+    mixdit.remove(model)
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                pooled_projection_dim=16, out_channels=4)
+    with pytest.raises(UnsupportedModelError, match="wan, hunyuan_video, cogvideox"):
+        mixdit.apply(sd3, vmoba=True)
