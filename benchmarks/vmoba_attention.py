@@ -1,0 +1,137 @@
+"""GPU microbenchmark: VMoBA router + permutation + block-sparse kernel vs cuDNN dense SDPA.
+
+Shapes: Wan2.1-1.3B 480p/81 frames (grid 21x30x52, H=12, D=128, B=1 and 2) and Wan2.1-14B 720p
+(grid 21x45x80, H=40, D=128, B=1); each layer type (1D/2D/3D) with the default VMoBAConfig
+(threshold 0.25 per query-head). Two inputs per shape:
+
+* ``random``: i.i.d. Gaussian q/k/v (nearly uniform gates: density is unrealistic);
+* ``smooth``: low-frequency q/k over the (frame, row, col) grid plus a little noise, so nearby
+  tokens look alike and the selection behaves more like real video.
+
+Per row: router ms (block means + fused selection + layout), permutation ms (q/k/v gathers and the
+output un-permute), sparse kernel ms, total, achieved density (selected key tokens / all) and tile
+density (what the kernel computes), dense cuDNN SDPA ms and the speed-up.
+Writes ``benchmarks/results/vmoba-attention-<gpu>.json``. Usage: ``python benchmarks/vmoba_attention.py
+[--quick]`` (``--quick``: 1.3B B=1 only). Budget: < 4 minutes on one H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [
+    ("wan1.3b-480p", (21, 30, 52), 12, 128, 1),
+    ("wan1.3b-480p", (21, 30, 52), 12, 128, 2),
+    ("wan14b-720p", (21, 45, 80), 40, 128, 1),
+]
+
+
+def _bench(fn, reps=20):
+    import triton
+    return float(triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="median"))
+
+
+def _smooth(B, grid, H, D, dev, dtype, seed):
+    """Low-frequency fields over the grid: a sum of a few random plane waves per channel."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    Fg, Hg, Wg = grid
+    f = torch.linspace(0, 1, Fg, device=dev).view(-1, 1, 1)
+    y = torch.linspace(0, 1, Hg, device=dev).view(1, -1, 1)
+    x = torch.linspace(0, 1, Wg, device=dev).view(1, 1, -1)
+    out = torch.zeros(B, Fg, Hg, Wg, H, D, device=dev)
+    for _ in range(4):
+        kf, ky, kx = (torch.randn(B, 1, 1, 1, H, D, device=dev, generator=g) * 3 for _ in range(3))
+        ph = torch.rand(B, 1, 1, 1, H, D, device=dev, generator=g) * 2 * math.pi
+        out += torch.cos(2 * math.pi * (kf * f[..., None, None] + ky * y[..., None, None] + kx * x[..., None, None]) + ph)
+    out = out / 2 + 0.1 * torch.randn(out.shape, device=dev, generator=g)
+    return out.reshape(B, Fg * Hg * Wg, H, D).to(dtype)
+
+
+def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None):
+    from mixdit.attention.vmoba import (VMoBAConfig, _kernel_attention, partition_for_layer, route,
+                                        using_block_sparse_reference_fallback)
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    assert not using_block_sparse_reference_fallback(), "block-sparse kernel module missing"
+    dev, dt = "cuda", torch.bfloat16
+    cfg = VMoBAConfig(selection=selection, min_tokens=0, dense_layers=(), kv_tile_spatiotemporal=kv_tile_3d)
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    rows = []
+    t_start = time.time()
+    for name, grid, H, D, B in (SHAPES[:1] if quick else SHAPES):
+        S = grid[0] * grid[1] * grid[2]
+        scale = 1 / math.sqrt(D)
+        for kind in ("random", "smooth"):
+            if kind == "random":
+                q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=dt) for _ in range(3))
+            else:
+                q = _smooth(B, grid, H, D, dev, dt, 1)
+                k = _smooth(B, grid, H, D, dev, dt, 2)
+                v = torch.randn(B, S, H, D, device=dev, dtype=dt)
+            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+            try:
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+                    dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
+            except RuntimeError:  # no cuDNN attention: the default SDPA backend
+                dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
+            for layer in (1, 2, 3):  # spatial, spatiotemporal, temporal
+                part = partition_for_layer(grid, layer, cfg, dev)
+                qb = q[:, part.q_perm].contiguous()
+                kb = k[:, part.kv_perm].contiguous()
+                vb = v[:, part.kv_perm].contiguous()
+
+                def permute():
+                    a = q[:, part.q_perm].contiguous()
+                    b = k[:, part.kv_perm].contiguous()
+                    c = v[:, part.kv_perm].contiguous()
+                    return a, b, c, a[:, part.q_inv].contiguous()  # last: output un-permute cost
+
+                r = route(qb, kb, part, cfg)
+                router_ms = _bench(lambda: route(qb, kb, part, cfg))
+                perm_ms = _bench(permute)
+
+                def sparse():
+                    return _kernel_attention(qb, kb, vb, r.kv_count, r.kv_index, q_tile=cfg.q_tile,
+                                             kv_tile=part.kv_tile, scale=scale, kv_tile_len=part.kv_tile_len,
+                                             row_select=r.row_select, kv_tile_group=part.kv_tile_group)
+
+                sparse_ms = _bench(sparse)
+                total = router_ms + perm_ms + sparse_ms
+                row = dict(model=name, grid=list(grid), B=B, H=H, D=D, tokens=S, input=kind,
+                           layer_type=part.layer_type, blocks=part.num_blocks, kv_tiles=part.num_kv_tiles,
+                           selection=selection, router_ms=router_ms, permute_ms=perm_ms, sparse_ms=sparse_ms,
+                           total_ms=total, density=float(r.density), tile_density=float(r.tile_density),
+                           dense_cudnn_ms=dense_ms, speedup=dense_ms / total)
+                rows.append(row)
+                print(f"{name:13s} B={B} {kind:6s} {part.layer_type:14s} blocks={part.num_blocks:4d} "
+                      f"router {router_ms:6.2f}  perm {perm_ms:6.2f}  sparse {sparse_ms:7.2f}  total {total:7.2f} ms"
+                      f"  density {row['density']:.3f} (tiles {row['tile_density']:.3f})  dense {dense_ms:7.2f} ms"
+                      f"  x{row['speedup']:.2f}", flush=True)
+            del q, k, v, qh, kh, vh
+            torch.cuda.empty_cache()
+    out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=__import__("triton").__version__, config=dict(selection=selection, threshold=cfg.threshold,
+               q_tile=cfg.q_tile, kv_tile=cfg.kv_tile, kv_tile_3d=kv_tile_3d,
+               router_precision=cfg.router_precision),
+               wall_s=time.time() - t_start, rows=rows)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    path = os.path.join(os.path.dirname(__file__), "results", f"vmoba-attention-{gpu}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print("wrote", path)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="Wan2.1-1.3B B=1 only")
+    ap.add_argument("--selection", default="threshold", choices=["threshold", "global", "topk"])
+    ap.add_argument("--kv-tile-3d", type=int, default=None, help="key tile of 3D layers (default: 128)")
+    a = ap.parse_args()
+    run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d)
