@@ -265,7 +265,7 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
     union = torch.empty(B * H, n_rt, NB_PAD, device=dev, dtype=torch.int8)
     sel_tokens = torch.empty(B * H, n_rt, device=dev, dtype=torch.float32)
     dummy = torch.zeros(1, device=dev, dtype=torch.float32)
-    num_warps = 4 if NB_PAD * block_m <= 8192 else 8
+    num_warps = 4 if NB_PAD * block_m < 8192 else 8
     grid = (n_rt, B * H)
 
     def launch(mode, g_min=dummy, g_den=dummy, g_lo=dummy, g_step=dummy, partial=dummy):
