@@ -1,0 +1,225 @@
+"""``mixdit train vmoba``: loss falls, saved weights load with plain diffusers, data sources, bad
+arguments, gradient checkpointing keeps VMoBA, and a 2-process CPU run shards data and ends with
+identical weights on both ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixdit.attention.vmoba_train import (
+    TrainConfig, checkpoint_keeping_context, read_video, shard_indices, train_vmoba, weights_checksum)
+from mixdit.errors import ConfigError
+
+TINY = dict(height=64, width=64, frames=9)  # tiny-wan: latent 16 x 3 x 8 x 8 -> 48 tokens
+# VMoBA on for every layer of the tiny grid (defaults keep layer 0 and grids < 4096 tokens dense);
+# 2x2 spatial tubes and 2x2x2 cubes so that the 3 x 4 x 4 token grid has several blocks per layer
+TINY_VMOBA = dict(min_tokens=0, dense_layers=(), spatial_block=(2, 2), spatiotemporal_block=(2, 2, 2))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only add contention (50x slower on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_wan():
+    from mixdit.pipelines.zoo import load_pipeline
+
+    return load_pipeline("tiny-wan", device="cpu", dtype=torch.float32)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="tiny-wan", data="synthetic:8", out=str(tmp_path / "out"), steps=4, learning_rate=1e-3,
+                vmoba=None, progress=False, seed=0, **TINY)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_shards_are_disjoint_and_cover_every_sample():
+    for count, world in ((8, 2), (12, 3), (5, 1)):
+        for epoch in range(2):
+            parts = [shard_indices(count, r, world, seed=3, epoch=epoch) for r in range(world)]
+            flat = [i for p in parts for i in p]
+            assert sorted(flat) == list(range(count)), (count, world, parts)
+    # not divisible: padded so every rank takes the same number of steps, still covering all
+    parts = [shard_indices(5, r, 2, seed=0, epoch=0) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 3 and set(parts[0]) | set(parts[1]) == set(range(5))
+
+
+def test_loss_falls_and_saved_folder_loads_with_plain_diffusers(tmp_path):
+    from diffusers import DiffusionPipeline, WanTransformer3DModel
+
+    pipe = _tiny_wan()
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    metrics = train_vmoba(_cfg(tmp_path, model=pipe, steps=30, save_every=15))
+    losses = metrics["losses"]
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
+    head, tail = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert tail < 0.9 * head, f"loss did not fall: first 5 {head:.4f}, last 5 {tail:.4f}"
+    assert metrics["samples_per_second"] > 0
+
+    out = Path(metrics["out"])
+    trained = pipe.transformer.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in trained)
+    loaded = WanTransformer3DModel.from_pretrained(out / "transformer")
+    assert loaded.state_dict().keys() == trained.keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    assert weights_checksum(loaded) == metrics["weights_sha256"]
+    full = DiffusionPipeline.from_pretrained(out)  # OUT is the whole pipeline folder
+    assert type(full).__name__ == "WanPipeline"
+    assert weights_checksum(full.transformer) == metrics["weights_sha256"]
+    assert (out / "checkpoint-15" / "transformer" / "config.json").is_file()
+    assert json.loads((out / "train_metrics.json").read_text())["steps"] == 30
+
+
+def test_bad_arguments_raise_one_clear_config_error(tmp_path, capsys):
+    with pytest.raises(ConfigError) as e:
+        train_vmoba(_cfg(tmp_path, data=str(tmp_path / "no-such-folder")))
+    assert e.value.field == "data" and "folder not found" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        train_vmoba(_cfg(tmp_path, vmoba={"threshold": 1.5}))
+    assert e.value.field == "vmoba.threshold"
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, frames=8).validate()
+    assert e.value.field == "frames"
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, data="synthetic:0").validate()
+    assert e.value.field == "data"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="none found"):
+        train_vmoba(_cfg(tmp_path, data=str(empty)))
+
+    from mixdit.cli import main
+
+    capsys.readouterr()
+    rc = main(["train", "vmoba", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("mixdit: error: data = ")
+    rc = main(["train", "vmoba", "--data", "synthetic:4", "--out", str(tmp_path / "o"), "--vmoba-threshold", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "vmoba.threshold = 2" in err
+
+
+def test_latent_files_with_prompt_strings_and_embeddings(tmp_path):
+    from safetensors.torch import save_file
+
+    data = tmp_path / "latents"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(16, 3, 8, 8, generator=g), "prompt": "a red square"}, data / "a.pt")
+    torch.save({"latents": torch.randn(16, 3, 8, 8, generator=g), "prompt": "a blue circle"}, data / "b.pt")
+    save_file({"latents": torch.randn(16, 3, 8, 8, generator=g), "prompt_embeds": torch.randn(5, 32, generator=g)},
+              str(data / "c.safetensors"))
+    metrics = train_vmoba(_cfg(tmp_path, data=str(data), steps=3, batch_size=2, save=False))
+    assert metrics["dataset_size"] == 3 and len(metrics["losses"]) == 3
+    assert list((tmp_path / "out" / "cache").glob("prompts-*.pt"))  # prompts encoded once, cached
+
+
+def test_video_folder_is_encoded_once_and_cached(tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    data = tmp_path / "videos"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("one", "two"):
+        frames = rng.integers(0, 255, size=(7, 40, 56, 3), dtype=np.uint8)  # shorter and smaller than asked
+        iio.imwrite(data / f"{name}.gif", frames, duration=60, loop=0)
+        (data / f"{name}.txt").write_text(f"clip {name}")
+    pixels = read_video(data / "one.gif", 64, 64, 9)
+    assert pixels.shape == (3, 9, 64, 64) and -1 <= pixels.min() and pixels.max() <= 1
+
+    cfg = _cfg(tmp_path, data=str(data), steps=2, save=False)
+    metrics = train_vmoba(cfg)
+    assert metrics["dataset_size"] == 2
+    cached = sorted((tmp_path / "out" / "cache").glob("*.pt"))
+    latents = [c for c in cached if not c.name.startswith("prompts-")]
+    assert len(latents) == 2
+    rec = torch.load(latents[0], weights_only=True)
+    assert rec["latents"].shape == (16, 3, 8, 8) and rec["prompt_embeds"].shape[-1] == 32
+    stamps = {p: p.stat().st_mtime_ns for p in latents}
+    train_vmoba(cfg)  # second run: read from the cache, nothing re-encoded
+    assert {p: p.stat().st_mtime_ns for p in latents} == stamps
+
+
+def test_training_with_vmoba_runs_sparse_and_learns(tmp_path):
+    pipe = _tiny_wan()
+    before = weights_checksum(pipe.transformer)
+    metrics = train_vmoba(_cfg(tmp_path, model=pipe, steps=2, vmoba=TINY_VMOBA, save=False))
+    assert len(metrics["losses"]) == 2 and all(torch.isfinite(torch.tensor(metrics["losses"])))
+    assert metrics["weights_sha256"] != before
+    density = metrics["vmoba"]["features"]["vmoba"]["density"]
+    sparse = {k: v for k, v in density.items() if k != "dense"}
+    assert sparse and all(0 < row["density"] < 1 for row in sparse.values()), density
+    import mixdit
+
+    assert mixdit.summary(pipe.transformer) == {"features": {}}  # removed after training
+
+
+def test_gradient_checkpointing_recomputes_with_vmoba(tmp_path):
+    """Same gradients with and without checkpointing: the recomputation must run VMoBA too."""
+    import mixdit
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    transformer = _tiny_wan().transformer.train()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g), timestep=torch.tensor([700.0]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g), return_dict=False)
+
+    def grads():
+        transformer.zero_grad(set_to_none=True)
+        transformer(**inputs)[0].square().mean().backward()
+        return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+    dense = grads()
+    mixdit.apply(transformer, vmoba=VMoBAConfig(**TINY_VMOBA))
+    plain = grads()
+    transformer.enable_gradient_checkpointing(checkpoint_keeping_context)
+    checkpointed = grads()
+    transformer.disable_gradient_checkpointing()
+    mixdit.remove(transformer)
+    assert plain.keys() == checkpointed.keys()
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert any(not torch.allclose(plain[n], dense[n], rtol=1e-4, atol=1e-6) for n in plain)  # VMoBA did change them
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_two_cpu_processes_shard_data_and_agree(tmp_path):
+    _tiny_wan()  # build the cached tiny model once, before two ranks race to it
+    record = tmp_path / "rec" / "samples.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "mixdit", "train", "vmoba", "--model", "tiny-wan", "--data", "synthetic:8", "--out",
+           str(tmp_path / "out"), "--steps", "4", "--lr", "1e-3", "--height", "64", "--width", "64", "--frames", "9",
+           "--no-vmoba", "--no-progress", "--record-samples", str(record)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((record.parent / f"samples.rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    seen0, seen1 = ranks[0]["samples"], ranks[1]["samples"]
+    assert len(seen0) == len(seen1) == 4
+    assert not set(seen0) & set(seen1) and sorted(seen0 + seen1) == list(range(8))
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the all-reduced mean
+    from diffusers import WanTransformer3DModel
+
+    saved = WanTransformer3DModel.from_pretrained(tmp_path / "out" / "transformer")
+    assert weights_checksum(saved) == ranks[0]["weights_sha256"]
