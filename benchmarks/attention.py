@@ -94,6 +94,38 @@ def flex_fn(q, k, v, layout, direction, S):
     return run
 
 
+def overhead_probe():
+    """Where a small-shape fwd+bwd spends its time: each backward piece timed alone (FLUX shape, 25%)."""
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    from mixdit.kernels.reference import random_layout
+
+    B, H, S, D = 1, 24, 4608, 128
+    q, k, v = make_inputs(B, H, S, D, False)
+    kc, ki = random_layout(B, H, S, S, 0.25, TILE, TILE, device="cuda")
+    out, lse = bsa.block_sparse_attention_forward(q, k, v, kc, ki, TILE, TILE)
+    g = torch.randn_like(out)
+    n_kt = ki.shape[-1]
+    res = {
+        "fwd launcher": bench(lambda: bsa.block_sparse_attention_forward(q, k, v, kc, ki, TILE, TILE)),
+        "transpose_layout": bench(lambda: bsa.transpose_layout(kc, ki, n_kt)),
+        "bwd launcher": bench(lambda: bsa.block_sparse_attention_backward(g, q, k, v, out, lse, kc, ki, TILE, TILE)),
+    }
+    graph = torch.cuda.CUDAGraph()
+    bsa.block_sparse_attention_backward(g, q, k, v, out, lse, kc, ki, TILE, TILE)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        bsa.block_sparse_attention_backward(g, q, k, v, out, lse, kc, ki, TILE, TILE)
+    res["bwd launcher in a CUDA graph (GPU time)"] = bench(graph.replay)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        bsa.block_sparse_attention_backward(g, q, k, v, out, lse, kc, ki, TILE, TILE)
+    res["bwd host time per call (no sync)"] = (time.perf_counter() - t0) / 50 * 1e3
+    torch.cuda.synchronize()
+    for key, ms in res.items():
+        print(f"probe flux d=0.25 {key}: {ms:.3f} ms", flush=True)
+    return res
+
+
 def gpu_slug():
     name = torch.cuda.get_device_name()
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -239,6 +271,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="Wan-1.3B only")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time kernel configs instead of the comparison")
+    ap.add_argument("--probe", action="store_true", help="time the backward's pieces at the FLUX shape first")
     ap.add_argument("--rep-ms", type=int, default=200)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = ap.parse_args(argv)
@@ -253,6 +286,8 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         print(f"sweep took {time.time() - t0:.0f} s")
         return
+    if a.probe:
+        overhead_probe()
     shapes = ["wan1.3b"] if a.quick else a.shapes.split(",")
     rows = run_benchmark(shapes, [float(x) for x in a.densities.split(",")], a.directions.split(","), a.rep_ms,
                          not a.no_flex)

@@ -25,6 +25,7 @@ def tolerance(ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor) -> float:
 
 def assert_close_rule(name: str, out: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor) -> None:
     """Check ``out`` against the fp32 reference with :func:`tolerance`; -inf entries must match exactly."""
+    out_dtype = out.dtype
     out, ref_fp32, ref_same = out.float(), ref_fp32.float(), ref_same_dtype.float()
     assert not torch.isnan(out).any(), f"{name}: NaN in kernel output"
     inf_k, inf_r = torch.isinf(out), torch.isinf(ref_fp32)
@@ -34,6 +35,16 @@ def assert_close_rule(name: str, out: torch.Tensor, ref_same_dtype: torch.Tensor
     fin = ~inf_r
     err = (out[fin] - ref_fp32[fin]).abs().max().item() if fin.any() else 0.0
     tol = tolerance(ref_same[fin], ref_fp32[fin]) if fin.any() else 1e-5
+    if fin.any() and out_dtype in (torch.float16, torch.bfloat16):
+        # floor: one ulp of the output dtype at the largest value. On tiny tensors both errors are set by
+        # the final rounding of a few elements, and the kernel's and the reference's can differ by one ulp
+        # (measured: error ratios of 1.0-2.5x at S=192, bf16), which the 2x rule alone makes flaky.
+        mant = 7 if out_dtype == torch.bfloat16 else 10
+        biggest = ref_fp32[fin].abs().max().item()
+        if biggest > 0:
+            import math
+
+            tol = max(tol, 2.0 ** (math.floor(math.log2(biggest)) - mant))
     assert err <= tol, f"{name}: max error {err:.3e} > tolerance {tol:.3e}"
 
 
