@@ -166,7 +166,9 @@ def materialize_random_(model: nn.Module, device, dtype: torch.dtype, seed: int 
     """Replace ``model``'s meta parameters by random ones created on ``device`` (in place).
 
     Weights ~ N(0, std), biases 0, norm weights 1; parameters under ``_keep_in_fp32_modules`` are
-    float32 when ``dtype`` is a 16-bit type. Buffers are moved to ``device`` in their own dtype.
+    float32 when ``dtype`` is a 16-bit type. Buffers move to ``device``; persistent float buffers
+    (saved in checkpoints, e.g. SD3's positional table) are cast to ``dtype`` as ``from_pretrained``
+    does, computed ones (rotary tables) keep their dtype.
     With ``device="meta"`` nothing is allocated.
     """
     device = torch.device(device)
@@ -194,9 +196,17 @@ def materialize_random_(model: nn.Module, device, dtype: torch.dtype, seed: int 
             new = nn.Parameter(t, requires_grad=p.requires_grad)
             module._parameters[pname] = new
             done[id(p)] = new
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         for bname, b in list(module._buffers.items()):
-            if b is not None and b.device != device:
+            if b is None:
+                continue
+            full = f"{module_name}.{bname}" if module_name else bname
+            # like from_pretrained: saved (persistent) float buffers come back in `dtype`,
+            # computed (non-persistent) ones keep the dtype the constructor gave them
+            persistent = bname not in module._non_persistent_buffers_set
+            if b.is_floating_point() and persistent and not _in_fp32(full, keep):
+                module._buffers[bname] = b.to(device=device, dtype=dtype)
+            elif b.device != device:
                 module._buffers[bname] = b.to(device)
     return model.eval()
 

@@ -296,6 +296,9 @@ def test_random_arch_shapes_on_meta():
     dtypes = {n: p.dtype for n, p in wan.named_parameters()}
     assert dtypes["scale_shift_table"] == torch.float32 and dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
 
+    assert sd3.pos_embed.pos_embed.dtype == torch.bfloat16  # persistent buffer: cast like from_pretrained
+    assert wan.rope.freqs_cos.dtype == torch.float32  # computed buffer: kept
+
     wan14 = random_models.transformer_config("random:wan2.1-14b")
     assert (wan14["num_layers"], wan14["num_attention_heads"], wan14["ffn_dim"]) == (40, 40, 13824)
 
@@ -311,3 +314,26 @@ def test_random_materialize_init_rules():
         again = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256))
     random_models.materialize_random_(again, "cpu", torch.float32, seed=0)
     assert torch.equal(again[0].weight, w)
+
+
+@pytest.mark.parametrize("name, cls", [("random:sd3.5-medium", "StableDiffusion3Pipeline"),
+                                       ("random:flux.1-dev", "FluxPipeline"), ("random:wan2.2-t2v-a14b", "WanPipeline")])
+def test_random_pipeline_on_meta(name, cls):
+    """The whole random pipeline on the meta device: right class, full-size transformer(s), stand-ins
+    whose output widths match what the transformer reads."""
+    pipe = load_pipeline(name, device="meta", dtype="bf16")
+    assert type(pipe).__name__ == cls and pipe.transformer.device.type == "meta"
+    tr = pipe.transformer
+    if cls == "StableDiffusion3Pipeline":  # CLIP-L 768 + CLIP-G 1280 -> pooled 2048; T5 4096
+        assert pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim == 2048
+        assert tr.config.pooled_projection_dim == 2048
+        assert pipe.text_encoder_3.config.d_model == tr.config.joint_attention_dim == 4096
+        assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+    elif cls == "FluxPipeline":
+        assert pipe.text_encoder.config.hidden_size == tr.config.pooled_projection_dim == 768
+        assert pipe.text_encoder_2.config.d_model == tr.config.joint_attention_dim == 4096
+        assert pipe.tokenizer.model_max_length == 77
+    else:
+        assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
+        assert pipe.text_encoder.config.d_model == tr.config.text_dim == 4096
+        assert pipe.vae.config.z_dim == tr.config.in_channels == 16
