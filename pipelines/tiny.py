@@ -60,20 +60,43 @@ def make_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
     """A character-level ``CLIPTokenizer`` (514 tokens, no merges) built without any file."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=clip_char_vocab(), merges=[], model_max_length=model_max_length)
+    try:  # transformers >= 5: built from the vocabulary directly
+        return CLIPTokenizer(vocab=clip_char_vocab(), merges=[], model_max_length=model_max_length)
+    except TypeError:  # transformers 4.x: the class needs files; write them to a temporary folder
+        import json
+        import tempfile
+        from pathlib import Path
+
+        folder = Path(tempfile.mkdtemp(prefix="mixdit-clip-tok-"))
+        (folder / "vocab.json").write_text(json.dumps(clip_char_vocab()))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+                             model_max_length=model_max_length)
 
 
 def make_t5_tokenizer(model_max_length: int = 512):
     """A character-level T5 tokenizer (``T5TokenizerFast`` backed by a ``tokenizers`` unigram model).
 
-    ids: 0 ``<pad>``, 1 ``</s>``, 2 ``<unk>``, 3 ``▁``, then printable ASCII, then the 100
-    ``<extra_id_*>`` tokens (199 in all). Also used as Wan's UMT5 tokenizer.
+    ids: 0 ``<pad>``, 1 ``</s>``, 2 ``<unk>``, 3 ``▁``, then ASCII 33..126, then the 100
+    ``<extra_id_*>`` tokens (198 in all). Also used as Wan's UMT5 tokenizer.
     """
     from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [(chr(c), -3.0) for c in range(33, 127)]
-    return T5TokenizerFast(vocab=vocab, model_max_length=model_max_length)
+    try:  # transformers >= 5
+        return T5TokenizerFast(vocab=vocab, model_max_length=model_max_length)
+    except TypeError:  # transformers 4.x: from a `tokenizers.Tokenizer` object
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+        tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+        tok.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+        return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                               extra_ids=100, model_max_length=model_max_length)
 
 
 # --------------------------------------------------------------------------------------------
