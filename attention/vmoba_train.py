@@ -42,9 +42,10 @@ processes, the permutation is padded with its own first entries so every rank ta
 number of steps, as ``DistributedSampler`` does). Gradients are all-reduced by DDP, so all ranks
 hold identical weights. Noise and timesteps are drawn per rank (seed + rank).
 
-Gradient checkpointing keeps VMoBA active in the recomputation: the checkpoint function carries
-mixdit's forward context into the backward pass (otherwise the recomputed blocks would run dense
-attention and silently give different gradients).
+Gradient checkpointing keeps VMoBA active in the recomputation: :func:`checkpoint_keeping_context`
+carries mixdit's forward context into the backward pass. With diffusers' default checkpoint
+function the recomputed blocks see no context, run dense attention, and torch raises a
+``CheckpointError`` (different saved tensors) in backward.
 """
 
 from __future__ import annotations
