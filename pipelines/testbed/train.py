@@ -1,0 +1,215 @@
+"""Train a testbed model with rectified-flow matching on scenes rendered on the fly.
+
+    mixdit train testbed --model video --out weights/mixdit-shapes-video --steps 6000 --max-minutes 9
+
+Each step draws ``batch_size`` scenes from ``numpy.random.default_rng([seed, step, rank])``,
+renders them on the training device, encodes them with the pixel-shuffle codec and normalises
+them exactly as the pipeline un-normalises before decoding. Prompts go through the pipeline's own
+``encode_prompt`` (with its default ``max_sequence_length``), so training and inference see the
+same text conditioning; 10% of captions are dropped to "" for classifier-free guidance.
+
+Flow matching (the convention of SD3's and Wan's schedulers): ``x_s = (1 - s) x0 + s n`` with
+``s = shift * u / (1 + (shift - 1) u)``, ``u = sigmoid(N(0, 1))``, timestep ``1000 s``; the
+denoiser predicts ``n - x0`` (MSE). AdamW with linear warm-up, gradient clipping, EMA of the
+weights (the EMA weights are what gets saved). The text encoders train with the denoiser.
+
+The output folder is a complete diffusers pipeline (``save_pretrained``) plus
+``testbed_config.json``: the :class:`~mixdit.pipelines.testbed.models.TestbedConfig` used and the
+run's record (steps, seconds, loss curve, device). ``--max-minutes`` stops early and still saves;
+``--save-every`` saves along the way (so a killed run leaves its last save).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixdit.pipelines.testbed.models import TestbedConfig, build_testbed_pipeline
+from mixdit.pipelines.testbed.scenes import render, sample_scene
+
+CONFIG_FILE = "testbed_config.json"
+
+
+def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
+    u = torch.sigmoid(torch.randn(batch, generator=generator)).to(device)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class _Trainer:
+    def __init__(self, config: TestbedConfig, device: str | None, mixed_precision: str | None):
+        from accelerate import Accelerator
+
+        cpu = device == "cpu" or (device in (None, "auto") and not torch.cuda.is_available())
+        if mixed_precision is None:
+            mixed_precision = "no" if cpu else "bf16"
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        self.config = config
+        self.device = self.accelerator.device
+        self.pipe = build_testbed_pipeline(config)
+        pipe = self.pipe
+        self.video = config.kind == "video"
+        self.text_encoders = [m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2",
+                                                                             "text_encoder_3")) if m is not None]
+        for m in [pipe.transformer, *self.text_encoders, pipe.vae]:
+            m.to(self.device)
+        for m in self.text_encoders:
+            m.requires_grad_(config.train_text_encoder)
+            m.train(config.train_text_encoder)
+        pipe.transformer.train()
+        self.trainable = [pipe.transformer] + (self.text_encoders if config.train_text_encoder else [])
+        params = [p for m in self.trainable for p in m.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.99),
+                                           weight_decay=config.weight_decay)
+        warm = max(config.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.model = self.accelerator.prepare(pipe.transformer)
+        self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
+        self.ema = [p.detach().float().clone() for p in params]
+        self.max_sequence_length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
+
+    # -- one batch ------------------------------------------------------------------------------
+    def batch(self, step: int):
+        c = self.config
+        rng = np.random.default_rng([c.seed, step, self.accelerator.process_index])
+        scenes = [sample_scene(rng, self.video) for _ in range(c.batch_size)]
+        captions = [s.caption() if rng.uniform() >= c.caption_dropout else "" for s in scenes]
+        pixels = render(scenes, c.height, c.num_frames if self.video else 1, device=self.device) * 2 - 1
+        with torch.no_grad():
+            x0 = self.pipe.vae.normalize(self.pipe.vae.encode(pixels).latent_dist.sample())
+        return captions, x0
+
+    def encode(self, captions):
+        p = self.pipe
+        if self.video:
+            embeds, _ = p.encode_prompt(captions, do_classifier_free_guidance=False,
+                                        max_sequence_length=self.max_sequence_length, device=self.device)
+            return dict(encoder_hidden_states=embeds)
+        embeds, _, pooled, _ = p.encode_prompt(captions, None, None, device=self.device,
+                                               do_classifier_free_guidance=False,
+                                               max_sequence_length=self.max_sequence_length)
+        return dict(encoder_hidden_states=embeds, pooled_projections=pooled)
+
+    def step(self, step: int) -> float:
+        c = self.config
+        captions, x0 = self.batch(step)
+        b = x0.shape[0]
+        sigma = sample_sigmas(b, c.flow_shift, self.generator, self.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        s = sigma.view(b, *([1] * (x0.ndim - 1)))
+        xt = (1 - s) * x0 + s * noise
+        with self.accelerator.autocast():
+            cond = self.encode(captions)
+            pred = self.model(hidden_states=xt, timestep=sigma * 1000, return_dict=False, **cond)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+        self.accelerator.backward(loss)
+        if self.accelerator.num_processes > 1 and c.train_text_encoder:  # text encoders are not DDP-wrapped
+            for m in self.text_encoders:
+                for p in m.parameters():
+                    if p.grad is not None:
+                        p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if c.grad_clip:
+            self.accelerator.clip_grad_norm_(self.params, c.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        decay = min(c.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                e.lerp_(p.detach().float(), 1 - decay)
+        return float(loss.detach())
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, out_dir: Path, record: dict) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e.to(p.dtype))
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.pipe.save_pretrained(out_dir)
+            payload = {"config": self.config.to_dict(), "training": record}
+            (out_dir / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, live):
+                    p.copy_(v)
+
+
+def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int, *, max_minutes: float | None = None,
+                  save_every: int | None = None, log_every: int = 50, device: str | None = None,
+                  mixed_precision: str | None = None, log=print) -> dict:
+    """Train and save a testbed pipeline; returns the training record (also in ``testbed_config.json``)."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    trainer = _Trainer(config, device, mixed_precision)
+    acc = trainer.accelerator
+    losses: list[float] = []
+    curve: list[dict] = []
+    done = 0
+    budget = None if max_minutes is None else max_minutes * 60
+    save_seconds = 0.0
+    step_seconds = 0.0
+    record: dict = {}
+
+    def make_record(final: bool) -> dict:
+        return {"steps": done, "requested_steps": steps, "seconds": round(time.perf_counter() - start, 1),
+                "seconds_per_step": round(step_seconds / max(done, 1), 4), "loss_curve": curve,
+                "final_loss": curve[-1]["loss"] if curve else None, "device": _device_name(acc.device),
+                "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+                "batch_size_per_process": config.batch_size, "finished": final,
+                "visual_tokens_per_sample": config.num_visual_tokens}
+
+    for step in range(steps):
+        if budget is not None and done > 0:
+            projected = time.perf_counter() - start + step_seconds / done + 2 * save_seconds + 5
+            if projected > budget:
+                log(f"time budget reached after {done} steps")
+                break
+        t0 = time.perf_counter()
+        losses.append(trainer.step(step))
+        if acc.device.type == "cuda" and (step < 3 or step % log_every == 0):
+            torch.cuda.synchronize()
+        step_seconds += time.perf_counter() - t0
+        done += 1
+        if done % log_every == 0 or done == steps:
+            window = losses[-log_every:]
+            curve.append({"step": done, "loss": round(float(np.mean(window)), 5)})
+            log(f"step {done}/{steps} loss {curve[-1]['loss']:.4f} "
+                f"({step_seconds / done:.3f} s/step, lr {trainer.scheduler.get_last_lr()[0]:.2e})")
+        if save_every and done % save_every == 0 and done < steps:
+            t1 = time.perf_counter()
+            trainer.save(out_dir, make_record(final=False))
+            save_seconds = max(save_seconds, time.perf_counter() - t1)
+    if not curve or curve[-1]["step"] != done:
+        window = losses[-log_every:] or [float("nan")]
+        curve.append({"step": done, "loss": round(float(np.mean(window)), 5)})
+    record = make_record(final=True)
+    record["losses"] = [round(v, 5) for v in losses] if len(losses) <= 200 else None
+    trainer.save(out_dir, record)
+    log(f"saved {out_dir} ({done} steps, {record['seconds']} s)")
+    return record
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return str(device)
+
+
+def read_testbed_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+__all__ = ["train_testbed", "read_testbed_config", "sample_sigmas", "CONFIG_FILE"]
