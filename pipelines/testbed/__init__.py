@@ -7,6 +7,6 @@ Public entry points: :mod:`.scenes` (``sample_scene``, ``render``), :mod:`.score
 :mod:`.train` (``train_testbed``) and :func:`load_testbed` for the zoo.
 """
 
-# from mixdit.pipelines.testbed.load import TESTBED_MODELS, load_testbed, testbed_path
+from mixdit.pipelines.testbed.load import TESTBED_MODELS, load_testbed, testbed_path
 
 __all__ = ["TESTBED_MODELS", "load_testbed", "testbed_path"]

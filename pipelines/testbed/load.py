@@ -1,0 +1,83 @@
+"""Load the trained testbed models (``mixdit-shapes-video``, ``mixdit-shapes-image``) for the zoo.
+
+A trained model is an ordinary diffusers pipeline folder written by
+``mixdit train testbed`` (plus ``testbed_config.json``). Folders are looked up, first hit wins, in
+
+1. ``$MIXDIT_TESTBED_DIR/<name>``
+2. ``<repository>/weights/<name>`` (next to ``pipelines/``)
+3. ``$MIXDIT_CACHE/<name>`` (default ``~/.cache/mixdit/<name>``)
+
+The zoo registers them with ``register_builtin_model(name, TESTBED_BUILDERS[name])``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from mixdit.errors import ModelNotFoundError
+
+TESTBED_MODELS = {"mixdit-shapes-video": "video", "mixdit-shapes-image": "image"}
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def candidate_paths(name: str) -> list[Path]:
+    out = []
+    if os.environ.get("MIXDIT_TESTBED_DIR"):
+        out.append(Path(os.environ["MIXDIT_TESTBED_DIR"]).expanduser() / name)
+    out.append(_REPO_ROOT / "weights" / name)
+    out.append(Path(os.environ.get("MIXDIT_CACHE", "~/.cache/mixdit")).expanduser() / name)
+    return out
+
+
+def testbed_path(name: str) -> Path | None:
+    """The folder holding trained testbed model ``name``, or None if it has not been trained."""
+    for path in candidate_paths(name):
+        if (path / "model_index.json").is_file():
+            return path
+    return None
+
+
+def train_command(name: str) -> str:
+    kind = TESTBED_MODELS[name]
+    return f"mixdit train testbed --model {kind} --out weights/{name} --steps 20000 --max-minutes 9"
+
+
+def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
+    """The trained testbed pipeline ``name`` on ``device`` in ``dtype`` (a ``WanPipeline`` for
+    ``mixdit-shapes-video``, a ``StableDiffusion3Pipeline`` for ``mixdit-shapes-image``), with
+    ``pipe._mixdit_defaults`` (steps, guidance scale, size, frames) set from the training config.
+
+    Raises :class:`~mixdit.errors.ModelNotFoundError` (saying how to train it) when no folder exists."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from mixdit.pipelines.testbed.train import read_testbed_config
+
+    if name not in TESTBED_MODELS:
+        raise ModelNotFoundError(f"{name!r} is not a testbed model (known: {', '.join(TESTBED_MODELS)})")
+    path = testbed_path(name)
+    if path is None:
+        tried = ", ".join(str(p) for p in candidate_paths(name))
+        raise ModelNotFoundError(
+            f"the testbed model {name!r} has not been trained here (looked in: {tried}). Train it on a GPU with "
+            f"`{train_command(name)}` (or set MIXDIT_TESTBED_DIR to the folder that holds {name}/).")
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype.lower(), None)
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **kwargs).to(device)
+    config = read_testbed_config(path).get("config", {})
+    defaults = {"steps": config.get("default_steps", 30), "guidance_scale": config.get("default_guidance_scale", 4.0),
+                "height": config.get("height", 64), "width": config.get("width", 64)}
+    if config.get("kind") == "video":
+        defaults["frames"] = config.get("num_frames", 17)
+    object.__setattr__(pipe, "_mixdit_defaults", defaults)
+    return pipe
+
+
+TESTBED_BUILDERS = {name: functools.partial(load_testbed, name) for name in TESTBED_MODELS}

@@ -1,0 +1,72 @@
+"""``mixdit train testbed``: train the synthetic-shapes testbed models (CLI plug-in of :mod:`mixdit.cli`).
+
+    mixdit train testbed --model video --out weights/mixdit-shapes-video --steps 20000 --max-minutes 9
+    mixdit train testbed --model image --out weights/mixdit-shapes-image --steps 20000 --max-minutes 9
+    mixdit train testbed --model mini-video --out /tmp/mini --steps 40 --device cpu     (CPU smoke test)
+
+``train`` is shared with other trainers (``mixdit train vmoba``): whichever module registers first
+creates the ``train`` command and later ones add their sub-command to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mixdit.errors import ConfigError
+
+
+def _train_subparsers(subparsers) -> argparse._SubParsersAction:
+    """The ``train`` command's sub-command action, creating ``train`` if nobody has yet."""
+    train = subparsers.choices.get("train")
+    if train is None:
+        train = subparsers.add_parser("train", help="train or fine-tune a model (train testbed|vmoba ...)")
+    for action in train._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return train.add_subparsers(dest="train_command", metavar="WHAT")
+
+
+def register_commands(subparsers) -> None:
+    from mixdit.pipelines.testbed.models import PRESETS
+
+    p = _train_subparsers(subparsers).add_parser(
+        "testbed", help="train a synthetic-shapes testbed model (Wan video / SD3 image)",
+        description="Train a testbed model with flow matching on scenes rendered on the fly (accelerate; "
+                    "bf16 on GPU). Saves a full diffusers pipeline folder plus testbed_config.json.")
+    p.add_argument("--model", default="video", choices=list(PRESETS),
+                   help="video (Wan, 17x64x64, 5120 tokens) | image (SD3, 64x64) | mini-* (CPU smoke tests)")
+    p.add_argument("--out", required=True, help="output folder (a diffusers pipeline)")
+    p.add_argument("--steps", type=int, default=20000, help="optimizer steps (default: 20000)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (and save) before this much wall time has passed, whatever --steps says")
+    p.add_argument("--batch-size", type=int, default=None, help="scenes per step per process (default: the preset's)")
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=1000, help="save the pipeline every N steps (0: at the end only)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
+                   help="default: bf16 on GPU, no on CPU")
+    p.set_defaults(func=_cmd_train_testbed)
+
+
+def _cmd_train_testbed(args, modules=None) -> int:
+    from mixdit.pipelines.testbed.models import preset
+    from mixdit.pipelines.testbed.train import train_testbed
+
+    if args.steps < 1:
+        raise ConfigError("steps", args.steps, "an integer >= 1")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ConfigError("max_minutes", args.max_minutes, "a positive number of minutes")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        raise ConfigError("device", args.device, "auto, cpu or cuda")
+    config = preset(args.model, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                    warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, seed=args.seed)
+    record = train_testbed(config, args.out, args.steps, max_minutes=args.max_minutes,
+                           save_every=args.save_every or None, log_every=args.log_every,
+                           device=None if args.device == "auto" else args.device,
+                           mixed_precision=args.mixed_precision)
+    print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
+    return 0
