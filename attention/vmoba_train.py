@@ -675,6 +675,24 @@ def _apply_vmoba(transformer, vmoba_config):
     return mixdit.apply(transformer, vmoba=vmoba_config)
 
 
+def _make_accelerator(config: TrainConfig):
+    """An ``Accelerator`` for this run. Several runs in one single-process Python session (tests,
+    notebooks) may differ in mixed precision: accelerate keeps its state process-wide, so a
+    single-process state with another precision is reset first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kwargs = dict(mixed_precision=config.mixed_precision, cpu=config.cpu,
+                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("mixed_precision", config.mixed_precision,
+                              f"{state.get('_mixed_precision')!r}, the precision this distributed process started with")
+        AcceleratorState._reset_state()
+    return Accelerator(**kwargs)
+
+
 def train_vmoba(config: TrainConfig) -> dict:
     """Run one training job (see the module docstring). Returns the final metrics:
 
@@ -688,8 +706,7 @@ def train_vmoba(config: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     config.validate()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu,
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = _make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)  # same initialisation of anything random on every rank
 
@@ -723,6 +740,10 @@ def train_vmoba(config: TrainConfig) -> dict:
     window = torch.zeros((), device=accelerator.device)
     bar = tqdm(total=config.steps, desc=f"train vmoba ({'dense' if config.vmoba is None else 'vmoba'})",
                disable=not (config.progress and accelerator.is_local_main_process))
+    log_file = None
+    if config.save and accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / "train_log.jsonl", "w")  # one line per optimizer step
     step, micro, t_first, t0 = 0, 0, None, time.perf_counter()
     for batch in loader:
         seen.extend(int(i) for i in batch["index"])
@@ -747,9 +768,14 @@ def train_vmoba(config: TrainConfig) -> dict:
             t_first = time.perf_counter()
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
+        if log_file is not None:
+            log_file.write(json.dumps({"step": step, "loss": step_loss, "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+            log_file.flush()
         if config.save and config.save_every and step % config.save_every == 0 and step < config.steps:
             saved += _save(accelerator, model, loaded, out / f"checkpoint-{step}", config, final=False)
     bar.close()
+    if log_file is not None:
+        log_file.close()
     seconds = time.perf_counter() - t0
     timed_steps = max(0, step - 1)
     timed = time.perf_counter() - t_first if t_first is not None else 0.0

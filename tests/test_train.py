@@ -153,6 +153,35 @@ def test_video_folder_is_encoded_once_and_cached(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in latents} == stamps
 
 
+def test_wan22_expert_via_cli_bf16_checkpointing(tmp_path, capsys):
+    """``--expert transformer_2`` trains only the low-noise expert on t < boundary; the other stays."""
+    from diffusers import WanTransformer3DModel
+
+    from mixdit.attention.vmoba_train import FlowMatchingObjective, load_model
+    from mixdit.cli import main
+    from mixdit.pipelines.zoo import load_pipeline
+
+    pipe = load_pipeline("tiny-wan22", device="cpu", dtype=torch.float32)
+    boundary = pipe.config.boundary_ratio * 1000
+    for expert, high in (("transformer", True), ("transformer_2", False)):
+        objective = FlowMatchingObjective(TrainConfig(expert=expert), load_model(pipe, expert))
+        t, sigma = objective.sample(512, torch.Generator().manual_seed(0))
+        assert bool((t >= boundary).all()) is high and bool((t < boundary).all()) is not high
+        torch.testing.assert_close(sigma * 1000, t)
+    high_noise = weights_checksum(pipe.transformer)
+
+    out = tmp_path / "out22"
+    rc = main(["train", "vmoba", "--model", "tiny-wan22", "--expert", "transformer_2", "--data", "synthetic:4",
+               "--out", str(out), "--steps", "3", "--height", "64", "--width", "64", "--frames", "9", "--no-vmoba",
+               "--mixed-precision", "bf16", "--gradient-checkpointing", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "trained 3 steps on 1 process(es)" in printed and str(out) in printed
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
+    assert weights_checksum(WanTransformer3DModel.from_pretrained(out / "transformer")) == high_noise
+    trained = json.loads((out / "train_metrics.json").read_text())["weights_sha256"]
+    assert weights_checksum(WanTransformer3DModel.from_pretrained(out / "transformer_2")) == trained
+
+
 def test_training_with_vmoba_runs_sparse_and_learns(tmp_path):
     pipe = _tiny_wan()
     before = weights_checksum(pipe.transformer)
