@@ -13,6 +13,7 @@ object is kept untouched and put back by ``mixdit.remove``.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,17 @@ class MixditAttnProcessor:
         if hasattr(self.inner, "_attention_backend"):
             self.inner._attention_backend = "native"
             self.inner._parallel_config = None
+        # diffusers' legacy `Attention.forward` drops keyword arguments (e.g. HunyuanVideo's
+        # `image_rotary_emb`) that `inspect.signature(processor.__call__)` does not list: expose the
+        # wrapped processor's signature on the instance (calls still go through the class method).
+        def signature_proxy(*args, **kwargs):
+            return type(self).__call__(self, *args, **kwargs)
+
+        try:
+            signature_proxy.__signature__ = inspect.signature(original.__call__)
+        except (TypeError, ValueError):
+            pass
+        self.__dict__["__call__"] = signature_proxy
 
     def __call__(self, attn, *args, **kwargs):
         ctx = current_context()

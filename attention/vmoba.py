@@ -341,9 +341,17 @@ def using_block_sparse_reference_fallback() -> bool:
 
 
 def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
-    """Block-sparse call adapted to the kernel's contract: head dim zero-padded to a power of two
-    >= 16 (scores unchanged, output sliced back) and fp32/fp64 inputs computed in bf16 (the kernel
-    runs fp16/bf16 only; the output is cast back to the input dtype)."""
+    """Block-sparse call adapted to the kernel's contract.
+
+    * CUDA: the Triton kernel; head dim zero-padded to a power of two >= 16 (scores unchanged,
+      output sliced back); fp32/fp64 inputs computed in bf16 (the kernel runs fp16/bf16 only).
+    * CPU with ``TRITON_INTERPRET=1`` and fp16/bf16 inputs: the same kernel, interpreted.
+    * Any other CPU call (e.g. a tiny fp32 model): the exact fp32 PyTorch reference, which is
+      O(S^2) memory and therefore only meant for small CPU runs.
+    """
+    if not q.is_cuda and (q.dtype not in (torch.float16, torch.bfloat16) or not _triton_usable(q)):
+        from mixdit.kernels.reference import block_sparse_attention_reference
+        return block_sparse_attention_reference(q, k, v, kv_count, kv_index, scale=scale, **kw)
     D = q.shape[-1]
     Dp = max(16, 1 << (D - 1).bit_length())
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
@@ -399,10 +407,31 @@ def _real_key_rows(part: VMoBAPartition, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------------
-def _sdpa(q, k, v, scale):
-    """Dense attention in the ``[B, S, H, D]`` layout."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+def _sdpa(q, k, v, scale, key_mask=None):
+    """Dense attention in the ``[B, S, H, D]`` layout; ``key_mask [B, Sk]`` (bool) hides keys."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+def _masked_dense_with_lse(q, k, v, scale, key_mask, chunk: int = 4096):
+    """Dense attention + log-sum-exp over a short, masked key set (text tokens), in fp32 chunks of
+    queries so the score tile stays small. ``key_mask [B, Sk]``: True = visible."""
+    B, Sq, H, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B, H, Sk, D]
+    hide = ~key_mask[:, None, None, :]
+    for start in range(0, Sq, chunk):
+        qc = q[:, start:start + chunk].float().transpose(1, 2)  # [B, H, c, D]
+        s = (qc @ kf.transpose(-1, -2)) * scale
+        s = s.masked_fill(hide, float("-inf"))
+        l_ = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - l_.unsqueeze(-1)).nan_to_num(0.0)
+        out[:, start:start + chunk] = (p @ vf).transpose(1, 2).to(q.dtype)
+        lse[:, :, start:start + chunk] = l_
+    return out, lse
 
 
 def _dense_with_lse(q, k, v, scale, q_tile, kv_tile):
@@ -429,7 +458,7 @@ def merge_attention_lse(out_a, lse_a, out_b, lse_b):
 def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, layer_index: int,
                     config: VMoBAConfig | None = None, scale: float | None = None, text_len: int = 0,
                     text_position: str = "none", stats=None, step_index: int | None = None,
-                    num_steps: int | None = None) -> torch.Tensor:
+                    num_steps: int | None = None, text_key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """VMoBA self-attention. ``q, k, v``: ``[B, S, H, D]``; ``S = F*Hh*W`` video tokens in raster
     order (frame, row, col) for ``grid = (F, Hh, W)``, plus ``text_len`` text tokens placed
     ``"before"`` or ``"after"`` them (``text_position="none"``: no text). Returns ``[B, S, H, D]``.
@@ -438,6 +467,8 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     kernel; pairs involving text are dense and merged through log-sum-exp. Runs fully dense per
     :func:`vmoba_should_run_dense` (``step_index``/``num_steps`` optional). ``stats``: a
     :class:`VMoBAStats` (or a dict that gets one under ``"vmoba"``) accumulating the density.
+    ``text_key_mask``: optional boolean ``[B, S]`` key mask (HunyuanVideo hides padded text tokens);
+    it may only hide text keys.
     """
     config = config or VMoBAConfig()
     check_choice("vmoba.text_position", text_position, ("none", "before", "after"))
@@ -452,7 +483,7 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     if vmoba_should_run_dense(config, step_index, num_steps, layer_index, Sv):
         if st is not None:
             st.record("dense", 1.0, 1.0)
-        return _sdpa(q, k, v, scale)
+        return _sdpa(q, k, v, scale, text_key_mask)
 
     if text_position == "before":
         vid = slice(T, S)
@@ -476,13 +507,16 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     if st is not None:
         st.record(part.layer_type, r.density, r.tile_density)
     if T:
-        out_t, lse_t = _dense_with_lse(qb, k[:, txt].contiguous(), v[:, txt].contiguous(), scale,
-                                       config.q_tile, config.kv_tile)
+        if text_key_mask is None:
+            out_t, lse_t = _dense_with_lse(qb, k[:, txt].contiguous(), v[:, txt].contiguous(), scale,
+                                           config.q_tile, config.kv_tile)
+        else:
+            out_t, lse_t = _masked_dense_with_lse(qb, k[:, txt], v[:, txt], scale, text_key_mask[:, txt])
         out_b, _ = merge_attention_lse(out_b, lse_b, out_t, lse_t)
     out_v = out_b if part.q_is_identity else out_b[:, part.q_inv]
     if not T:
         return out_v.contiguous()
-    out_txt = _sdpa(q[:, txt], k, v, scale)
+    out_txt = _sdpa(q[:, txt], k, v, scale, text_key_mask)
     parts = (out_txt, out_v) if text_position == "before" else (out_v, out_txt)
     return torch.cat(parts, dim=1)
 
