@@ -489,21 +489,25 @@ def _prompt_for(video: Path, root: Path) -> str:
 def read_video(path: Path, height: int, width: int, frames: int) -> torch.Tensor:
     """``[3, frames, height, width]`` in [-1, 1]: the first ``frames`` frames (the last one
     repeated if the clip is shorter), scaled to cover ``height x width`` and center-cropped."""
+    import itertools
+
     import imageio.v3 as iio
     import numpy as np
 
-    try:
-        arr = iio.imread(str(path), index=None)
+    try:  # stream: only the first `frames` frames are decoded
+        got = [np.asarray(f) for f in itertools.islice(iio.imiter(str(path)), frames)]
     except Exception as e:  # unreadable file: name it
         raise MixditError(f"could not read video {str(path)!r}: {e}") from e
-    arr = np.asarray(arr)
-    if arr.ndim == 3:  # a single frame
-        arr = arr[None]
+    if not got:
+        raise MixditError(f"could not read video {str(path)!r}: no frames")
+    arr = np.stack(got)
+    if arr.ndim == 3:  # grey frames [T, H, W]
+        arr = arr[..., None]
     if arr.shape[-1] == 4:
         arr = arr[..., :3]
-    elif arr.ndim == 3 or arr.shape[-1] == 1:
-        arr = np.repeat(arr.reshape(*arr.shape[:3], 1), 3, axis=-1)
-    video = torch.from_numpy(np.ascontiguousarray(arr[:frames])).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    elif arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    video = torch.from_numpy(np.ascontiguousarray(arr)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
     if video.shape[0] < frames:
         video = torch.cat([video, video[-1:].expand(frames - video.shape[0], -1, -1, -1)])
     h, w = video.shape[-2:]

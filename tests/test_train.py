@@ -133,10 +133,11 @@ def test_video_folder_is_encoded_once_and_cached(tmp_path):
     data = tmp_path / "videos"
     data.mkdir()
     rng = np.random.default_rng(0)
-    for name in ("one", "two"):
-        frames = rng.integers(0, 255, size=(7, 40, 56, 3), dtype=np.uint8)  # shorter and smaller than asked
-        iio.imwrite(data / f"{name}.gif", frames, duration=60, loop=0)
-        (data / f"{name}.txt").write_text(f"clip {name}")
+    frames = rng.integers(0, 255, size=(7, 40, 56, 3), dtype=np.uint8)  # shorter and smaller than asked
+    iio.imwrite(data / "one.gif", frames, duration=60, loop=0)
+    iio.imwrite(data / "two.mp4", rng.integers(0, 255, size=(12, 48, 96, 3), dtype=np.uint8), fps=8)
+    (data / "one.txt").write_text("clip one")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "two.mp4", "text": "clip two"}) + "\n")
     pixels = read_video(data / "one.gif", 64, 64, 9)
     assert pixels.shape == (3, 9, 64, 64) and -1 <= pixels.min() and pixels.max() <= 1
 
