@@ -71,13 +71,24 @@ def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **kwargs).to(device)
-    config = read_testbed_config(path).get("config", {})
+    set_testbed_defaults(pipe, path)
+    return pipe
+
+
+def set_testbed_defaults(pipe, folder) -> dict:
+    """Set ``pipe._mixdit_defaults`` (steps, guidance scale, size, frames) from a trained folder's
+    ``testbed_config.json`` (no-op for other folders); returns the defaults."""
+    from mixdit.pipelines.testbed.train import read_testbed_config
+
+    config = read_testbed_config(folder).get("config", {})
+    if not config:
+        return {}
     defaults = {"steps": config.get("default_steps", 30), "guidance_scale": config.get("default_guidance_scale", 4.0),
                 "height": config.get("height", 64), "width": config.get("width", 64)}
     if config.get("kind") == "video":
         defaults["frames"] = config.get("num_frames", 17)
     object.__setattr__(pipe, "_mixdit_defaults", defaults)
-    return pipe
+    return defaults
 
 
 TESTBED_BUILDERS = {name: functools.partial(load_testbed, name) for name in TESTBED_MODELS}
