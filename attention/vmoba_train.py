@@ -866,6 +866,16 @@ def _parse_vmoba_value(field_, text: str):
         if low in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"vmoba.{field_.name}", text, "true or false")
+    if isinstance(text, (list, tuple)):  # nargs="*": "--vmoba-spatial-block 3 4" (or "3,4"; none = ())
+        text = ",".join(text)
+    if default is None:  # optional number (e.g. kv_tile_spatiotemporal)
+        low = text.strip().lower()
+        if low in ("", "none"):
+            return None
+        try:
+            return int(low) if low.lstrip("-").isdigit() else float(low)
+        except ValueError:
+            return text
     if isinstance(default, tuple):
         parts = [p for p in text.replace(" ", "").strip("()[]").split(",") if p]
         try:
@@ -921,8 +931,9 @@ def register_commands(subparsers) -> None:
     for f in _vmoba_fields():
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(f"--vmoba-{f.name.replace('_', '-')}", dest=f"vmoba_{f.name}", default=None, metavar="V",
-                           help=f"(default: {shown})")
+        extra = dict(nargs="*", metavar="N") if isinstance(default, tuple) else dict(metavar="V")
+        group.add_argument(f"--vmoba-{f.name.replace('_', '-')}", dest=f"vmoba_{f.name}", default=None,
+                           help=f"(default: {shown})", **extra)
     p.set_defaults(func=_cmd_train_vmoba)
     train.set_defaults(func=lambda args, modules: (train.print_help(), 2)[1])
 

@@ -254,3 +254,21 @@ def test_accelerate_launch_two_cpu_processes_shard_data_and_agree(tmp_path):
 
     saved = WanTransformer3DModel.from_pretrained(tmp_path / "out" / "transformer")
     assert weights_checksum(saved) == ranks[0]["weights_sha256"]
+
+
+def test_cli_vmoba_flags_follow_the_config_fields():
+    from mixdit.attention.vmoba_train import config_from_args
+    from mixdit.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "vmoba", "--data", "synthetic:2", "--out", "o", "--vmoba-spatial-block", "3", "4",
+         "--vmoba-spatiotemporal-block", "2,2,2", "--vmoba-dense-layers", "--vmoba-threshold", "0.3",
+         "--vmoba-min-tokens", "0", "--vmoba-selection", "topk", "--lr", "2e-4", "--expert", "transformer_2"])
+    config = config_from_args(args)
+    config.validate()
+    v = config.vmoba
+    assert (v.spatial_block, v.spatiotemporal_block, v.dense_layers) == ((3, 4), (2, 2, 2), ())
+    assert (v.threshold, v.min_tokens, v.selection) == (0.3, 0, "topk")
+    assert (config.learning_rate, config.expert) == (2e-4, "transformer_2")
+    assert config_from_args(build_parser().parse_args(
+        ["train", "vmoba", "--data", "synthetic:2", "--out", "o", "--no-vmoba"])).vmoba is None
