@@ -170,28 +170,45 @@ class Session:
     # -- per call --------------------------------------------------------------------------
     def make_context(self, model, denoiser_name: str, args: tuple, kwargs: dict) -> ForwardContext:
         self.calls += 1
-        pipe = None if isinstance(self.pipe, torch.nn.Module) else self.pipe
-        step_index = num_steps = None
-        # inside a pipeline's denoising loop diffusers sets `_current_timestep`; outside it (a bare
-        # transformer call, a benchmark) step-based rules must not apply
-        if pipe is not None and getattr(pipe, "_current_timestep", None) is not None:
-            scheduler = getattr(pipe, "scheduler", None)
-            if scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
-                num_steps = len(scheduler.timesteps)
-                step_index = getattr(scheduler, "step_index", None) or 0
+        timestep = self.adapter.timestep(args, kwargs)
+        step_index, num_steps = self._step_of(timestep)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         return ForwardContext(
             family=self.adapter.family,
             denoiser_name=denoiser_name,
             step_index=step_index,
             num_steps=num_steps,
-            timestep=self.adapter.timestep(args, kwargs),
+            timestep=timestep,
             grid=self.adapter.grid(model, args, kwargs),
             text_len=self.adapter.text_len(model, args, kwargs),
             text_position=self.adapter.text_position,
             batch_size=int(hidden.shape[0]) if hidden is not None else 1,
             num_layers=self.adapter.num_layers(model),
         )
+
+    def _step_of(self, timestep: float | None) -> tuple[int | None, int | None]:
+        """(step index, number of steps) of a call inside a pipeline's denoising loop, else (None, None).
+
+        Pipelines that expose ``_current_timestep`` (FLUX, Wan, HunyuanVideo, CogVideoX) say
+        whether the loop is running and its timestep; the index is the position of that timestep
+        in the scheduler's schedule (SD3 keeps no loop state: the call's own timestep is looked up).
+        """
+        pipe = None if isinstance(self.pipe, torch.nn.Module) else self.pipe
+        scheduler = getattr(pipe, "scheduler", None)
+        schedule = getattr(scheduler, "timesteps", None)
+        if timestep is None or schedule is None or len(schedule) == 0:
+            return None, None
+        if hasattr(pipe, "_current_timestep"):
+            if pipe._current_timestep is None:
+                return None, None  # a call outside the denoising loop (benchmarks, direct calls)
+            # the loop's own timestep (FLUX passes t / 1000 to its transformer)
+            current = pipe._current_timestep
+            timestep = float(current.flatten()[0]) if torch.is_tensor(current) else float(current)
+        distance = (schedule.detach().float().cpu() - float(timestep)).abs()
+        index = int(distance.argmin())
+        if float(distance[index]) > 1e-3 * max(1.0, abs(float(timestep))):
+            return None, None
+        return index, len(schedule)
 
     def wants_attention(self, site: AttentionSite, ctx: ForwardContext) -> bool:
         return any(f.wants(site, ctx) for f in self.features if site in f.sites_cache)

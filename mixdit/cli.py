@@ -94,6 +94,26 @@ def _cmd_models(args, modules) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal to what matters: our result line, the denoising progress bar, errors."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # component-loading bars; the denoising bar stays
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def build_parser(modules=None) -> argparse.ArgumentParser:
     modules = _feature_modules() if modules is None else modules
     parser = argparse.ArgumentParser(prog="mixdit", description="Faster, better diffusers DiTs.")
@@ -116,6 +136,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not args.debug:
+        _quiet_libraries()
     try:
         return int(args.func(args, modules) or 0)
     except MixditError as e:

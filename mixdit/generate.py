@@ -54,8 +54,9 @@ class GenerationRequest:
 
 def _model_defaults(pipe, family: str) -> dict:
     """Small, fast defaults for built-in tiny/testbed models; diffusers' defaults otherwise."""
-    info = getattr(pipe, "_mixdit_defaults", None) or {}
-    return dict(info)
+    from mixdit.pipelines.zoo import generation_defaults
+
+    return generation_defaults(getattr(pipe, "mixdit_model_name", None))
 
 
 def pipeline_kwargs(pipe, family: str, is_video: bool, request: GenerationRequest) -> dict:

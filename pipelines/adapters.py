@@ -237,14 +237,22 @@ SUPPORTED_FAMILIES = tuple(ADAPTERS)
 
 
 def adapter_for(pipe_or_model: Any) -> FamilyAdapter:
-    """The adapter for a diffusers pipeline or a bare denoiser; a clear error for anything else."""
-    model = pipe_or_model if isinstance(pipe_or_model, torch.nn.Module) else getattr(pipe_or_model, "transformer", None)
-    cls = type(model).__name__ if model is not None else type(pipe_or_model).__name__
+    """The adapter for a diffusers pipeline (its ``transformer``, else ``transformer_2``) or a bare
+    denoiser; subclasses count as their diffusers base class. A clear error for anything else."""
+    import diffusers
+
+    model = pipe_or_model
+    if not isinstance(pipe_or_model, torch.nn.Module):
+        model = getattr(pipe_or_model, "transformer", None)
+        if model is None:
+            model = getattr(pipe_or_model, "transformer_2", None)
     for adapter in ADAPTERS.values():
-        if cls == adapter.transformer_class:
+        cls = getattr(diffusers, adapter.transformer_class, None)
+        if cls is not None and isinstance(model, cls):
             return adapter
+    what = type(model).__name__ if model is not None else f"{type(pipe_or_model).__name__} without a transformer"
     supported = ", ".join(f"{a.family} ({a.transformer_class})" for a in ADAPTERS.values())
-    raise UnsupportedModelError(f"mixdit does not support {cls}; supported model families: {supported}")
+    raise UnsupportedModelError(f"mixdit does not support {what}; supported model families: {supported}")
 
 
 def detect_family(pipe_or_model: Any) -> str:

@@ -246,6 +246,16 @@ def _write_animated(video: np.ndarray, path: Path, fps: float, text: str, fmt: s
     images[0].save(path, format=fmt, **kwargs)
 
 
+def check_output_path(path, is_video: bool | None = None) -> str:
+    """Validate an output file name before any work is done; returns its lower-case extension.
+    ``is_video`` (when known) also checks that the extension fits the model's output."""
+    ext = Path(path).suffix.lower()
+    allowed = ALLOWED_EXTENSIONS if is_video is None else (VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS)
+    if ext not in allowed:
+        raise ConfigError("out", str(path), "a file name ending in " + ", ".join(allowed))
+    return ext
+
+
 def save_result(result, path, metadata: dict | None = None, fps: float | None = None) -> list[Path]:
     """Save images or videos at ``path`` with ``metadata``; returns the files written.
 
@@ -259,9 +269,7 @@ def save_result(result, path, metadata: dict | None = None, fps: float | None = 
     configs...).
     """
     path = Path(path)
-    ext = path.suffix.lower()
-    if ext not in ALLOWED_EXTENSIONS:
-        raise ConfigError("out", str(path), "a file name ending in " + ", ".join(ALLOWED_EXTENSIONS))
+    ext = check_output_path(path)
     metadata = dict(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

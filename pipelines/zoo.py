@@ -48,16 +48,6 @@ BUILTIN_MODELS: dict[str, Builder] = {}
 
 MARKER_FILE = "mixdit_builtin.json"
 
-# transformer class name (in diffusers) -> family name
-FAMILIES: dict[str, str] = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "WanTransformer3DModel": "wan",
-    "HunyuanVideoTransformer3DModel": "hunyuan_video",
-    "CogVideoXTransformer3DModel": "cogvideox",
-}
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES.values())
-
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -206,6 +196,25 @@ def _random_builder(arch: str) -> Builder:
     return builder
 
 
+GENERATION_DEFAULTS: dict[str, dict] = {
+    # small, fast settings for the offline models; `mixdit generate` flags override them
+    "tiny-sd3": dict(steps=4, height=64, width=64, guidance_scale=4.0),
+    "tiny-flux": dict(steps=4, height=64, width=64, guidance_scale=3.5),
+    "tiny-wan": dict(steps=4, height=64, width=64, frames=9, guidance_scale=4.0),
+    "tiny-wan22": dict(steps=4, height=64, width=64, frames=9, guidance_scale=4.0),
+    "random:sd3.5-medium": dict(steps=28, height=1024, width=1024, guidance_scale=4.5),
+    "random:flux.1-dev": dict(steps=28, height=1024, width=1024, guidance_scale=3.5),
+    "random:wan2.1-1.3b": dict(steps=50, height=480, width=832, frames=81, guidance_scale=5.0),
+    "random:wan2.1-14b": dict(steps=50, height=720, width=1280, frames=81, guidance_scale=5.0),
+}
+
+
+def generation_defaults(name: str | None) -> dict:
+    """Default ``steps``/``height``/``width``/``frames``/``guidance_scale`` for a built-in model
+    (empty for hub ids and folders: the pipeline's own defaults apply)."""
+    return dict(GENERATION_DEFAULTS.get(name or "", {}))
+
+
 def _register_defaults() -> None:
     from mixdit.pipelines import random_models, tiny
 
@@ -341,22 +350,8 @@ def _load_folder_or_hub(name: str, dtype: torch.dtype, kwargs: dict):
 # families
 # --------------------------------------------------------------------------------------------
 def detect_family(pipe) -> str:
-    """``"sd3"``, ``"flux"``, ``"wan"``, ``"hunyuan_video"`` or ``"cogvideox"`` from the transformer class.
+    """``"sd3"``, ``"flux"``, ``"wan"``, ``"hunyuan_video"`` or ``"cogvideox"`` (see
+    :func:`mixdit.pipelines.adapters.detect_family`, the one place that knows the families)."""
+    from mixdit.pipelines.adapters import detect_family as _detect
 
-    ``pipe``: a pipeline (its ``transformer``, else ``transformer_2``) or a transformer module.
-    Subclasses count as their base. Raises :class:`UnsupportedModelError` otherwise.
-    """
-    import diffusers
-
-    model = pipe
-    if not isinstance(pipe, torch.nn.Module):
-        model = getattr(pipe, "transformer", None)
-        if model is None:
-            model = getattr(pipe, "transformer_2", None)
-    for cls_name, family in FAMILIES.items():
-        cls = getattr(diffusers, cls_name, None)
-        if cls is not None and isinstance(model, cls):
-            return family
-    what = type(model).__name__ if model is not None else f"{type(pipe).__name__} without a transformer"
-    supported = ", ".join(f"{fam} ({cls})" for cls, fam in FAMILIES.items())
-    raise UnsupportedModelError(f"unsupported model: {what}; supported families: {supported}")
+    return _detect(pipe)

@@ -1,0 +1,78 @@
+"""`mixdit generate` end to end on the offline tiny models, and its error handling."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mixdit.cli import main
+
+
+def test_generate_image_with_metadata(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "a red square", "--model", "tiny-sd3", "--steps", "2", "--seed", "7",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "done in" in printed
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    assert img.text["parameters"].startswith("a red square\n")
+    meta = json.loads(img.text["mixdit"])
+    assert meta["model"] == "tiny-sd3" and meta["seed"] == 7 and meta["steps"] == 2
+    # the metadata reproduces the run bitwise
+    out2 = tmp_path / "again.png"
+    assert main(["generate", meta["prompt"], "--model", meta["model"], "--steps", str(meta["steps"]),
+                 "--seed", str(meta["seed"]), "--out", str(out2)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out2)), np.asarray(img))
+
+
+def test_generate_video_mp4(tmp_path):
+    import imageio.v3 as iio
+
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "a red square moving right", "--model", "tiny-wan", "--steps", "2",
+                 "--frames", "9", "--out", str(out)]) == 0
+    frames = iio.imread(out)
+    assert frames.shape[0] == 9 and frames.shape[1:3] == (64, 64)
+    assert json.loads((tmp_path / "clip.mp4.json").read_text())["frames"] == 9
+
+
+def test_generate_with_vmoba_flags(tmp_path):
+    out = tmp_path / "v.gif"
+    assert main(["generate", "a blue circle", "--model", "tiny-wan", "--steps", "2", "--vmoba",
+                 "--vmoba-threshold", "0.5", "--vmoba-spatial-block", "2", "2", "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "v.gif.json").read_text())
+    assert meta["features"]["vmoba"]["threshold"] == 0.5
+    assert meta["features"]["vmoba"]["spatial_block"] == [2, 2]
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["generate", "x", "--model", "does-not-exist"], "does-not-exist"),
+    (["generate", "x", "--steps", "0"], "steps"),
+    (["generate", "x", "--height", "30"], "height"),
+    (["generate", "x", "--out", "picture.bmp"], "out"),
+    (["generate", "x", "--model", "tiny-wan", "--frames", "8"], "frames"),
+    (["generate", "x", "--model", "tiny-wan", "--vmoba", "--vmoba-threshold", "2"], "vmoba.threshold"),
+    (["generate", "x", "--model", "tiny-sd3", "--vmoba"], "vmoba"),
+    (["generate", "x", "--dtype", "int8"], "dtype"),
+])
+def test_bad_input_one_line_exit_2(argv, field, capsys, tmp_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixdit: error:") and field in err[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_debug_shows_traceback():
+    from mixdit.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        main(["--debug", "generate", "x", "--model", "./no/such/folder"])
+
+
+def test_models_lists_builtins(capsys):
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"tiny-sd3", "tiny-flux", "tiny-wan", "tiny-wan22", "random:wan2.1-1.3b"} <= set(names)
