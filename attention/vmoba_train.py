@@ -1017,10 +1017,10 @@ def _cmd_train_vmoba(args, modules) -> int:
     metrics = train_vmoba(config)
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0:
         losses = metrics["losses"]
-        head = sum(losses[:5]) / max(1, len(losses[:5]))
-        tail = sum(losses[-5:]) / max(1, len(losses[-5:]))
+        k = max(1, min(5, len(losses) // 2))
+        head, tail = sum(losses[:k]) / k, sum(losses[-k:]) / k
         print(f"trained {metrics['steps']} steps on {metrics['world_size']} process(es): loss {head:.4f} -> {tail:.4f} "
-              f"(mean of first/last 5), {metrics['samples_per_second']:.2f} samples/s")
+              f"(mean of first/last {k}), {metrics['samples_per_second']:.2f} samples/s")
         print(metrics["out"])
     return 0
 

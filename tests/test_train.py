@@ -239,7 +239,8 @@ def test_accelerate_launch_two_cpu_processes_shard_data_and_agree(tmp_path):
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "mixdit", "train", "vmoba", "--model", "tiny-wan", "--data", "synthetic:8", "--out",
            str(tmp_path / "out"), "--steps", "4", "--lr", "1e-3", "--height", "64", "--width", "64", "--frames", "9",
-           "--no-vmoba", "--no-progress", "--record-samples", str(record)]
+           "--vmoba-min-tokens", "0", "--vmoba-dense-layers", "--vmoba-temporal-block", "1", "--vmoba-spatial-block",
+           "2", "2", "--gradient-checkpointing", "--no-progress", "--record-samples", str(record)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -254,6 +255,17 @@ def test_accelerate_launch_two_cpu_processes_shard_data_and_agree(tmp_path):
 
     saved = WanTransformer3DModel.from_pretrained(tmp_path / "out" / "transformer")
     assert weights_checksum(saved) == ranks[0]["weights_sha256"]
+    density = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["vmoba"]["features"]["vmoba"]["density"]
+    assert density["spatial"]["density"] < 1  # VMoBA really ran (DDP + gradient checkpointing)
+
+
+def test_gradient_accumulation_consumes_micro_batches(tmp_path):
+    record = tmp_path / "rec.json"
+    metrics = train_vmoba(_cfg(tmp_path, steps=2, batch_size=2, gradient_accumulation_steps=2, save=False,
+                               record_samples=str(record)))
+    assert len(metrics["losses"]) == 2
+    seen = json.loads((tmp_path / "rec.rank0.json").read_text())["samples"]
+    assert sorted(seen) == list(range(8))  # 2 steps x 2 micro-batches x 2 samples = one epoch
 
 
 def test_cli_vmoba_flags_follow_the_config_fields():
