@@ -211,12 +211,15 @@ def materialize_random_(model: nn.Module, device, dtype: torch.dtype, seed: int 
     return model.eval()
 
 
-def random_transformer(arch: str, device="cuda", dtype: torch.dtype | None = None, seed: int = 0):
+def random_transformer(arch: str, device="cuda", dtype: torch.dtype | None = None, seed: int = 0,
+                       **config_overrides):
     """The full-size transformer of ``arch`` with random weights, created directly on ``device``.
 
     ``arch``: a key of :data:`RANDOM_ARCHS` with or without the ``random:`` prefix
     (``"sd3.5-medium"``, ``"flux.1-dev"``, ``"wan2.1-1.3b"``, ``"wan2.1-14b"``, ...).
     ``dtype`` None: bfloat16 on CUDA, float32 elsewhere. ``device="meta"`` gives a shape-only model.
+    ``config_overrides`` change config fields, e.g. ``num_layers=3`` for a layer stack of the
+    published width (benchmarks that scale per-layer timings).
     """
     from accelerate import init_empty_weights
 
@@ -225,7 +228,7 @@ def random_transformer(arch: str, device="cuda", dtype: torch.dtype | None = Non
     # Parameters go to meta (each is briefly allocated, uninitialised, on `device` and dropped);
     # buffers (rope tables, SD3's sin-cos table) are computed on `device`.
     with torch.device(device), init_empty_weights(include_buffers=False), _skip_default_init():
-        model = _transformer_class(a)(**a.config)
+        model = _transformer_class(a)(**{**a.config, **config_overrides})
     return materialize_random_(model, device, dtype, seed=seed)
 
 
