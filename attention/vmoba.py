@@ -36,6 +36,7 @@ from mixdit.errors import ConfigError
 LAYER_TYPES = ("temporal", "spatial", "spatiotemporal")
 SELECTIONS = ("threshold", "global", "topk")
 ROUTER_PRECISIONS = ("tf32x3", "ieee", "tf32")
+GRANULARITIES = ("token", "query_tile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +68,12 @@ class VMoBAConfig:
         (4x6x4 = 96 tokens) so 128-row tiles carry ~33-60% padding; 32 removes it (smaller tiles).
     tile_union_only: APPROXIMATE fast path, off by default: every query row attends to the union
         of the blocks selected by the rows of its query tile (skips the per-row bitmask test).
+    granularity: ``"token"`` (default, exact: every query token and head selects its own blocks,
+        as the paper and reference code do) or ``"query_tile"`` (APPROXIMATE, named option: one
+        selection per query tile and head, from the tile's mean query, with every block the tile
+        overlaps kept). Per-token selections of a 128-query tile cover almost every key tile, so
+        the exact rule saves little compute; ``query_tile`` makes the computed tiles match the
+        selected density. Its fidelity is measured in ``benchmarks/vmoba.py``.
     """
 
     selection: str = "threshold"
@@ -85,6 +92,7 @@ class VMoBAConfig:
     kv_tile: int = 128
     router_precision: str = "tf32x3"
     tile_union_only: bool = False
+    granularity: str = "token"
     kv_tile_spatiotemporal: int | None = None
 
     def __post_init__(self):
@@ -118,6 +126,7 @@ class VMoBAConfig:
         check_choice("vmoba.router_precision", self.router_precision, ROUTER_PRECISIONS)
         check_choice("vmoba.kv_tile_spatiotemporal", self.kv_tile_spatiotemporal, (None, 16, 32, 64, 128))
         check_choice("vmoba.tile_union_only", self.tile_union_only, (False, True))
+        check_choice("vmoba.granularity", self.granularity, GRANULARITIES)
 
     def block_shape(self, layer_type: str, grid) -> tuple:
         """Block shape (frames, rows, cols) in grid units for a layer type (before clipping)."""
@@ -366,9 +375,54 @@ def _triton_usable(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def route_query_tiles(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoBAConfig):
+    """APPROXIMATE router (``granularity="query_tile"``): one selection per (sample, head, query
+    tile) from the tile's mean query against the block key means, with the same threshold / global
+    / top-k rules; every block the tile's queries belong to is kept. Plain PyTorch on tensors of
+    ``[B, H, n_query_tiles, n_blocks]`` (a few hundred KB): no host sync, no per-token work."""
+    from mixdit.kernels.block_router import RouterOutput
+    from mixdit.kernels.router_reference import threshold_rule
+
+    B, Sq, H, D = qb.shape
+    qt, C, dev = config.q_tile, part.num_blocks, qb.device
+    n_qt = (Sq + qt - 1) // qt
+    pad = n_qt * qt - Sq
+    rows = torch.full((n_qt,), qt, device=dev, dtype=torch.float32)
+    rows[-1] = qt - pad
+    qmean = F.pad(qb.float(), (0, 0, 0, 0, 0, pad)).view(B, n_qt, qt, H, D).sum(2) / rows.view(1, -1, 1, 1)
+    real = _real_key_rows(part, dev)
+    key_block = part.kv_tile_group.to(dev).long().repeat_interleave(part.kv_tile)[real]
+    kmeans = torch.zeros(B, C, H, D, device=dev, dtype=torch.float32).index_add_(1, key_block, kb[:, real].float())
+    kmeans = kmeans / part.block_size.to(dev).float().view(1, -1, 1, 1)
+    gate = torch.einsum("bthd,bchd->bhtc", qmean, kmeans)  # [B, H, n_qt, C]
+    own = torch.zeros(n_qt, C, dtype=torch.bool, device=dev)
+    own[torch.arange(Sq, device=dev) // qt, part.q_block.to(dev).long()] = True
+    own = own.expand(B, H, n_qt, C)
+    if config.selection == "topk":
+        k_eff = min(config.topk_for(part.layer_type), C)
+        idx = torch.topk(torch.where(own, torch.full_like(gate, float("inf")), gate), k_eff, dim=-1).indices
+        sel = torch.zeros_like(own).scatter(-1, idx, True) | own
+    elif config.threshold >= 1.0:
+        sel = torch.ones_like(own)
+    else:
+        dims = (-1,) if config.selection == "threshold" else (-2, -1)
+        mn, mx = gate.amin(dim=dims, keepdim=True), gate.amax(dim=dims, keepdim=True)
+        den = torch.where(mx - mn <= 1e-6, torch.ones_like(mx), mx - mn)
+        sel = threshold_rule((gate - mn) / den, own, config.threshold, dims)
+    tiles = sel[..., part.kv_tile_group.to(dev).long()]  # [B, H, n_qt, n_kv_tiles]
+    kv_count = tiles.sum(-1, dtype=torch.int32)
+    kv_index = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    keys = (sel.float() * part.block_size.to(dev).float()).sum(-1)  # selected keys per tile row
+    density = (keys * rows).sum() / (float(B * H * Sq) * float(part.block_size.sum()))
+    tile_density = kv_count.sum().float() / float(B * H * n_qt * part.num_kv_tiles)
+    return RouterOutput(None, kv_count, kv_index, density, tile_density)
+
+
 def route(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoBAConfig):
     """Router on block-ordered ``qb`` and padded ``kb``: the fused Triton router on CUDA (or under
     ``TRITON_INTERPRET=1``); on plain CPU tensors the naive reference (same rules)."""
+    if config.granularity == "query_tile":
+        return route_query_tiles(qb, kb, part, config)
     topk = config.topk_for(part.layer_type)
     if _triton_usable(qb):
         from mixdit.kernels.block_router import route_blocks
@@ -500,10 +554,11 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
         kb, vb = kv_[:, part.kv_perm], vv[:, part.kv_perm]
     qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
     r = route(qb, kb, part, config)
+    per_tile = r.row_select is None or config.tile_union_only  # one key set per query tile
     out_b, lse_b = _kernel_attention(
         qb, kb, vb, r.kv_count, r.kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile, scale=scale,
-        kv_tile_len=part.kv_tile_len, row_select=None if config.tile_union_only else r.row_select,
-        kv_tile_group=None if config.tile_union_only else part.kv_tile_group)
+        kv_tile_len=part.kv_tile_len, row_select=None if per_tile else r.row_select,
+        kv_tile_group=None if per_tile else part.kv_tile_group)
     if st is not None:
         st.record(part.layer_type, r.density, r.tile_density)
     if T:

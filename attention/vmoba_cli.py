@@ -7,6 +7,8 @@ def add_generate_arguments(parser) -> None:
     g = parser.add_argument_group("VMoBA sparse video attention (Wan, HunyuanVideo, CogVideoX)")
     g.add_argument("--vmoba", action="store_true", help="use VMoBA mixture-of-block attention")
     g.add_argument("--vmoba-selection", default=None, help="threshold | global | topk (default: threshold)")
+    g.add_argument("--vmoba-granularity", default=None,
+                   help="token (exact, default) | query_tile (approximate: one selection per query tile; faster)")
     g.add_argument("--vmoba-threshold", type=float, default=None, help="tau in [0, 1] (default 0.25)")
     g.add_argument("--vmoba-dense-steps", type=float, default=None,
                    help="first steps kept dense: a fraction < 1 or a whole count (default 0.24)")
@@ -25,6 +27,8 @@ def features_from_args(args) -> dict:
     fields = {}
     if args.vmoba_selection is not None:
         fields["selection"] = args.vmoba_selection
+    if args.vmoba_granularity is not None:
+        fields["granularity"] = args.vmoba_granularity
     if args.vmoba_threshold is not None:
         fields["threshold"] = args.vmoba_threshold
     if args.vmoba_dense_steps is not None:

@@ -136,7 +136,7 @@ def layer_counts(num_layers, config):
     return counts
 
 
-def run_wan13b(device, config, rows):
+def run_wan13b(device, configs, rows):
     import mixdit
     from mixdit.pipelines.random_models import random_transformer
 
@@ -150,54 +150,55 @@ def run_wan13b(device, config, rows):
         ref = model(**inputs)[0].float()
     # attention alone, on q/k/v captured from this model (one layer of each type, layer 0 dense)
     store = capture_qkv(model, inputs, {0, 1, 2, 3})
-    per_layer = attention_times({k_: v_ for k_, v_ in store.items() if k_ != 0}, grid, config)
-    dense_attn_layer = per_layer[1]["dense_ms"]
-    counts = layer_counts(30, config)
-    by_type = {r["layer_type"]: r for r in per_layer.values()}
-    attn_dense_total = 30 * dense_attn_layer
-    attn_vmoba_total = counts["dense"] * dense_attn_layer + sum(counts[t] * by_type[t]["vmoba_ms"] for t in by_type)
-    router_total = sum(counts[t] * by_type[t]["router_ms"] for t in by_type)
-    # the whole transformer with VMoBA installed
-    mixdit.apply(model, vmoba=config)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # layer 0 (dense) uses cuDNN too
-        t_vmoba = time_forward(model, inputs)
-        with torch.no_grad():
-            got = model(**inputs)[0].float()
-    summary = mixdit.summary(model)["features"]["vmoba"]["density"]
-    mixdit.remove(model)
-    rel_l2 = float((got - ref).norm() / ref.norm())
-    density_avg = sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type) / max(1, sum(counts[t] for t in by_type))
-    attn_flops_layer = 4 * 1 * 12 * (32760 ** 2) * 128
-    lin_flops_layer = 2 * 32760 * (4 * 1536 * 1536 + 2 * 1536 * 8960) + 2 * 32760 * 2 * 1536 * 1536  # self+cross proj, ffn
-    attn_ratio = 30 / (counts["dense"] + sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type))
-    whole_ratio = (30 * (attn_flops_layer + lin_flops_layer)) / (
-        30 * lin_flops_layer + attn_flops_layer * (counts["dense"] + sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type)))
-    dense_frac = config.dense_steps if isinstance(config.dense_steps, float) else config.dense_steps / 50
-    gen_speedup = 1.0 / (dense_frac + (1 - dense_frac) * t_vmoba / t_dense)
-    rows.append(dict(shape="wan2.1-1.3b 480p 81f", tokens=32760, gpu=torch.cuda.get_device_name(),
-                     dense_cudnn_ms=t_cudnn, dense_flash_ms=t_flash, vmoba_ms=t_vmoba,
-                     forward_speedup=t_dense / t_vmoba, generation_speedup_with_dense_steps=gen_speedup,
-                     attention_dense_ms=attn_dense_total, attention_vmoba_ms=attn_vmoba_total,
-                     attention_speedup=attn_dense_total / attn_vmoba_total,
-                     attention_share_of_dense_forward=attn_dense_total / t_cudnn,
-                     amdahl_ceiling=1.0 / (1 - attn_dense_total / t_cudnn),
-                     router_ms_total=router_total, router_share_of_attention=router_total / attn_vmoba_total,
-                     density_per_layer_type={t: by_type[t]["density"] for t in by_type},
-                     tile_density_per_layer_type={t: by_type[t]["tile_density"] for t in by_type},
-                     summary_density=summary, mean_density=density_avg,
-                     flops_ratio_attention=attn_ratio, flops_ratio_transformer=whole_ratio,
-                     output_rel_l2_vs_dense=rel_l2, per_layer=per_layer, layer_counts=counts, composed=False))
+    for label, config in configs:
+        per_layer = attention_times({k_: v_ for k_, v_ in store.items() if k_ != 0}, grid, config)
+        dense_attn_layer = per_layer[1]["dense_ms"]
+        counts = layer_counts(30, config)
+        by_type = {r["layer_type"]: r for r in per_layer.values()}
+        attn_dense_total = 30 * dense_attn_layer
+        attn_vmoba_total = counts["dense"] * dense_attn_layer + sum(counts[t] * by_type[t]["vmoba_ms"] for t in by_type)
+        router_total = sum(counts[t] * by_type[t]["router_ms"] for t in by_type)
+        # the whole transformer with VMoBA installed
+        mixdit.apply(model, vmoba=config)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # layer 0 (dense) uses cuDNN too
+            t_vmoba = time_forward(model, inputs)
+            with torch.no_grad():
+                got = model(**inputs)[0].float()
+        summary = mixdit.summary(model)["features"]["vmoba"]["density"]
+        mixdit.remove(model)
+        rel_l2 = float((got - ref).norm() / ref.norm())
+        density_avg = sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type) / max(1, sum(counts[t] for t in by_type))
+        attn_flops_layer = 4 * 1 * 12 * (32760 ** 2) * 128
+        lin_flops_layer = 2 * 32760 * (4 * 1536 * 1536 + 2 * 1536 * 8960) + 2 * 32760 * 2 * 1536 * 1536  # self+cross proj, ffn
+        attn_ratio = 30 / (counts["dense"] + sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type))
+        whole_ratio = (30 * (attn_flops_layer + lin_flops_layer)) / (
+            30 * lin_flops_layer + attn_flops_layer * (counts["dense"] + sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type)))
+        dense_frac = config.dense_steps if isinstance(config.dense_steps, float) else config.dense_steps / 50
+        gen_speedup = 1.0 / (dense_frac + (1 - dense_frac) * t_vmoba / t_dense)
+        rows.append(dict(shape="wan2.1-1.3b 480p 81f", config=label, tokens=32760, gpu=torch.cuda.get_device_name(),
+                         dense_cudnn_ms=t_cudnn, dense_flash_ms=t_flash, vmoba_ms=t_vmoba,
+                         forward_speedup=t_dense / t_vmoba, generation_speedup_with_dense_steps=gen_speedup,
+                         attention_dense_ms=attn_dense_total, attention_vmoba_ms=attn_vmoba_total,
+                         attention_speedup=attn_dense_total / attn_vmoba_total,
+                         attention_share_of_dense_forward=attn_dense_total / t_cudnn,
+                         amdahl_ceiling=1.0 / (1 - attn_dense_total / t_cudnn),
+                         router_ms_total=router_total, router_share_of_attention=router_total / attn_vmoba_total,
+                         density_per_layer_type={t: by_type[t]["density"] for t in by_type},
+                         tile_density_per_layer_type={t: by_type[t]["tile_density"] for t in by_type},
+                         summary_density=summary, mean_density=density_avg,
+                         flops_ratio_attention=attn_ratio, flops_ratio_transformer=whole_ratio,
+                         output_rel_l2_vs_dense=rel_l2, per_layer=per_layer, layer_counts=counts, composed=False))
     del model, store
     torch.cuda.empty_cache()
 
 
-def run_wan14b(device, config, rows):
+def run_wan14b(device, configs, rows):
     import mixdit
     from mixdit.pipelines.random_models import random_transformer
 
     grid, latent = (21, 45, 80), (21, 90, 160)
     inputs = model_inputs(latent, device)
-    times = {}
+    times, results = {}, {}
     for n in (1, 4):
         model = random_transformer("wan2.1-14b", device=device, dtype=torch.bfloat16, num_layers=n).eval()
         times[("dense", n)] = time_forward(model, inputs, SDPBackend.CUDNN_ATTENTION)
@@ -205,17 +206,25 @@ def run_wan14b(device, config, rows):
             with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 ref = model(**inputs)[0].float()
             store = capture_qkv(model, inputs, {1, 2, 3})
-            per_layer = attention_times(store, grid, config)
-            mixdit.apply(model, vmoba=config)
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                times[("vmoba", n)] = time_forward(model, inputs)
-                with torch.no_grad():
-                    got = model(**inputs)[0].float()
-            summary = mixdit.summary(model)["features"]["vmoba"]["density"]
-            mixdit.remove(model)
+            for label, config in configs:
+                per_layer = attention_times(store, grid, config)
+                mixdit.apply(model, vmoba=config)
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    t_v = time_forward(model, inputs)
+                    with torch.no_grad():
+                        got = model(**inputs)[0].float()
+                summary = mixdit.summary(model)["features"]["vmoba"]["density"]
+                mixdit.remove(model)
+                results[label] = (config, per_layer, t_v, summary, float((got - ref).norm() / ref.norm()))
             del store
         del model
         torch.cuda.empty_cache()
+    for label, (config, per_layer, t_v, summary, rel14) in results.items():
+        times[("vmoba", 4)] = t_v
+        _compose_14b(config, label, per_layer, times, summary, rel14, rows)
+
+
+def _compose_14b(config, label, per_layer, times, summary, rel14, rows):
     layer_dense = (times[("dense", 4)] - times[("dense", 1)]) / 3
     overhead = times[("dense", 1)] - layer_dense
     layer_vmoba = (times[("vmoba", 4)] - overhead - layer_dense) / 3  # layers 1-3: one of each type
@@ -235,7 +244,7 @@ def run_wan14b(device, config, rows):
         40 * lin_flops_layer + attn_flops_layer * (counts["dense"] + sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type)))
     dense_frac = config.dense_steps if isinstance(config.dense_steps, float) else config.dense_steps / 50
     gen_speedup = 1.0 / (dense_frac + (1 - dense_frac) * t40_vmoba / t40_dense)
-    rows.append(dict(shape="wan2.1-14b 720p 81f", tokens=75600, gpu=torch.cuda.get_device_name(),
+    rows.append(dict(shape="wan2.1-14b 720p 81f", config=label, tokens=75600, gpu=torch.cuda.get_device_name(),
                      dense_cudnn_ms=t40_dense, vmoba_ms=t40_vmoba, forward_speedup=t40_dense / t40_vmoba,
                      generation_speedup_with_dense_steps=gen_speedup,
                      attention_dense_ms=attn_dense_total, attention_vmoba_ms=attn_vmoba_total,
@@ -246,7 +255,7 @@ def run_wan14b(device, config, rows):
                      density_per_layer_type={t: by_type[t]["density"] for t in by_type},
                      tile_density_per_layer_type={t: by_type[t]["tile_density"] for t in by_type},
                      summary_density=summary, flops_ratio_attention=attn_ratio, flops_ratio_transformer=whole_ratio,
-                     output_rel_l2_vs_dense_4_layers=float((got - ref).norm() / ref.norm()),
+                     output_rel_l2_vs_dense_4_layers=rel14,
                      per_layer=per_layer, layer_counts=counts, composed=True,
                      stack_times_ms={f"{k[0]}-{k[1]}layers": v for k, v in times.items()},
                      note="40-layer times composed from measured 1- and 4-layer stacks: overhead + layer 0 dense + 39 x mean VMoBA layer"))
@@ -259,13 +268,13 @@ def write(rows):
     with open(path + ".json", "w") as f:
         json.dump(rows, f, indent=1, default=float)
     lines = [f"# VMoBA in the Wan transformer ({torch.cuda.get_device_name()})", "",
-             "| shape | dense ms | VMoBA ms | forward speed-up | per generation (24% dense steps) | attention dense ms | attention VMoBA ms | attention speed-up | attention share (dense) | Amdahl ceiling | router share | density 1D/2D/3D | FLOPs ratio attn / whole | rel. L2 vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | config | dense ms | VMoBA ms | forward speed-up | per generation (24% dense steps) | attention dense ms | attention VMoBA ms | attention speed-up | attention share (dense) | Amdahl ceiling | router share | density 1D/2D/3D | FLOPs ratio attn / whole | rel. L2 vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["density_per_layer_type"]
         dens = "/".join(f"{d.get(t) or 0:.3f}" for t in ("temporal", "spatial", "spatiotemporal"))
         rel = r.get("output_rel_l2_vs_dense", r.get("output_rel_l2_vs_dense_4_layers"))
-        lines.append(f"| {r['shape']}{' (composed)' if r['composed'] else ''} | {r['dense_cudnn_ms']:.1f} | {r['vmoba_ms']:.1f} | "
+        lines.append(f"| {r['shape']}{' (composed)' if r['composed'] else ''} | {r['config']} | {r['dense_cudnn_ms']:.1f} | {r['vmoba_ms']:.1f} | "
                      f"{r['forward_speedup']:.2f}x | {r['generation_speedup_with_dense_steps']:.2f}x | {r['attention_dense_ms']:.1f} | "
                      f"{r['attention_vmoba_ms']:.1f} | {r['attention_speedup']:.2f}x | {r['attention_share_of_dense_forward']:.0%} | "
                      f"{r['amdahl_ceiling']:.2f}x | {r['router_share_of_attention']:.1%} | {dens} | "
@@ -286,12 +295,13 @@ def main(argv=None):
     from mixdit.attention.vmoba import VMoBAConfig
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    config = VMoBAConfig()
+    configs = [("defaults (exact per-token)", VMoBAConfig()),
+               ("granularity=query_tile (approximate)", VMoBAConfig(granularity="query_tile"))]
     rows = []
-    run_wan13b("cuda", config, rows)
+    run_wan13b("cuda", configs, rows)
     write(rows)
     if not args.skip_14b:
-        run_wan14b("cuda", config, rows)
+        run_wan14b("cuda", configs, rows)
         write(rows)
     return 0
 

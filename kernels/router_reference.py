@@ -56,7 +56,7 @@ def block_gate_reference(q: torch.Tensor, k: torch.Tensor, k_block: torch.Tensor
     return torch.einsum("bshd,bhcd->bhsc", q.to(dtype), means.to(dtype))
 
 
-def _threshold_rule(norm: torch.Tensor, own_mask: torch.Tensor, threshold: float, dims) -> torch.Tensor:
+def threshold_rule(norm: torch.Tensor, own_mask: torch.Tensor, threshold: float, dims) -> torch.Tensor:
     """Shared threshold rule. ``norm`` holds min-max normalised gates; ``dims`` are the dims
     reduced together (``(-1,)`` per query-head, ``(-2, -1)`` per head)."""
     total = norm.sum(dim=dims, keepdim=True)
@@ -112,7 +112,7 @@ def select_blocks_reference(q: torch.Tensor, k: torch.Tensor, q_block: torch.Ten
     norm = (gate - mn) / den
     if threshold >= 1.0:  # cover the whole mass: every block (robust to the +eps rounding)
         return torch.ones_like(own_mask)
-    return _threshold_rule(norm, own_mask, threshold, dims)
+    return threshold_rule(norm, own_mask, threshold, dims)
 
 
 def selection_to_row_select(selected: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,34 @@ def test_cross_attention_untouched_and_unsupported_family():
                                 pooled_projection_dim=16, out_channels=4)
     with pytest.raises(UnsupportedModelError, match="wan, hunyuan_video, cogvideox"):
         mixdit.apply(sd3, vmoba=True)
+
+
+def test_query_tile_granularity():
+    """The named approximation: one selection per query tile. tau=1 is dense; it stays per sample."""
+    from mixdit.attention.vmoba import VMoBAConfig, route_query_tiles, partition_for_layer, vmoba_attention
+
+    B, grid, H, D = 2, (4, 6, 8), 2, 16
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    base = dict(SMALL, granularity="query_tile")
+    for layer in (1, 2, 3):
+        full = vmoba_attention(q, k, v, grid=grid, layer_index=layer, config=VMoBAConfig(**dict(base, threshold=1.0)))
+        torch.testing.assert_close(full, ref, atol=2e-5, rtol=1e-4)
+        cfg = VMoBAConfig(**dict(base, threshold=0.25))
+        part = partition_for_layer(grid, layer, cfg)
+        qb, kb = q[:, part.q_perm], k[:, part.kv_perm]
+        r = route_query_tiles(qb, kb, part, cfg)
+        assert r.row_select is None and float(r.tile_density) < 1.0
+        # every key tile of a block the query tile overlaps is visited
+        n_qt = r.kv_count.shape[-1]
+        for t in range(n_qt):
+            own_blocks = set(part.q_block[t * cfg.q_tile:(t + 1) * cfg.q_tile].tolist())
+            visited = set(r.kv_index[0, 0, t, : r.kv_count[0, 0, t]].tolist())
+            own_tiles = {i for i, g in enumerate(part.kv_tile_group.tolist()) if g in own_blocks}
+            assert own_tiles <= visited
+        # per sample: changing sample 1 leaves sample 0's selection alone
+        kb2 = kb.clone()
+        kb2[1] = torch.randn_like(kb2[1])
+        r2 = route_query_tiles(qb, kb2, part, cfg)
+        assert torch.equal(r2.kv_count[0], r.kv_count[0]) and torch.equal(r2.kv_index[0], r.kv_index[0])
