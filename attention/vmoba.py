@@ -386,14 +386,25 @@ def route_query_tiles(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, 
     B, Sq, H, D = qb.shape
     qt, C, dev = config.q_tile, part.num_blocks, qb.device
     n_qt = (Sq + qt - 1) // qt
-    pad = n_qt * qt - Sq
-    rows = torch.full((n_qt,), qt, device=dev, dtype=torch.float32)
-    rows[-1] = qt - pad
-    qmean = F.pad(qb.float(), (0, 0, 0, 0, 0, pad)).view(B, n_qt, qt, H, D).sum(2) / rows.view(1, -1, 1, 1)
-    real = _real_key_rows(part, dev)
-    key_block = part.kv_tile_group.to(dev).long().repeat_interleave(part.kv_tile)[real]
-    kmeans = torch.zeros(B, C, H, D, device=dev, dtype=torch.float32).index_add_(1, key_block, kb[:, real].float())
-    kmeans = kmeans / part.block_size.to(dev).float().view(1, -1, 1, 1)
+    n_full = Sq // qt
+    rows = torch.full((n_qt,), float(qt), device=dev)
+    rows[-1] = Sq - (n_qt - 1) * qt
+    # tile sums read q once in its own dtype and accumulate in fp32 (no fp32 copy of q)
+    qsum = qb[:, :n_full * qt].unflatten(1, (n_full, qt)).sum(2, dtype=torch.float32)
+    if n_full < n_qt:
+        qsum = torch.cat([qsum, qb[:, n_full * qt:].sum(1, keepdim=True, dtype=torch.float32)], 1)
+    qmean = qsum / rows.view(1, -1, 1, 1)  # [B, n_qt, H, D]
+    if _triton_usable(kb):
+        from mixdit.kernels.block_router import block_key_means
+
+        means_t = block_key_means(kb, part.block_tile_start, part.block_tile_count, part.kv_tile_len,
+                                  part.block_size, part.kv_tile)  # [B*H, D_PAD, NB_PAD]
+        kmeans = means_t.view(B, H, means_t.shape[1], means_t.shape[2])[:, :, :D, :C].permute(0, 3, 1, 2)
+    else:
+        real = _real_key_rows(part, dev)
+        key_block = part.kv_tile_group.to(dev).long().repeat_interleave(part.kv_tile)[real]
+        kmeans = torch.zeros(B, C, H, D, device=dev, dtype=torch.float32).index_add_(1, key_block, kb[:, real].float())
+        kmeans = kmeans / part.block_size.to(dev).float().view(1, -1, 1, 1)
     gate = torch.einsum("bthd,bchd->bhtc", qmean, kmeans)  # [B, H, n_qt, C]
     own = torch.zeros(n_qt, C, dtype=torch.bool, device=dev)
     own[torch.arange(Sq, device=dev) // qt, part.q_block.to(dev).long()] = True
