@@ -346,18 +346,8 @@ class PerturbationGuidance(Feature):
 
     # -- per call ----------------------------------------------------------------------------
     def _step(self, ctx: ForwardContext) -> tuple[int | None, int | None]:
-        if ctx.step_index is not None and ctx.num_steps:
-            return ctx.step_index, ctx.num_steps
-        if isinstance(self.pipe, torch.nn.Module):
-            return None, None
-        # some pipelines (SD3) do not set `_current_timestep`: read the denoising loop's own counter
-        from mixdit.pipelines.adapters import _pipeline_call_locals
-
-        local = _pipeline_call_locals(self.pipe)
-        i, timesteps = local.get("i"), local.get("timesteps")
-        if isinstance(i, int) and timesteps is not None:
-            return i, len(timesteps)
-        return None, None
+        # the forward context knows the step inside any pipeline's denoising loop (mixdit.api)
+        return ctx.step_index, ctx.num_steps
 
     def _in_window(self, ctx: ForwardContext) -> bool:
         if tuple(self.config.window) == (0.0, 1.0):
