@@ -136,3 +136,25 @@ def test_bad_config_names_field():
 def test_unsupported_model_lists_families():
     with pytest.raises(UnsupportedModelError, match="sd3.*flux.*wan.*hunyuan_video.*cogvideox"):
         mixdit.apply(torch.nn.Linear(2, 2), _recorder=True)
+
+
+def test_pipeline_with_cpu_offload_apply_then_remove_is_bitwise():
+    """A whole tiny pipeline under accelerate's model offload hooks: patched output differs,
+    removed output is bitwise the untouched one."""
+    import numpy as np
+
+    pipe = mixdit.load_pipeline("tiny-sd3")
+    pipe.enable_model_cpu_offload(device="cpu")  # the accelerate hooks are what matters here
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red square", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(3)).images
+
+    ref = run()
+    mixdit.apply(pipe, guidance=mixdit.GuidanceConfig(heads="L1", scale=2.0))
+    patched = run()
+    mixdit.remove(pipe)
+    after = run()
+    assert np.abs(patched - ref).max() > 1e-4
+    assert np.array_equal(after, ref)
