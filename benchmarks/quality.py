@@ -143,6 +143,8 @@ def run(model: str, *, limit: int | None, device: str, dtype: str | None, steps:
     pipe = load_model(model, device, dtype)
     is_video = adapter_for(pipe).is_video
     pairs = prompt_set(is_video, limit)
+    # testbed folders carry their own defaults (size, frames, steps); zoo names get theirs from the zoo
+    defaults = dict(getattr(pipe, "_mixdit_defaults", None) or {})
     all_configs = feature_configurations(pipe)
     if configs:
         unknown = set(configs) - {n for n, _ in all_configs}
@@ -155,8 +157,11 @@ def run(model: str, *, limit: int | None, device: str, dtype: str | None, steps:
     for name, features in all_configs:
         outs, seconds, error = [], 0.0, None
         for prompt, seed in pairs:
-            request = GenerationRequest(prompt=prompt, model=model, seed=seed, steps=steps, device=device,
-                                        dtype=dtype, features=features)
+            request = GenerationRequest(prompt=prompt, model=model, seed=seed, device=device, dtype=dtype,
+                                        features=features, steps=steps or defaults.get("steps"),
+                                        height=defaults.get("height"), width=defaults.get("width"),
+                                        frames=defaults.get("frames") if is_video else None,
+                                        guidance_scale=defaults.get("guidance_scale"))
             try:
                 result, meta, secs = run_generation(pipe, request)
             except (MixditError, ValueError, NotImplementedError) as e:

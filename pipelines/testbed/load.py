@@ -70,7 +70,7 @@ def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **kwargs).to(device)
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **kwargs).to(device)
     set_testbed_defaults(pipe, path)
     return pipe
 
@@ -92,3 +92,9 @@ def set_testbed_defaults(pipe, folder) -> dict:
 
 
 TESTBED_BUILDERS = {name: functools.partial(load_testbed, name) for name in TESTBED_MODELS}
+
+# for ``zoo.GENERATION_DEFAULTS`` (what the trained models were trained and tuned for)
+TESTBED_GENERATION_DEFAULTS = {
+    "mixdit-shapes-video": dict(steps=30, height=64, width=64, frames=17, guidance_scale=4.0),
+    "mixdit-shapes-image": dict(steps=30, height=64, width=64, guidance_scale=4.0),
+}
