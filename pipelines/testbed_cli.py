@@ -45,6 +45,8 @@ def register_commands(subparsers) -> None:
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--save-every", type=int, default=1000, help="save the pipeline every N steps (0: at the end only)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the pipeline already in --out (time-limited runs add up)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
@@ -67,6 +69,6 @@ def _cmd_train_testbed(args, modules=None) -> int:
     record = train_testbed(config, args.out, args.steps, max_minutes=args.max_minutes,
                            save_every=args.save_every or None, log_every=args.log_every,
                            device=None if args.device == "auto" else args.device,
-                           mixed_precision=args.mixed_precision)
+                           mixed_precision=args.mixed_precision, resume=args.resume)
     print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
     return 0

@@ -255,3 +255,21 @@ def test_quality_benchmark_smoke(trained, tmp_path):
         if name != "dense" and "error" not in entry:
             assert 0.0 <= entry["ssim_vs_dense"] <= 1.0 + 1e-9
     assert (tmp_path / f"quality-{folder.name}.md").read_text().startswith("# Quality")
+
+
+def test_resume_continues_from_saved_weights(trained, tmp_path):
+    import shutil
+
+    folder = tmp_path / "resumed"
+    shutil.copytree(trained["mini-image"][0], folder)
+    import mixdit.pipelines.testbed_cli as testbed_cli
+    from mixdit import cli
+
+    args = cli.build_parser([testbed_cli]).parse_args(
+        ["train", "testbed", "--model", "mini-image", "--out", str(folder), "--steps", "3", "--device", "cpu",
+         "--resume", "--save-every", "0"])
+    assert args.func(args, [testbed_cli]) == 0
+    record = json.loads((folder / "testbed_config.json").read_text())["training"]
+    assert record["steps"] == 3 and record["total_steps"] == 43 and record["runs"][0]["steps"] == 40
+    # a fresh start would have loss ~2 (random weights); resuming starts near where training ended
+    assert np.mean(record["losses"]) < np.mean(trained["mini-image"][1]["training"]["losses"][:5])

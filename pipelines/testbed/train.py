@@ -42,7 +42,8 @@ def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) 
 
 
 class _Trainer:
-    def __init__(self, config: TestbedConfig, device: str | None, mixed_precision: str | None):
+    def __init__(self, config: TestbedConfig, device: str | None, mixed_precision: str | None,
+                 init_from: str | os.PathLike | None = None):
         from accelerate import Accelerator
 
         cpu = device == "cpu" or (device in (None, "auto") and not torch.cuda.is_available())
@@ -51,7 +52,14 @@ class _Trainer:
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
         self.config = config
         self.device = self.accelerator.device
-        self.pipe = build_testbed_pipeline(config)
+        if init_from is not None:  # continue from a saved testbed pipeline (its EMA weights)
+            from diffusers import DiffusionPipeline
+
+            import mixdit.pipelines.testbed  # noqa: F401  (the codec class must be imported to load)
+
+            self.pipe = DiffusionPipeline.from_pretrained(str(init_from), dtype=torch.float32)
+        else:
+            self.pipe = build_testbed_pipeline(config)
         pipe = self.pipe
         self.video = config.kind == "video"
         self.text_encoders = [m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2",
@@ -148,11 +156,34 @@ class _Trainer:
 
 def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int, *, max_minutes: float | None = None,
                   save_every: int | None = None, log_every: int = 50, device: str | None = None,
-                  mixed_precision: str | None = None, log=print) -> dict:
-    """Train and save a testbed pipeline; returns the training record (also in ``testbed_config.json``)."""
+                  mixed_precision: str | None = None, resume: bool = False, log=print) -> dict:
+    """Train and save a testbed pipeline; returns the training record (also in ``testbed_config.json``).
+
+    ``resume=True`` continues from the pipeline already saved in ``out_dir`` (its config and EMA
+    weights; the optimizer state starts afresh, the data continues with new seeds), so several
+    time-limited runs add up: ``steps`` counts the new steps."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    trainer = _Trainer(config, device, mixed_precision)
+    first_step, history = 0, []
+    init_from = None
+    if resume and (out_dir / CONFIG_FILE).is_file():
+        saved = read_testbed_config(out_dir)
+        from mixdit.pipelines.testbed.models import TestbedConfig as _C
+
+        previous = _C.from_dict(saved["config"])
+        if previous.kind != config.kind:
+            from mixdit.errors import ConfigError
+
+            raise ConfigError("testbed.model", config.kind, f"{previous.kind} (what {out_dir} holds) to resume")
+        for key in ("batch_size", "learning_rate", "warmup_steps", "ema_decay", "seed"):
+            setattr(previous, key, getattr(config, key))
+        config = previous
+        first_step = int(saved["training"].get("total_steps", saved["training"]["steps"]))
+        history = saved["training"].get("runs", []) + [{k: saved["training"].get(k) for k in
+                                                         ("steps", "seconds", "final_loss", "device")}]
+        init_from = out_dir
+        log(f"resuming from {out_dir} after {first_step} steps")
+    trainer = _Trainer(config, device, mixed_precision, init_from=init_from)
     acc = trainer.accelerator
     losses: list[float] = []
     curve: list[dict] = []
@@ -168,7 +199,8 @@ def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int,
                 "final_loss": curve[-1]["loss"] if curve else None, "device": _device_name(acc.device),
                 "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
                 "batch_size_per_process": config.batch_size, "finished": final,
-                "visual_tokens_per_sample": config.num_visual_tokens}
+                "visual_tokens_per_sample": config.num_visual_tokens, "total_steps": first_step + done,
+                "runs": history}
 
     for step in range(steps):
         if budget is not None and done > 0:
@@ -177,7 +209,7 @@ def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int,
                 log(f"time budget reached after {done} steps")
                 break
         t0 = time.perf_counter()
-        losses.append(trainer.step(step))
+        losses.append(trainer.step(first_step + step))
         if acc.device.type == "cuda" and (step < 3 or step % log_every == 0):
             torch.cuda.synchronize()
         step_seconds += time.perf_counter() - t0
