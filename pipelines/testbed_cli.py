@@ -47,6 +47,10 @@ def register_commands(subparsers) -> None:
     p.add_argument("--save-every", type=int, default=1000, help="save the pipeline every N steps (0: at the end only)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the pipeline already in --out (time-limited runs add up)")
+    p.add_argument("--pack-to", default=None, metavar="DIR",
+                   help="after training, also write the folder as <name>.tar.NN parts of <= 15 MiB into DIR "
+                        "(the device machine returns at most 8 files of 16 MiB); unpack with "
+                        "`python -m mixdit.pipelines.testbed.ship unpack DIR NAME DEST`")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
@@ -71,4 +75,33 @@ def _cmd_train_testbed(args, modules=None) -> int:
                            device=None if args.device == "auto" else args.device,
                            mixed_precision=args.mixed_precision, resume=args.resume)
     print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
+    if args.pack_to:
+        from mixdit.pipelines.testbed.ship import pack
+
+        for part in pack(args.out, args.pack_to):
+            print(part)
     return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m mixdit.pipelines.testbed_cli train testbed ...``) for machines where
+    ``mixdit.cli`` does not list this module yet."""
+    import sys
+
+    from mixdit.errors import MixditError
+
+    parser = argparse.ArgumentParser(prog="python -m mixdit.pipelines.testbed_cli")
+    register_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MixditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

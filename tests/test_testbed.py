@@ -273,3 +273,18 @@ def test_resume_continues_from_saved_weights(trained, tmp_path):
     assert record["steps"] == 3 and record["total_steps"] == 43 and record["runs"][0]["steps"] == 40
     # a fresh start would have loss ~2 (random weights); resuming starts near where training ended
     assert np.mean(record["losses"]) < np.mean(trained["mini-image"][1]["training"]["losses"][:5])
+
+
+def test_pack_unpack_round_trip(trained, tmp_path):
+    from mixdit.pipelines.testbed.ship import pack, unpack
+
+    folder = trained["mini-video"][0]
+    parts = pack(folder, tmp_path / "out", name="mixdit-shapes-video", part_mib=0.05)
+    assert len(parts) > 1 and all(p.stat().st_size <= 0.05 * 1024 * 1024 for p in parts)
+    root = unpack(tmp_path / "out", "mixdit-shapes-video", tmp_path / "weights")
+    for f in folder.rglob("*"):
+        if f.is_file():
+            assert (root / f.relative_to(folder)).read_bytes() == f.read_bytes()
+    from diffusers import DiffusionPipeline
+
+    assert type(DiffusionPipeline.from_pretrained(root)).__name__ == "WanPipeline"
