@@ -41,7 +41,7 @@ def testbed_path(name: str) -> Path | None:
 
 def train_command(name: str) -> str:
     kind = TESTBED_MODELS[name]
-    return f"mixdit train testbed --model {kind} --out weights/{name} --steps 20000 --max-minutes 9"
+    return f"mixdit train testbed --model {kind} --out weights/{name} --steps 100000 --max-minutes 8"
 
 
 def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
