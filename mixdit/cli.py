@@ -19,7 +19,9 @@ import sys
 
 from mixdit.errors import MixditError
 
-FEATURE_CLI_MODULES = ("mixdit.attention.vmoba_cli", "mixdit.guidance.cli", "mixdit.attention.vmoba_train")
+# order matters where two modules add subcommands under one command (`train vmoba`, then `train testbed`)
+FEATURE_CLI_MODULES = ("mixdit.attention.vmoba_cli", "mixdit.guidance.cli", "mixdit.attention.vmoba_train",
+                       "mixdit.pipelines.testbed_cli")
 
 
 def _feature_modules():

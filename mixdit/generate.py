@@ -56,7 +56,9 @@ def _model_defaults(pipe, family: str) -> dict:
     """Small, fast defaults for built-in tiny/testbed models; diffusers' defaults otherwise."""
     from mixdit.pipelines.zoo import generation_defaults
 
-    return generation_defaults(getattr(pipe, "mixdit_model_name", None))
+    defaults = generation_defaults(getattr(pipe, "mixdit_model_name", None))
+    defaults.update(getattr(pipe, "_mixdit_defaults", None) or {})  # a trained testbed folder's own settings
+    return defaults
 
 
 def pipeline_kwargs(pipe, family: str, is_video: bool, request: GenerationRequest) -> dict:

@@ -222,6 +222,13 @@ def _register_defaults() -> None:
         register_builtin_model(name, cached_builder(name, build, tiny.TINY_VERSION), overwrite=True)
     for arch in random_models.RANDOM_ARCHS:
         register_builtin_model(f"random:{arch}", _random_builder(arch), overwrite=True)
+    # mixdit's own trained testbed models (weights trained by `mixdit train testbed`)
+    from mixdit.pipelines.testbed.load import TESTBED_BUILDERS, TESTBED_GENERATION_DEFAULTS
+
+    for name, builder in TESTBED_BUILDERS.items():
+        register_builtin_model(name, builder, overwrite=True)
+    for name, defaults in TESTBED_GENERATION_DEFAULTS.items():
+        GENERATION_DEFAULTS.setdefault(name, dict(defaults))
 
 
 _register_defaults()
@@ -322,6 +329,8 @@ def load_pipeline(name: str, device="cpu", dtype=None, **kwargs):
 
 def _load_folder_or_hub(name: str, dtype: torch.dtype, kwargs: dict):
     from diffusers import DiffusionPipeline
+
+    import mixdit.pipelines.testbed  # noqa: F401  (registers mixdit's codec class for saved testbed folders)
 
     local = Path(name).expanduser()
     if local.is_dir():
