@@ -34,7 +34,10 @@ def _search(tmp_path, *extra):
            "--objective", "toy_objective_mp:score", "--candidates", "L0-1", "--top-k", "2", "--samples", "1",
            "--steps", "2", "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
            "--out", str(tmp_path / "preset.json"), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    # a clean launcher environment: earlier in-process accelerate use may have left its variables
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env = dict(base, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
                TOY_CALL_LOG=str(tmp_path / "calls.log"))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
