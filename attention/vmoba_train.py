@@ -610,16 +610,18 @@ class FlowMatchingObjective:
     def loss(self, model, latents, prompt_embeds, generator: torch.Generator):
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+        from mixdit.pipelines.flow_matching import flow_matching_loss
+
         B = latents.shape[0]
         timesteps, sigmas = self.sample(B, generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        timesteps, s = timesteps.to(latents.device), sigmas.to(latents.device).view(B, 1, 1, 1, 1)
-        noisy = (1.0 - s) * latents + s * noise
-        pred = model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-        target = noise - latents
+        timesteps = timesteps.to(latents.device)
+        s = sigmas.to(latents.device).view(B, *([1] * (latents.ndim - 1)))
         weighting = compute_loss_weighting_for_sd3("none" if self.config.timestep_sampling == "uniform" else
                                                    self.config.timestep_sampling, sigmas=s)
-        return (weighting.float() * (pred.float() - target.float()) ** 2).mean()
+        return flow_matching_loss(
+            lambda x_t: model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                              return_dict=False)[0],
+            latents, sigmas, generator, weighting)
 
 
 # ----------------------------------------------------------------------------------------------

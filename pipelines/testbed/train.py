@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixdit.pipelines.flow_matching import flow_matching_loss
 from mixdit.pipelines.testbed.models import TestbedConfig, build_testbed_pipeline
 from mixdit.pipelines.testbed.scenes import render, sample_scene
 
@@ -110,13 +111,13 @@ class _Trainer:
         captions, x0 = self.batch(step)
         b = x0.shape[0]
         sigma = sample_sigmas(b, c.flow_shift, self.generator, self.device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
-        s = sigma.view(b, *([1] * (x0.ndim - 1)))
-        xt = (1 - s) * x0 + s * noise
-        with self.accelerator.autocast():
-            cond = self.encode(captions)
-            pred = self.model(hidden_states=xt, timestep=sigma * 1000, return_dict=False, **cond)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+
+        def predict(x_t):
+            with self.accelerator.autocast():
+                cond = self.encode(captions)
+                return self.model(hidden_states=x_t, timestep=sigma * 1000, return_dict=False, **cond)[0]
+
+        loss = flow_matching_loss(predict, x0, sigma, self.generator)
         self.accelerator.backward(loss)
         if self.accelerator.num_processes > 1 and c.train_text_encoder:  # text encoders are not DDP-wrapped
             for m in self.text_encoders:

@@ -1,0 +1,29 @@
+"""The flow-matching (rectified flow) objective shared by mixdit's trainers.
+
+``x_t = (1 − σ)·x0 + σ·ε`` and the network predicts the velocity ``ε − x0``, as in diffusers'
+SD3 / FLUX / Wan training scripts and their ``FlowMatchEulerDiscreteScheduler``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def flow_matching_loss(predict: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, sigmas: torch.Tensor,
+                       generator: torch.Generator, weighting: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (optionally weighted) squared error of ``predict(x_t)`` against ``ε − x0``.
+
+    ``sigmas``: one noise level in [0, 1] per sample; ``generator`` draws ``ε`` (on the CPU, so a
+    run is reproducible on any device); ``weighting`` broadcasts against ``x0`` (e.g. diffusers'
+    ``compute_loss_weighting_for_sd3``).
+    """
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    s = sigmas.to(x0.device).view(b, *([1] * (x0.ndim - 1)))
+    x_t = (1.0 - s) * x0 + s * noise
+    err = (predict(x_t).float() - (noise - x0).float()) ** 2
+    if weighting is not None:
+        err = weighting.float() * err
+    return err.mean()
