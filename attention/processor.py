@@ -47,9 +47,9 @@ class AttentionCall:
 
 
 class _CatchSDPA(TorchFunctionMode):
-    def __init__(self, processor: "MixditAttnProcessor", ctx: ForwardContext):
+    def __init__(self, processor: "MixditAttnProcessor", ctx: ForwardContext, active: list):
         super().__init__()
-        self.processor, self.ctx = processor, ctx
+        self.processor, self.ctx, self.active = processor, ctx, active
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -62,7 +62,7 @@ class _CatchSDPA(TorchFunctionMode):
         attn_mask, scale = bound.pop("attn_mask", None), bound.pop("scale", None)
         extra = {k_: v_ for k_, v_ in bound.items() if v_ not in (None, False, 0.0)}
         call = AttentionCall(q, k, v, attn_mask, scale, self.ctx, self.processor.site, extra)
-        return self.processor.session.run_attention(call)
+        return self.processor.session.run_attention(call, self.active)
 
 
 class MixditAttnProcessor:
@@ -90,10 +90,11 @@ class MixditAttnProcessor:
 
     def __call__(self, attn, *args, **kwargs):
         ctx = current_context()
-        if ctx is None or not self.session.wants_attention(self.site, ctx):
+        active = self.session.active_features(self.site, ctx) if ctx is not None else []
+        if not active:
             return self.original(attn, *args, **kwargs)
         ctx.layer_index = self.site.layer_index
-        with _CatchSDPA(self, ctx):
+        with _CatchSDPA(self, ctx, active):
             return self.inner(attn, *args, **kwargs)
 
     def __getattr__(self, name):  # diffusers inspects processor attributes (e.g. signature checks)

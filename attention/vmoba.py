@@ -74,6 +74,12 @@ class VMoBAConfig:
         overlaps kept). Per-token selections of a 128-query tile cover almost every key tile, so
         the exact rule saves little compute; ``query_tile`` makes the computed tiles match the
         selected density. Its fidelity is measured in ``benchmarks/vmoba.py``.
+    max_tile_density: the dense-fallback rule that keeps VMoBA from being slower than dense. When
+        the key tiles a layer's selection makes the kernel compute exceed this share of all key
+        tiles, sparsity cannot pay (router + per-row masks on H100 cost more than the skipped
+        tiles save; break-even measured ≈ 0.5 for the exact rule) and that layer runs dense. The
+        share is measured on the layer's first sparse call and re-measured every 10 calls (one host
+        sync each time). 1.0 disables the rule.
     """
 
     selection: str = "threshold"
@@ -93,6 +99,7 @@ class VMoBAConfig:
     router_precision: str = "tf32x3"
     tile_union_only: bool = False
     granularity: str = "token"
+    max_tile_density: float = 0.5
     kv_tile_spatiotemporal: int | None = None
 
     def __post_init__(self):
@@ -127,6 +134,7 @@ class VMoBAConfig:
         check_choice("vmoba.kv_tile_spatiotemporal", self.kv_tile_spatiotemporal, (None, 16, 32, 64, 128))
         check_choice("vmoba.tile_union_only", self.tile_union_only, (False, True))
         check_choice("vmoba.granularity", self.granularity, GRANULARITIES)
+        check_number("vmoba.max_tile_density", self.max_tile_density, 0.0, 1.0)
 
     def block_shape(self, layer_type: str, grid) -> tuple:
         """Block shape (frames, rows, cols) in grid units for a layer type (before clipping)."""

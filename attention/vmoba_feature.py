@@ -7,7 +7,10 @@ lives in :mod:`mixdit.attention.vmoba`. Cross-attention is never touched (Wan's 
 from __future__ import annotations
 
 from mixdit.api import Feature, register_feature
-from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats, vmoba_attention, vmoba_should_run_dense
+from mixdit.attention.vmoba import (VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention,
+                                    vmoba_should_run_dense)
+
+RECHECK_EVERY = 10  # calls between two measurements of a layer's tile density (each costs a host sync)
 
 
 @register_feature
@@ -19,6 +22,9 @@ class VMoBAFeature(Feature):
     def __init__(self, config, adapter, pipe):
         super().__init__(config, adapter, pipe)
         self.stats = VMoBAStats()
+        # (module name, grid) -> [runs dense?, calls left before the next measurement]
+        self._fallback: dict[tuple, list] = {}
+        self.fallback_calls: dict[str, int] = {}
 
     def sites(self, model, denoiser_name):
         return self.adapter.attention_sites(model)  # both Wan 2.2 experts: called once per denoiser
@@ -26,8 +32,16 @@ class VMoBAFeature(Feature):
     def wants(self, site, ctx):
         if ctx.grid is None:
             return False
-        return not vmoba_should_run_dense(self.config, ctx.step_index, ctx.num_steps, site.layer_index,
-                                          ctx.num_visual_tokens)
+        if vmoba_should_run_dense(self.config, ctx.step_index, ctx.num_steps, site.layer_index,
+                                  ctx.num_visual_tokens):
+            return False
+        entry = self._fallback.get((site.name, ctx.grid))
+        if entry is not None and entry[0] and entry[1] > 0:  # sparsity did not pay here: dense
+            entry[1] -= 1
+            lt = layer_type_for(site.layer_index, self.config)
+            self.fallback_calls[lt] = self.fallback_calls.get(lt, 0) + 1
+            return False
+        return True
 
     def attend(self, call):
         ctx = call.ctx
@@ -37,15 +51,34 @@ class VMoBAFeature(Feature):
         if key_mask is False:
             return None
         q, k, v = (t.transpose(1, 2) for t in (call.query, call.key, call.value))  # views, [B, S, H, D]
+        probe = VMoBAStats()
         out = vmoba_attention(q, k, v, grid=ctx.grid, layer_index=call.site.layer_index, config=self.config,
                               scale=call.scale, text_len=ctx.text_len,
                               text_position=ctx.text_position if ctx.text_len else "none",
-                              stats=self.stats, text_key_mask=key_mask)
+                              stats=probe, text_key_mask=key_mask)
+        for lt in probe.counts:
+            self.stats.record(lt, probe.sums.get(lt), probe.tile_sums.get(lt))
+        self._update_fallback(call.site.name, ctx.grid, probe)
         return out.transpose(1, 2)
 
+    def _update_fallback(self, name, grid, probe: VMoBAStats) -> None:
+        """The documented dense-fallback rule (``VMoBAConfig.max_tile_density``)."""
+        if self.config.max_tile_density >= 1.0:
+            return
+        key = (name, grid)
+        entry = self._fallback.setdefault(key, [False, 0])
+        if entry[1] > 0:  # not due for a measurement
+            entry[1] -= 1
+            return
+        tiles = [float(t) for t in probe.tile_sums.values()]  # one host sync
+        entry[0] = bool(tiles) and max(tiles) > self.config.max_tile_density
+        entry[1] = RECHECK_EVERY - 1
+
     def summary(self):
-        return {"config": {"selection": self.config.selection, "threshold": self.config.threshold},
-                "density": self.stats.as_dict()}
+        return {"config": {"selection": self.config.selection, "threshold": self.config.threshold,
+                           "granularity": self.config.granularity},
+                "density": self.stats.as_dict(),
+                "dense_fallback_calls": dict(self.fallback_calls)}
 
 
 def _key_mask(attn_mask, batch: int, num_keys: int):

@@ -210,11 +210,11 @@ class Session:
             return None, None
         return index, len(schedule)
 
-    def wants_attention(self, site: AttentionSite, ctx: ForwardContext) -> bool:
-        return any(f.wants(site, ctx) for f in self.features if site in f.sites_cache)
+    def active_features(self, site: AttentionSite, ctx: ForwardContext) -> list[Feature]:
+        """The features that take part in this attention call (asked once per call)."""
+        return [f for f in self.features if site in f.sites_cache and f.wants(site, ctx)]
 
-    def run_attention(self, call: AttentionCall) -> torch.Tensor:
-        active = [f for f in self.features if call.site in f.sites_cache and f.wants(call.site, call.ctx)]
+    def run_attention(self, call: AttentionCall, active: list[Feature]) -> torch.Tensor:
         out = None
         for feature in active:
             out = feature.attend(call)

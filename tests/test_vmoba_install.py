@@ -8,7 +8,7 @@ from mixdit.errors import UnsupportedModelError
 
 # tiny grids: every layer type must still cut the grid into several blocks
 SMALL = dict(temporal_block=1, spatial_block=(2, 2), spatiotemporal_block=(1, 2, 2), dense_steps=0,
-             dense_layers=(), min_tokens=0, kv_tile=16, q_tile=64)
+             dense_layers=(), min_tokens=0, kv_tile=16, q_tile=64, max_tile_density=1.0)
 ALL_BLOCKS = dict(SMALL, selection="topk", topk_temporal=1000, topk_spatial=1000, topk_spatiotemporal=1000)
 
 
@@ -144,3 +144,25 @@ def test_query_tile_granularity():
         kb2[1] = torch.randn_like(kb2[1])
         r2 = route_query_tiles(qb, kb2, part, cfg)
         assert torch.equal(r2.kv_count[0], r.kv_count[0]) and torch.equal(r2.kv_index[0], r.kv_index[0])
+
+
+def test_dense_fallback_rule_when_sparsity_cannot_pay():
+    """max_tile_density: a layer whose selection makes the kernel visit more than that share of the
+    key tiles runs dense (the original processor) until the next measurement."""
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    model, x = tiny_wan(), wan_inputs(2)
+    with torch.no_grad():
+        ref = model(**x)[0]
+        mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25, max_tile_density=0.0)))
+        first = model(**x)[0]  # measured: sparse
+        second = model(**x)[0]  # every layer now over the limit: dense
+        fallback = mixdit.summary(model)["features"]["vmoba"]["dense_fallback_calls"]
+        mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25)))  # max_tile_density=1.0: rule off
+        model(**x)
+        model(**x)
+        never = mixdit.summary(model)["features"]["vmoba"]["dense_fallback_calls"]
+    mixdit.remove(model)
+    assert not torch.allclose(first, ref, atol=1e-4)
+    assert torch.equal(second, ref)
+    assert sum(fallback.values()) == 3 and never == {}
