@@ -78,7 +78,7 @@ class VMoBAConfig:
         the key tiles a layer's selection makes the kernel compute exceed this share of all key
         tiles, sparsity cannot pay (router + per-row masks on H100 cost more than the skipped
         tiles save; break-even measured ≈ 0.5 for the exact rule) and that layer runs dense. The
-        share is measured on the layer's first sparse call and re-measured every 10 calls (one host
+        share is measured on the layer's first sparse call and re-measured every 50 calls (one host
         sync each time). 1.0 disables the rule.
     """
 
