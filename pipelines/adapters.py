@@ -112,6 +112,14 @@ def _pipeline_call_locals(pipe) -> dict:
     return {}
 
 
+def _dual_then_single_sites(model) -> list[AttentionSite]:
+    """FLUX / HunyuanVideo numbering: the dual-stream blocks, then the single-stream blocks, as one index."""
+    double = list(_sites(model.transformer_blocks, "attn", "joint", "transformer_blocks"))
+    single = list(_sites(model.single_transformer_blocks, "attn", "single", "single_transformer_blocks",
+                         start=len(double)))
+    return double + single
+
+
 def _sites(blocks, attr: str, kind: str, prefix: str, start: int = 0) -> Iterator[AttentionSite]:
     for i, block in enumerate(blocks):
         yield AttentionSite(start + i, f"{prefix}.{i}.{attr}", getattr(block, attr), kind)
@@ -146,10 +154,7 @@ class FluxAdapter(FamilyAdapter):
     family, transformer_class, text_position = "flux", "FluxTransformer2DModel", "before"
 
     def attention_sites(self, model):
-        double = list(_sites(model.transformer_blocks, "attn", "joint", "transformer_blocks"))
-        single = list(_sites(model.single_transformer_blocks, "attn", "single", "single_transformer_blocks",
-                             start=len(double)))
-        return double + single
+        return _dual_then_single_sites(model)
 
     def grid(self, model, args, kwargs):
         img_ids = kwargs.get("img_ids")
@@ -206,10 +211,7 @@ class HunyuanVideoAdapter(FamilyAdapter):
     _ehs_pos = 2
 
     def attention_sites(self, model):
-        double = list(_sites(model.transformer_blocks, "attn", "joint", "transformer_blocks"))
-        single = list(_sites(model.single_transformer_blocks, "attn", "single", "single_transformer_blocks",
-                             start=len(double)))
-        return double + single
+        return _dual_then_single_sites(model)
 
     def grid(self, model, args, kwargs):
         x = _arg(args, kwargs, "hidden_states", 0)
