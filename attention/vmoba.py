@@ -335,28 +335,6 @@ def _stats_object(stats):
 # kernels dispatch
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _resolve_block_sparse_attention():
-    try:
-        from mixdit.kernels.block_sparse_attention import block_sparse_attention
-        return block_sparse_attention, False
-    except ModuleNotFoundError as e:
-        if e.name != "mixdit.kernels.block_sparse_attention":
-            raise
-    from mixdit.kernels.reference import block_sparse_attention_reference
-    return block_sparse_attention_reference, True
-
-
-def block_sparse_attention_or_reference_fallback(q, k, v, kv_count, kv_index, **kw):
-    """The Triton block-sparse kernel; ONLY when its module does not exist yet, the naive PyTorch
-    reference (``using_block_sparse_reference_fallback()`` says which)."""
-    fn, _ = _resolve_block_sparse_attention()
-    return fn(q, k, v, kv_count, kv_index, **kw)
-
-
-def using_block_sparse_reference_fallback() -> bool:
-    return _resolve_block_sparse_attention()[1]
-
-
 def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
     """Block-sparse call adapted to the kernel's contract.
 
@@ -374,7 +352,9 @@ def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     if Dp != D:
         q, k, v = (F.pad(t, (0, Dp - D)) for t in (q, k, v))
-    out, lse = block_sparse_attention_or_reference_fallback(
+    from mixdit.kernels import block_sparse_attention
+
+    out, lse = block_sparse_attention(
         q.to(dt), k.to(dt), v.to(dt), kv_count, kv_index, scale=scale, **kw)
     return out[..., :D].to(q.dtype), lse
 
@@ -598,6 +578,5 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
 __all__ = [
     "VMoBAConfig", "VMoBAPartition", "VMoBAStats", "get_partition", "layer_type_for", "partition_for_layer",
     "vmoba_attention", "vmoba_should_run_dense", "merge_attention_lse", "route", "route_reference",
-    "block_sparse_attention_or_reference_fallback", "using_block_sparse_reference_fallback",
     "LAYER_TYPES", "SELECTIONS",
 ]

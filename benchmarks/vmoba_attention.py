@@ -55,10 +55,8 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
 
 
 def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None):
-    from mixdit.attention.vmoba import (VMoBAConfig, _kernel_attention, partition_for_layer, route,
-                                        using_block_sparse_reference_fallback)
+    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention, partition_for_layer, route
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    assert not using_block_sparse_reference_fallback(), "block-sparse kernel module missing"
     dev, dt = "cuda", torch.bfloat16
     cfg = VMoBAConfig(selection=selection, min_tokens=0, dense_layers=(), kv_tile_spatiotemporal=kv_tile_3d)
     gpu = torch.cuda.get_device_name().replace(" ", "-")
