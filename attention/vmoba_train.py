@@ -173,14 +173,18 @@ class TrainConfig:
 
 
 def resolve_vmoba_config(vmoba):
-    """``True`` -> default ``VMoBAConfig``; dict -> ``VMoBAConfig(**dict)``; None/False -> None."""
+    """``True`` -> default ``VMoBAConfig``; dict -> ``VMoBAConfig(**dict)``; None/False -> None.
+
+    Training keeps every layer sparse: the inference-speed dense-fallback rule
+    (``max_tile_density``) is off (1.0) unless the dict sets it."""
     if vmoba is None or vmoba is False:
         return None
     from mixdit.attention.vmoba import VMoBAConfig
 
     if vmoba is True:
-        return VMoBAConfig()
+        return VMoBAConfig(max_tile_density=1.0)
     if isinstance(vmoba, dict):
+        vmoba = {"max_tile_density": 1.0, **vmoba}
         known = {f.name for f in dataclasses.fields(VMoBAConfig)}
         unknown = sorted(set(vmoba) - known)
         if unknown:
@@ -707,7 +711,6 @@ def train_vmoba(config: TrainConfig) -> dict:
     ``out`` (folder), ``saved`` (paths written), ``vmoba`` (mixdit summary or None),
     ``weights_sha256`` (checksum of the trained expert).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 

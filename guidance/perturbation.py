@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.hooks import HookRegistry, ModelHook
 
 from mixdit.api import Feature, register_feature, session_of
 from mixdit.config import check_choice, check_number, config_to_dict
@@ -49,7 +48,6 @@ from mixdit.pipelines.context import ForwardContext, current_context
 
 MODES = ("identity", "identity_image", "uniform", "mean_query")
 PLAN_KEY = "guidance"
-_CALL_NAME_HOOK = "mixdit.guidance.call_name"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,33 +195,6 @@ def explicit_perturbed_attention(q, k, v, weight, mode: str, *, scale=None, text
 # ------------------------------------------------------------------------------------------------
 # hooks
 # ------------------------------------------------------------------------------------------------
-def _call_name_hook_classes():
-    from diffusers.hooks.hooks import BaseState, StateManager
-
-    class _NoState(BaseState):
-        def reset(self, *args, **kwargs):
-            pass
-
-    class CallNameHook(ModelHook):
-        """Reads the pipeline's ``cache_context("cond" | "uncond")`` name of each denoiser call."""
-
-        _is_stateful = True
-
-        def __init__(self):
-            super().__init__()
-            self.state_manager = StateManager(_NoState)
-
-        def reset_state(self, module):
-            return module
-
-        @property
-        def call_name(self) -> str | None:
-            ctx = self.state_manager._context
-            return None if ctx is None else ctx.name
-
-    return CallNameHook
-
-
 _SIG_CACHE: dict[type, list[str]] = {}
 
 
@@ -304,7 +275,6 @@ class PerturbationGuidance(Feature):
         self.row_head_sets: list[frozenset] | None = None
         self._layout_override: tuple[tuple[str, ...], float] | None = None
         self._perturb_in_place = False  # guider mode: every row is the perturbed pass, no extra rows
-        self._call_hooks: list[tuple[torch.nn.Module, Any]] = []
         self._handles: list = []
         self.stats = {"perturbed_calls": 0, "perturbed_rows": 0, "last_fork_layer": None}
 
@@ -317,13 +287,7 @@ class PerturbationGuidance(Feature):
         return [s for s in sites if s.layer_index in layers]
 
     def install(self, session) -> None:
-        hook_cls = _call_name_hook_classes()
         for name, model in self.adapter.denoisers(self.pipe):
-            registry = HookRegistry.check_if_exists_or_initialize(model)
-            if registry.get_hook(_CALL_NAME_HOOK) is None:
-                hook = hook_cls()
-                registry.register_hook(hook, _CALL_NAME_HOOK)
-                self._call_hooks.append((model, hook))
             for layer, block in self.adapter.blocks(model):
                 self._handles.append(block.register_forward_pre_hook(self._block_pre_hook(layer, model),
                                                                      with_kwargs=True))
@@ -332,17 +296,6 @@ class PerturbationGuidance(Feature):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for model, _ in self._call_hooks:
-            registry = getattr(model, "_diffusers_hook", None)
-            if registry is not None and registry.get_hook(_CALL_NAME_HOOK) is not None:
-                registry.remove_hook(_CALL_NAME_HOOK, recurse=False)
-        self._call_hooks.clear()
-
-    def _call_name(self, model) -> str | None:
-        for m, hook in self._call_hooks:
-            if m is model:
-                return hook.call_name
-        return None
 
     # -- per call ----------------------------------------------------------------------------
     def _step(self, ctx: ForwardContext) -> tuple[int | None, int | None]:
@@ -363,9 +316,8 @@ class PerturbationGuidance(Feature):
         B = ctx.batch_size
         if self._layout_override is not None:
             roles, w = self._layout_override
-        else:
-            pipe = None if isinstance(self.pipe, torch.nn.Module) else self.pipe
-            roles, w = self.adapter.guidance_rows(pipe, ctx.denoiser_name, B, self._call_name(model))
+        else:  # the forward context knows the rows' roles and the pipeline's CFG scale (mixdit.api)
+            roles, w = ctx.row_roles or (), ctx.extras.get("cfg_scale", 1.0)
         if self.config.cfg_scale is not None and w != 1.0:
             w = float(self.config.cfg_scale)
         if len(roles) != B:

@@ -27,6 +27,7 @@ from mixdit.pipelines.adapters import AttentionSite, FamilyAdapter, adapter_for
 from mixdit.pipelines.context import ForwardContext, reset_context, set_context
 
 _HOOK_NAME = "mixdit.forward_context"
+_CALL_NAME_HOOK = "mixdit.call_name"
 _STATE_ATTR = "_mixdit_session"
 
 
@@ -127,6 +128,33 @@ class _ForwardContextHook(ModelHook):
         return output
 
 
+def _call_name_hook():
+    """A stateful hook whose only job is to read the pipeline's ``cache_context("cond" | "uncond")``
+    name of each denoiser call (diffusers sets it on stateful hooks' state managers)."""
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    class _NoState(BaseState):
+        def reset(self, *args, **kwargs):
+            pass
+
+    class CallNameHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self):
+            super().__init__()
+            self.state_manager = StateManager(_NoState)
+
+        def reset_state(self, module):
+            return module
+
+        @property
+        def call_name(self) -> str | None:
+            ctx = self.state_manager._context
+            return None if ctx is None else ctx.name
+
+    return CallNameHook()
+
+
 class Session:
     """What mixdit installed on one pipeline (stored on the pipeline; one at a time)."""
 
@@ -134,12 +162,16 @@ class Session:
         self.pipe, self.adapter, self.features = pipe, adapter, features
         self.original_processors: list[tuple[torch.nn.Module, Any]] = []
         self.hooked: list[torch.nn.Module] = []
+        self.call_names: dict[int, ModelHook] = {}  # id(denoiser) -> its call-name hook
         self.calls = 0
 
     # -- installation ----------------------------------------------------------------------
     def install(self) -> None:
         for name, model in self.adapter.denoisers(self.pipe):
             registry = HookRegistry.check_if_exists_or_initialize(model)
+            call_name = _call_name_hook()
+            registry.register_hook(call_name, _CALL_NAME_HOOK)
+            self.call_names[id(model)] = call_name
             registry.register_hook(_ForwardContextHook(self, name), _HOOK_NAME)
             self.hooked.append(model)
             wanted: dict[int, AttentionSite] = {}
@@ -162,10 +194,12 @@ class Session:
             module.set_processor(original)
         for model in self.hooked:
             registry = getattr(model, "_diffusers_hook", None)
-            if registry is not None and registry.get_hook(_HOOK_NAME) is not None:
-                registry.remove_hook(_HOOK_NAME, recurse=False)
+            for hook_name in (_HOOK_NAME, _CALL_NAME_HOOK):
+                if registry is not None and registry.get_hook(hook_name) is not None:
+                    registry.remove_hook(hook_name, recurse=False)
         self.original_processors.clear()
         self.hooked.clear()
+        self.call_names.clear()
 
     # -- per call --------------------------------------------------------------------------
     def make_context(self, model, denoiser_name: str, args: tuple, kwargs: dict) -> ForwardContext:
@@ -173,6 +207,11 @@ class Session:
         timestep = self.adapter.timestep(args, kwargs)
         step_index, num_steps = self._step_of(timestep)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
+        batch = int(hidden.shape[0]) if hidden is not None else 1
+        hook = self.call_names.get(id(model))
+        call_name = hook.call_name if hook is not None else None
+        pipe = None if isinstance(self.pipe, torch.nn.Module) else self.pipe
+        roles, cfg_scale = self.adapter.row_roles(pipe, denoiser_name, batch, call_name)
         return ForwardContext(
             family=self.adapter.family,
             denoiser_name=denoiser_name,
@@ -182,8 +221,10 @@ class Session:
             grid=self.adapter.grid(model, args, kwargs),
             text_len=self.adapter.text_len(model, args, kwargs),
             text_position=self.adapter.text_position,
-            batch_size=int(hidden.shape[0]) if hidden is not None else 1,
+            batch_size=batch,
+            row_roles=tuple(roles) if len(roles) == batch else None,
             num_layers=self.adapter.num_layers(model),
+            extras={"call_name": call_name, "cfg_scale": cfg_scale},
         )
 
     def _step_of(self, timestep: float | None) -> tuple[int | None, int | None]:

@@ -76,7 +76,7 @@ class FamilyAdapter:
         """(layer index, block module) in execution order: the block that holds each attention site."""
         return [(s.layer_index, model.get_submodule(s.name.rsplit(".", 1)[0])) for s in self.attention_sites(model)]
 
-    def guidance_rows(self, pipe, denoiser_name: str, batch_size: int, call_name: str | None
+    def row_roles(self, pipe, denoiser_name: str, batch_size: int, call_name: str | None
                       ) -> tuple[tuple[str, ...], float]:
         """Roles of the rows of one denoiser call made by this family's diffusers pipeline, and the
         classifier-free guidance scale the pipeline will apply to the ``cond`` rows (1.0 = none).
@@ -140,7 +140,7 @@ class SD3Adapter(FamilyAdapter):
         p = model.config.patch_size
         return (1, x.shape[-2] // p, x.shape[-1] // p)
 
-    def guidance_rows(self, pipe, denoiser_name, batch_size, call_name):
+    def row_roles(self, pipe, denoiser_name, batch_size, call_name):
         # StableDiffusion3Pipeline batches [uncond, cond] when it applies CFG (guidance_scale > 1)
         if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False) and batch_size % 2 == 0:
             half = batch_size // 2
@@ -166,7 +166,7 @@ class FluxAdapter(FamilyAdapter):
         h, w = int(ids[1]) + 1, int(ids[2]) + 1
         return (1, h, w) if h * w == x.shape[1] else (1, 1, x.shape[1])
 
-    def guidance_rows(self, pipe, denoiser_name, batch_size, call_name):
+    def row_roles(self, pipe, denoiser_name, batch_size, call_name):
         # FluxPipeline calls the transformer for "cond", then (true CFG only) for "uncond"
         if call_name == "uncond":
             return ("uncond",) * batch_size, 1.0
@@ -192,7 +192,7 @@ class WanAdapter(FamilyAdapter):
         pt, ph, pw = model.config.patch_size
         return (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
 
-    def guidance_rows(self, pipe, denoiser_name, batch_size, call_name):
+    def row_roles(self, pipe, denoiser_name, batch_size, call_name):
         # WanPipeline calls the current expert for "cond", then (CFG only) for "uncond"
         if call_name == "uncond":
             return ("uncond",) * batch_size, 1.0

@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from mixdit.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+from mixdit.errors import ConfigError, ModelNotFoundError
 
 Builder = Callable[..., "object"]  # (device: torch.device, dtype: torch.dtype, **kwargs) -> DiffusionPipeline
 

@@ -19,7 +19,8 @@ from mixdit.errors import ConfigError
 TINY = dict(height=64, width=64, frames=9)  # tiny-wan: latent 16 x 3 x 8 x 8 -> 48 tokens
 # VMoBA on for every layer of the tiny grid (defaults keep layer 0 and grids < 4096 tokens dense);
 # 1-frame chunks, 2x2 tubes and 2x2x2 cubes so the 3 x 4 x 4 token grid has >= 3 blocks per layer
-TINY_VMOBA = dict(min_tokens=0, dense_layers=(), temporal_block=1, spatial_block=(2, 2), spatiotemporal_block=(2, 2, 2))
+TINY_VMOBA = dict(min_tokens=0, dense_layers=(), temporal_block=1, spatial_block=(2, 2), spatiotemporal_block=(2, 2, 2),
+                  max_tile_density=1.0)  # tiny grids visit most tiles: keep the dense-fallback rule off
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,6 @@ def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
     import torch
     from diffusers import DiffusionPipeline
 
-    from mixdit.pipelines.testbed.train import read_testbed_config
 
     if name not in TESTBED_MODELS:
         raise ModelNotFoundError(f"{name!r} is not a testbed model (known: {', '.join(TESTBED_MODELS)})")

@@ -23,8 +23,7 @@ measured on 256 rendered scenes with a fixed seed when a pipeline is built.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
