@@ -158,3 +158,29 @@ def test_pipeline_with_cpu_offload_apply_then_remove_is_bitwise():
     after = run()
     assert np.abs(patched - ref).max() > 1e-4
     assert np.array_equal(after, ref)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("tiny-sd3", [("uncond", "cond")]),  # one batched CFG call per step
+    ("tiny-wan", [("cond",), ("uncond",)]),  # separate cond / uncond calls per step
+])
+def test_forward_context_row_roles_and_steps(name, expected):
+    pipe = mixdit.load_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    class Roles(Recorder):
+        def attend(self, call):
+            if call.site.layer_index == 0:
+                seen.append((call.ctx.row_roles, call.ctx.step_index, call.ctx.num_steps))
+            return None
+
+    register_feature(Roles)
+    kw = dict(num_frames=9) if name == "tiny-wan" else {}
+    mixdit.apply(pipe, _recorder=True)
+    pipe("a red square", num_inference_steps=2, height=64, width=64, guidance_scale=4.0, output_type="np",
+         generator=torch.Generator().manual_seed(0), **kw)
+    mixdit.remove(pipe)
+    per_step = len(expected)
+    assert [s[0] for s in seen] == expected * 2
+    assert [s[1] for s in seen] == [0] * per_step + [1] * per_step and all(s[2] == 2 for s in seen)
