@@ -162,16 +162,24 @@ def layer_type_for(layer_index: int, config: VMoBAConfig) -> str:
     return LAYER_TYPES[(int(layer_index) - config.layer_cycle_start) % 3]
 
 
+def vmoba_dense_reason(config: VMoBAConfig, step_index: int | None, num_steps: int | None,
+                       layer_index: int, num_tokens: int) -> str | None:
+    """Why this call runs dense (``"dense_layers"``, ``"min_tokens"``, ``"dense_steps"``), or None.
+    ``step_index``/``num_steps`` may be None (unknown step: only the layer and token rules apply)."""
+    if layer_index in config.dense_layers:
+        return "dense_layers"
+    if num_tokens < config.min_tokens:
+        return "min_tokens"
+    if step_index is not None and num_steps is not None and step_index < config.dense_step_count(num_steps):
+        return "dense_steps"
+    return None
+
+
 def vmoba_should_run_dense(config: VMoBAConfig, step_index: int | None, num_steps: int | None,
                            layer_index: int, num_tokens: int) -> bool:
     """Whether this call runs dense attention: a dense layer, a dense early step, or too few
-    video tokens (``num_tokens < min_tokens``). ``step_index``/``num_steps`` may be None (unknown
-    step: only the layer and token rules apply)."""
-    if layer_index in config.dense_layers or num_tokens < config.min_tokens:
-        return True
-    if step_index is not None and num_steps is not None:
-        return step_index < config.dense_step_count(num_steps)
-    return False
+    video tokens (``num_tokens < min_tokens``); see :func:`vmoba_dense_reason`."""
+    return vmoba_dense_reason(config, step_index, num_steps, layer_index, num_tokens) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,6 +585,6 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
 
 __all__ = [
     "VMoBAConfig", "VMoBAPartition", "VMoBAStats", "get_partition", "layer_type_for", "partition_for_layer",
-    "vmoba_attention", "vmoba_should_run_dense", "merge_attention_lse", "route", "route_reference",
+    "vmoba_attention", "vmoba_should_run_dense", "vmoba_dense_reason", "merge_attention_lse", "route", "route_reference",
     "LAYER_TYPES", "SELECTIONS",
 ]

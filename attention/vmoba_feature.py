@@ -7,8 +7,7 @@ lives in :mod:`mixdit.attention.vmoba`. Cross-attention is never touched (Wan's 
 from __future__ import annotations
 
 from mixdit.api import Feature, register_feature
-from mixdit.attention.vmoba import (VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention,
-                                    vmoba_should_run_dense)
+from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention, vmoba_dense_reason
 
 RECHECK_EVERY = 50  # calls between two measurements of a layer's tile density (~once per 50-step generation)
 
@@ -24,7 +23,7 @@ class VMoBAFeature(Feature):
         self.stats = VMoBAStats()
         # (module name, grid) -> [runs dense?, calls left before the next measurement]
         self._fallback: dict[tuple, list] = {}
-        self.fallback_calls: dict[str, int] = {}
+        self.dense_calls: dict[str, int] = {}  # reason -> calls kept dense by a documented rule
 
     def sites(self, model, denoiser_name):
         return self.adapter.attention_sites(model)  # both Wan 2.2 experts: called once per denoiser
@@ -32,14 +31,14 @@ class VMoBAFeature(Feature):
     def wants(self, site, ctx):
         if ctx.grid is None:
             return False
-        if vmoba_should_run_dense(self.config, ctx.step_index, ctx.num_steps, site.layer_index,
-                                  ctx.num_visual_tokens):
-            return False
+        reason = vmoba_dense_reason(self.config, ctx.step_index, ctx.num_steps, site.layer_index,
+                                    ctx.num_visual_tokens)
         entry = self._fallback.get((site.name, ctx.grid))
-        if entry is not None and entry[0] and entry[1] > 0:  # sparsity did not pay here: dense
+        if reason is None and entry is not None and entry[0] and entry[1] > 0:  # sparsity did not pay here
             entry[1] -= 1
-            lt = layer_type_for(site.layer_index, self.config)
-            self.fallback_calls[lt] = self.fallback_calls.get(lt, 0) + 1
+            reason = "max_tile_density:" + layer_type_for(site.layer_index, self.config)
+        if reason is not None:
+            self.dense_calls[reason] = self.dense_calls.get(reason, 0) + 1
             return False
         return True
 
@@ -78,7 +77,7 @@ class VMoBAFeature(Feature):
         return {"config": {"selection": self.config.selection, "threshold": self.config.threshold,
                            "granularity": self.config.granularity},
                 "density": self.stats.as_dict(),
-                "dense_fallback_calls": dict(self.fallback_calls)}
+                "dense_calls": dict(self.dense_calls)}
 
 
 def _key_mask(attn_mask, batch: int, num_keys: int):

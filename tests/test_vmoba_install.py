@@ -157,11 +157,11 @@ def test_dense_fallback_rule_when_sparsity_cannot_pay():
         mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25, max_tile_density=0.0)))
         first = model(**x)[0]  # measured: sparse
         second = model(**x)[0]  # every layer now over the limit: dense
-        fallback = mixdit.summary(model)["features"]["vmoba"]["dense_fallback_calls"]
+        fallback = mixdit.summary(model)["features"]["vmoba"]["dense_calls"]
         mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25)))  # max_tile_density=1.0: rule off
         model(**x)
         model(**x)
-        never = mixdit.summary(model)["features"]["vmoba"]["dense_fallback_calls"]
+        never = mixdit.summary(model)["features"]["vmoba"]["dense_calls"]
     mixdit.remove(model)
     assert not torch.allclose(first, ref, atol=1e-4)
     assert torch.equal(second, ref)
