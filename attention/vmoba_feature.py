@@ -6,6 +6,8 @@ lives in :mod:`mixdit.attention.vmoba`. Cross-attention is never touched (Wan's 
 
 from __future__ import annotations
 
+import torch
+
 from mixdit.api import Feature, register_feature
 from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention, vmoba_dense_reason
 
@@ -85,7 +87,7 @@ def _key_mask(attn_mask, batch: int, num_keys: int):
     mask is more than a key mask (then VMoBA defers to dense attention)."""
     if attn_mask is None:
         return None
-    if attn_mask.dtype != __import__("torch").bool or attn_mask.shape[-1] != num_keys:
+    if attn_mask.dtype != torch.bool or attn_mask.shape[-1] != num_keys:
         return False
     m = attn_mask.reshape(attn_mask.shape[0], -1, num_keys)
     if m.shape[1] != 1:

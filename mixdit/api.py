@@ -91,13 +91,8 @@ def _load_builtin_features() -> None:
     # importing these modules registers their features
     import importlib
 
-    for mod in ("mixdit.attention.vmoba_feature", "mixdit.guidance.perturbation", "mixdit.attention.moh",
-                "mixdit.pipelines.moe"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a feature module that does not exist yet
-            if e.name != mod:
-                raise
+    for mod in ("mixdit.attention.vmoba_feature", "mixdit.guidance.perturbation"):
+        importlib.import_module(mod)
 
 
 class _ForwardContextHook(ModelHook):
@@ -163,6 +158,8 @@ class Session:
         self.original_processors: list[tuple[torch.nn.Module, Any]] = []
         self.hooked: list[torch.nn.Module] = []
         self.call_names: dict[int, ModelHook] = {}  # id(denoiser) -> its call-name hook
+        self.num_layers: dict[int, int] = {}  # id(denoiser) -> layer count (fixed while installed)
+        self._schedule: tuple[object, torch.Tensor] | None = None  # (scheduler tensor, its CPU copy)
         self.calls = 0
 
     # -- installation ----------------------------------------------------------------------
@@ -172,6 +169,7 @@ class Session:
             call_name = _call_name_hook()
             registry.register_hook(call_name, _CALL_NAME_HOOK)
             self.call_names[id(model)] = call_name
+            self.num_layers[id(model)] = self.adapter.num_layers(model)
             registry.register_hook(_ForwardContextHook(self, name), _HOOK_NAME)
             self.hooked.append(model)
             wanted: dict[int, AttentionSite] = {}
@@ -200,6 +198,7 @@ class Session:
         self.original_processors.clear()
         self.hooked.clear()
         self.call_names.clear()
+        self.num_layers.clear()
 
     # -- per call --------------------------------------------------------------------------
     def make_context(self, model, denoiser_name: str, args: tuple, kwargs: dict) -> ForwardContext:
@@ -223,7 +222,7 @@ class Session:
             text_position=self.adapter.text_position,
             batch_size=batch,
             row_roles=tuple(roles) if len(roles) == batch else None,
-            num_layers=self.adapter.num_layers(model),
+            num_layers=self.num_layers.get(id(model)) or self.adapter.num_layers(model),
             extras={"call_name": call_name, "cfg_scale": cfg_scale},
         )
 
@@ -245,7 +244,9 @@ class Session:
             # the loop's own timestep (FLUX passes t / 1000 to its transformer)
             current = pipe._current_timestep
             timestep = float(current.flatten()[0]) if torch.is_tensor(current) else float(current)
-        distance = (schedule.detach().float().cpu() - float(timestep)).abs()
+        if self._schedule is None or self._schedule[0] is not schedule:  # one copy per schedule, not per call
+            self._schedule = (schedule, schedule.detach().float().cpu())
+        distance = (self._schedule[1] - float(timestep)).abs()
         index = int(distance.argmin())
         if float(distance[index]) > 1e-3 * max(1.0, abs(float(timestep))):
             return None, None

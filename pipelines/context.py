@@ -11,9 +11,6 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("uncond", "cond", "perturbed")
-
-
 @dataclass
 class ForwardContext:
     """What attention code may know about the current denoiser forward.
@@ -44,11 +41,6 @@ class ForwardContext:
     def num_visual_tokens(self) -> int:
         f, h, w = self.grid or (0, 0, 0)
         return f * h * w
-
-    def rows_with_role(self, role: str) -> list[int]:
-        if self.row_roles is None:
-            return []
-        return [i for i, r in enumerate(self.row_roles) if r == role]
 
 
 _CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("mixdit_forward_context", default=None)

@@ -39,25 +39,26 @@ def make_word_tokenizer(model_max_length: int = 32):
                                    model_max_length=model_max_length)
 
 
-def make_umt5_encoder(d_model: int = 128, num_layers: int = 2, num_heads: int = 4, d_ff: int = 256):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(vocab_size=len(word_vocab()), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
+def _t5_family_encoder(config_cls, model_cls, d_model: int, num_layers: int, num_heads: int, d_ff: int):
+    config = config_cls(vocab_size=len(word_vocab()), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
                         num_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=16,
                         relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                         pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID)
-    return UMT5EncoderModel(config)
+    return model_cls(config)
+
+
+def make_umt5_encoder(d_model: int = 128, num_layers: int = 2, num_heads: int = 4, d_ff: int = 256):
+    """A small ``UMT5EncoderModel`` (Wan's text encoder)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return _t5_family_encoder(UMT5Config, UMT5EncoderModel, d_model, num_layers, num_heads, d_ff)
 
 
 def make_t5_encoder(d_model: int = 256, num_layers: int = 1, num_heads: int = 4, d_ff: int = 256):
     """A small ``T5EncoderModel`` (SD3's third text encoder; ``d_model`` = the joint attention dim)."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=len(word_vocab()), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
-                      num_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=16,
-                      relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                      pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID)
-    return T5EncoderModel(config)
+    return _t5_family_encoder(T5Config, T5EncoderModel, d_model, num_layers, num_heads, d_ff)
 
 
 def make_clip_encoder(hidden_size: int = 128, projection_dim: int = 128, num_layers: int = 2, num_heads: int = 4,
