@@ -4,7 +4,10 @@ For a model (default: both trained testbed models) and every feature configurati
 this checkout (discovered through ``mixdit.api.FEATURES``):
 
 * ``dense``: no feature (the reference);
-* ``vmoba``: ``VMoBAConfig()`` defaults (video families only; below ``min_tokens`` it runs dense);
+* ``vmoba``: ``VMoBAConfig()`` defaults (video families only; below ``min_tokens`` it runs dense, and a
+  layer whose selection covers more than ``max_tile_density`` of the key tiles runs dense);
+  ``vmoba-sparse``: the same exact selection always applied (``max_tile_density=1``);
+  ``vmoba-query-tile``: the named ``granularity="query_tile"`` approximation, always applied;
 * ``guidance-*``: head perturbation presets a guidance module exposes (``PRESETS`` dicts or
   ``guidance/presets/*.json`` files) and a generic ``guidance-mid`` (all heads of the middle layer,
   scale 3, full PAG) that fits any depth;
@@ -54,14 +57,9 @@ def load_model(name: str, device: str, dtype: str | None):
 
     if name in TESTBED_MODELS:
         return load_testbed(name, device, dtype)
-    try:
-        from mixdit.pipelines.zoo import load_pipeline
-    except ModuleNotFoundError:  # zoo not there yet: plain diffusers for folders
-        from diffusers import DiffusionPipeline
+    from mixdit.pipelines.zoo import load_pipeline
 
-        pipe = DiffusionPipeline.from_pretrained(name).to("cpu" if device == "auto" else device)
-    else:
-        pipe = load_pipeline(name, device=device, dtype=dtype)
+    pipe = load_pipeline(name, device=device, dtype=dtype)
     if os.path.isdir(name):
         set_testbed_defaults(pipe, name)
     return pipe
@@ -86,6 +84,10 @@ def feature_configurations(pipe) -> list[tuple[str, dict]]:
         cls = api.FEATURES["vmoba"]
         if cls.supported_families is None or adapter.family in cls.supported_families:
             configs.append(("vmoba", {"vmoba": cls.config_class()}))
+            # the defaults may keep a layer dense (max_tile_density): these two always apply the selection
+            configs.append(("vmoba-sparse", {"vmoba": cls.config_class(max_tile_density=1.0)}))
+            configs.append(("vmoba-query-tile", {"vmoba": cls.config_class(granularity="query_tile",
+                                                                           max_tile_density=1.0)}))
     if "guidance" in api.FEATURES:
         cls = api.FEATURES["guidance"]
         if cls.supported_families is None or adapter.family in cls.supported_families:

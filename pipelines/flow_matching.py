@@ -15,12 +15,12 @@ def flow_matching_loss(predict: Callable[[torch.Tensor], torch.Tensor], x0: torc
                        generator: torch.Generator, weighting: torch.Tensor | None = None) -> torch.Tensor:
     """Mean (optionally weighted) squared error of ``predict(x_t)`` against ``ε − x0``.
 
-    ``sigmas``: one noise level in [0, 1] per sample; ``generator`` draws ``ε`` (on the CPU, so a
-    run is reproducible on any device); ``weighting`` broadcasts against ``x0`` (e.g. diffusers'
+    ``sigmas``: one noise level in [0, 1] per sample; ``generator`` draws ``ε`` on its own device (a
+    CPU generator makes a run reproducible on any device, a CUDA one saves the copy); ``weighting`` broadcasts against ``x0`` (e.g. diffusers'
     ``compute_loss_weighting_for_sd3``).
     """
     b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     s = sigmas.to(x0.device).view(b, *([1] * (x0.ndim - 1)))
     x_t = (1.0 - s) * x0 + s * noise
     err = (predict(x_t).float() - (noise - x0).float()) ** 2

@@ -34,7 +34,7 @@ def register_commands(subparsers) -> None:
         description="Train a testbed model with flow matching on scenes rendered on the fly (accelerate; "
                     "bf16 on GPU). Saves a full diffusers pipeline folder plus testbed_config.json.")
     p.add_argument("--model", default="video", choices=list(PRESETS),
-                   help="video (Wan, 17x64x64, 5120 tokens) | image (SD3, 64x64) | mini-* (CPU smoke tests)")
+                   help="video (Wan, 13x64x64, 4096 tokens) | image (SD3, 64x64) | mini-* (CPU smoke tests)")
     p.add_argument("--out", required=True, help="output folder (a diffusers pipeline)")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps (default: 20000)")
     p.add_argument("--max-minutes", type=float, default=None,

@@ -223,11 +223,11 @@ def _register_defaults() -> None:
     for arch in random_models.RANDOM_ARCHS:
         register_builtin_model(f"random:{arch}", _random_builder(arch), overwrite=True)
     # mixdit's own trained testbed models (weights trained by `mixdit train testbed`)
-    from mixdit.pipelines.testbed.load import TESTBED_BUILDERS, TESTBED_GENERATION_DEFAULTS
+    from mixdit.pipelines.testbed.load import TESTBED_BUILDERS, testbed_generation_defaults
 
     for name, builder in TESTBED_BUILDERS.items():
         register_builtin_model(name, builder, overwrite=True)
-    for name, defaults in TESTBED_GENERATION_DEFAULTS.items():
+    for name, defaults in testbed_generation_defaults().items():
         GENERATION_DEFAULTS.setdefault(name, dict(defaults))
 
 

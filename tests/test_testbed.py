@@ -197,7 +197,11 @@ def test_saved_pipeline_loads_with_plain_diffusers_and_generates(trained, kind):
     from diffusers import DiffusionPipeline
 
     folder, record = trained[kind]
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    from safetensors.torch import load_file
+
+    stored = [t for f in folder.rglob("*.safetensors") for t in load_file(str(f)).values() if t.is_floating_point()]
+    assert stored and all(t.dtype == torch.float16 for t in stored)  # shipped at half size
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     assert type(pipe).__name__ == ("WanPipeline" if kind == "mini-video" else "StableDiffusion3Pipeline")
     assert isinstance(pipe.vae, PixelShuffleAutoencoder)
     cfg = preset(kind)

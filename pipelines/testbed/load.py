@@ -74,26 +74,34 @@ def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
     return pipe
 
 
+def generation_defaults(config: dict) -> dict:
+    """Steps, guidance scale, size (and frames) a testbed config was trained and tuned for."""
+    defaults = {"steps": config["default_steps"], "guidance_scale": config["default_guidance_scale"],
+                "height": config["height"], "width": config["width"]}
+    if config["kind"] == "video":
+        defaults["frames"] = config["num_frames"]
+    return defaults
+
+
 def set_testbed_defaults(pipe, folder) -> dict:
     """Set ``pipe._mixdit_defaults`` (steps, guidance scale, size, frames) from a trained folder's
     ``testbed_config.json`` (no-op for other folders); returns the defaults."""
+    from mixdit.pipelines.testbed.models import TestbedConfig
     from mixdit.pipelines.testbed.train import read_testbed_config
 
     config = read_testbed_config(folder).get("config", {})
     if not config:
         return {}
-    defaults = {"steps": config.get("default_steps", 30), "guidance_scale": config.get("default_guidance_scale", 4.0),
-                "height": config.get("height", 64), "width": config.get("width", 64)}
-    if config.get("kind") == "video":
-        defaults["frames"] = config.get("num_frames", 17)
+    defaults = generation_defaults(TestbedConfig.from_dict(config).to_dict())
     object.__setattr__(pipe, "_mixdit_defaults", defaults)
     return defaults
 
 
 TESTBED_BUILDERS = {name: functools.partial(load_testbed, name) for name in TESTBED_MODELS}
 
-# for ``zoo.GENERATION_DEFAULTS`` (what the trained models were trained and tuned for)
-TESTBED_GENERATION_DEFAULTS = {
-    "mixdit-shapes-video": dict(steps=30, height=64, width=64, frames=17, guidance_scale=4.0),
-    "mixdit-shapes-image": dict(steps=30, height=64, width=64, guidance_scale=4.0),
-}
+
+def testbed_generation_defaults() -> dict[str, dict]:
+    """For ``zoo.GENERATION_DEFAULTS``: each testbed model's defaults, from its preset."""
+    from mixdit.pipelines.testbed.models import PRESETS
+
+    return {name: generation_defaults(PRESETS[kind].to_dict()) for name, kind in TESTBED_MODELS.items()}

@@ -35,6 +35,10 @@ from mixdit.pipelines.testbed.models import TestbedConfig, build_testbed_pipelin
 from mixdit.pipelines.testbed.scenes import render, sample_scene
 
 CONFIG_FILE = "testbed_config.json"
+# Shipped weights are stored in fp16: half the size in the repository (the EMA weights are small, well
+# inside fp16's range, and its 11-bit mantissa is finer than the bf16 the model trains in); loading
+# casts them to whatever dtype the caller asks for.
+STORAGE_DTYPE = torch.float16
 
 
 def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
@@ -75,14 +79,16 @@ class _Trainer:
         params = [p for m in self.trainable for p in m.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.99),
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=self.device.type == "cuda")
         warm = max(config.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.model = self.accelerator.prepare(pipe.transformer)
         self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
         self.ema = [p.detach().float().clone() for p in params]
         self.max_sequence_length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
-        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
+        seed = config.seed * 1000 + self.accelerator.process_index
+        self.generator = torch.Generator().manual_seed(seed)  # noise levels
+        self.noise_generator = torch.Generator(self.device).manual_seed(seed)  # noise, drawn where it is used
 
     # -- one batch ------------------------------------------------------------------------------
     def batch(self, step: int):
@@ -117,7 +123,7 @@ class _Trainer:
                 cond = self.encode(captions)
                 return self.model(hidden_states=x_t, timestep=sigma * 1000, return_dict=False, **cond)[0]
 
-        loss = flow_matching_loss(predict, x0, sigma, self.generator)
+        loss = flow_matching_loss(predict, x0, sigma, self.noise_generator)
         self.accelerator.backward(loss)
         if self.accelerator.num_processes > 1 and c.train_text_encoder:  # text encoders are not DDP-wrapped
             for m in self.text_encoders:
@@ -131,9 +137,8 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         decay = min(c.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(self.ema, self.params):
-                e.lerp_(p.detach().float(), 1 - decay)
-        return float(loss.detach())
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
+        return loss.detach()  # a tensor: no host sync per step
 
     # -- saving ---------------------------------------------------------------------------------
     def save(self, out_dir: Path, record: dict) -> None:
@@ -147,6 +152,7 @@ class _Trainer:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.pipe.save_pretrained(out_dir)
+            store_weights_as(out_dir, STORAGE_DTYPE)
             payload = {"config": self.config.to_dict(), "training": record}
             (out_dir / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
         finally:
@@ -187,6 +193,7 @@ def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int,
     trainer = _Trainer(config, device, mixed_precision, init_from=init_from)
     acc = trainer.accelerator
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses of steps not read back yet
     curve: list[dict] = []
     done = 0
     budget = None if max_minutes is None else max_minutes * 60
@@ -210,11 +217,12 @@ def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int,
                 log(f"time budget reached after {done} steps")
                 break
         t0 = time.perf_counter()
-        losses.append(trainer.step(first_step + step))
-        if acc.device.type == "cuda" and (step < 3 or step % log_every == 0):
-            torch.cuda.synchronize()
-        step_seconds += time.perf_counter() - t0
+        pending.append(trainer.step(first_step + step))
         done += 1
+        if done % log_every == 0 or done == steps or step < 3:
+            losses.extend(torch.stack(pending).float().cpu().tolist())  # the one host sync per log interval
+            pending.clear()
+        step_seconds += time.perf_counter() - t0
         if done % log_every == 0 or done == steps:
             window = losses[-log_every:]
             curve.append({"step": done, "loss": round(float(np.mean(window)), 5)})
@@ -224,6 +232,8 @@ def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int,
             t1 = time.perf_counter()
             trainer.save(out_dir, make_record(final=False))
             save_seconds = max(save_seconds, time.perf_counter() - t1)
+    if pending:
+        losses.extend(torch.stack(pending).float().cpu().tolist())
     if not curve or curve[-1]["step"] != done:
         window = losses[-log_every:] or [float("nan")]
         curve.append({"step": done, "loss": round(float(np.mean(window)), 5)})
@@ -232,6 +242,18 @@ def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int,
     trainer.save(out_dir, record)
     log(f"saved {out_dir} ({done} steps, {record['seconds']} s)")
     return record
+
+
+def store_weights_as(folder: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Rewrite every floating-point tensor of the ``*.safetensors`` files under ``folder`` in ``dtype``."""
+    from safetensors.torch import load_file, save_file
+
+    for path in Path(folder).rglob("*.safetensors"):
+        tensors = load_file(str(path))
+        if all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
+            continue
+        converted = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+        save_file(converted, str(path), metadata={"format": "pt"})
 
 
 def _device_name(device: torch.device) -> str:
