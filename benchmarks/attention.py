@@ -5,6 +5,7 @@ mask, and mixdit's Triton kernel, forward and forward+backward, at several densi
     python benchmarks/attention.py --quick               # Wan-1.3B only
     python benchmarks/attention.py --shapes flux,sd35 --densities 1,0.25
     python benchmarks/attention.py --sweep               # time kernel configs (BLOCK_M/N, warps, stages)
+    python benchmarks/attention.py --bwd-ab              # backward: old vs new (TMA) kernels vs Flex, Wan-1.3B
 
 TFLOP/s count only computed tiles: 4*B*H*S^2*D*(visited tiles / all tiles) for the forward and 3.5x that
 for forward+backward. Writes results/attention-<gpu>.json and .md (``--out-dir`` to change).
@@ -76,15 +77,24 @@ def sdpa_fn(q, k, v, backend, direction):
 _FLEX = {}
 
 
-def flex_fn(q, k, v, layout, direction, S):
+def _flex_parts(q, k, v, layout, S):
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     if "f" not in _FLEX:
         _FLEX["f"] = torch.compile(flex_attention, dynamic=False)
-    flex = _FLEX["f"]
     kc, ki = layout
     mask = BlockMask.from_kv_blocks(kc, ki, BLOCK_SIZE=TILE, seq_lengths=(S, S))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    return _FLEX["f"], mask, [t.transpose(1, 2) for t in (q, k, v)]
+
+
+def flex_out(q, k, v, layout, S):
+    """A callable returning Flex's output, back in the [B, S, H, D] layout."""
+    flex, mask, (qt, kt, vt) = _flex_parts(q, k, v, layout, S)
+    return lambda: flex(qt, kt, vt, block_mask=mask).transpose(1, 2)
+
+
+def flex_fn(q, k, v, layout, direction, S):
+    flex, mask, (qt, kt, vt) = _flex_parts(q, k, v, layout, S)
     g = torch.randn_like(qt)
 
     def run():
@@ -242,6 +252,89 @@ def sweep(rep_ms):
     return out
 
 
+def bwd_ab(rep_ms, densities=(0.25, 1.0), sweep_cfgs=False, flex_on=True):
+    """Backward A/B at Wan-1.3B: the old backward kernels (the MIXDIT_BWD_TMA=0 path), the new ones (TMA + padded
+    lse/delta) and FlexAttention with the same block mask; fwd+bwd, and the backward alone (autograd.grad on a
+    kept graph, so both include their launch overhead). Backward FLOPs = 2.5x the forward's."""
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    from mixdit.kernels import block_sparse_attention
+    from mixdit.kernels.reference import random_layout
+
+    B, H, S, D = SHAPES["wan1.3b"][:4]
+    paths = {"mixdit-old": {"tma": False, "padded": False}, "mixdit-new": {"tma": True, "padded": True}}
+    defaults = dict(bsa._BWD_OPTS)
+    q, k, v = make_inputs(B, H, S, D, True)
+    g = torch.randn_like(q)
+    rows = []
+
+    def bwd_only(fwd):  # fwd returns the output in the leaves' [B, S, H, D] layout
+        out = fwd()
+        return lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+
+    for density in densities:
+        kc, ki = layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
+        frac = kc.sum().item() / ki.numel()
+        fwd_flops = 4 * B * H * S * S * D * frac
+
+        def mx_fwd(kc=kc, ki=ki):
+            return block_sparse_attention(q, k, v, kc, ki, q_tile=TILE, kv_tile=TILE)[0]
+
+        grads = {}
+        for impl, opts in paths.items():
+            bsa._BWD_OPTS.update(opts)
+            grads[impl] = torch.autograd.grad(mx_fwd(), (q, k, v), g)
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads["mixdit-old"], grads["mixdit-new"]))
+        print(f"d={density}: max |new - old| over dq, dk, dv = {diff:.3e}", flush=True)
+        del grads
+
+        impls = {}  # name: (fwd+bwd callable, forward returning out, backward path)
+        if flex_on:
+            impls["flex"] = (flex_fn(q, k, v, layout, "fwdbwd", S), flex_out(q, k, v, layout, S), None)
+        for impl in paths:
+            impls[impl] = (mixdit_fn(q, k, v, layout, "fwdbwd"), mx_fwd, impl)
+        for impl, (fb, fo, path) in impls.items():
+            if path:
+                bsa._BWD_OPTS.update(paths[path])
+            try:
+                t_fb = bench(fb, rep_ms)
+                t_b = bench(bwd_only(fo), rep_ms)
+            except Exception as e:  # keep the rest of the table
+                print(f"  d={density} {impl}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            for direction, ms, fl in (("fwd+bwd", t_fb, 3.5 * fwd_flops), ("bwd", t_b, 2.5 * fwd_flops)):
+                rows.append(dict(density=density, direction=direction, impl=impl, ms=ms, tflops=fl / ms / 1e9))
+                print(f"  d={density} {direction:7s} {impl:10s} {ms:8.3f} ms {fl / ms / 1e9:6.1f} TF/s", flush=True)
+        if sweep_cfgs and density == densities[0]:  # new path, backward alone, one kernel's config at a time
+            bsa._BWD_OPTS.update(paths["mixdit-new"])
+            for kind, cfgs in (("dkdv", [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 8, 2), (64, 128, 8, 3),
+                                         (32, 128, 4, 3), (128, 128, 8, 2)]),
+                               ("dq", [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+                                       (128, 128, 8, 2)])):
+                for cfg in cfgs:
+                    bsa._CONFIG_OVERRIDE.clear()
+                    bsa._CONFIG_OVERRIDE[kind] = cfg
+                    try:
+                        ms = bench(bwd_only(mx_fwd), rep_ms)
+                    except Exception as e:
+                        print(f"  sweep {kind} {cfg}: FAILED {str(e)[:200]}", flush=True)
+                        continue
+                    print(f"  sweep d={density} bwd {kind}={cfg}: {ms:.3f} ms {2.5 * fwd_flops / ms / 1e9:.0f} TF/s",
+                          flush=True)
+            bsa._CONFIG_OVERRIDE.clear()
+    bsa._BWD_OPTS.update(defaults)
+
+    lines = [(f"bwd A/B, Wan-1.3B (B{B} H{H} S{S} D{D}) bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}; "
+              "TFLOP/s on computed tiles (bwd = 2.5x fwd FLOPs, fwd+bwd = 3.5x)"),
+             f"{'density':>7} {'dir':>7} {'impl':>10} {'ms':>9} {'TF/s':>6} {'vs flex':>8} {'vs old':>7}"]
+    for r in rows:
+        same = {x["impl"]: x["ms"] for x in rows if x["density"] == r["density"] and x["direction"] == r["direction"]}
+        vf = f"{same['flex'] / r['ms']:.2f}x" if "flex" in same else ""
+        vo = f"{same['mixdit-old'] / r['ms']:.2f}x" if "mixdit-old" in same and r["impl"] != "flex" else ""
+        lines.append(f"{r['density']:>7} {r['direction']:>7} {r['impl']:>10} {r['ms']:>9.3f} {r['tflops']:>6.0f} "
+                     f"{vf:>8} {vo:>7}")
+    return rows, "\n".join(lines)
+
+
 def write_results(rows, out_dir, gpu):
     os.makedirs(out_dir, exist_ok=True)
     slug = gpu_slug()
@@ -266,11 +359,14 @@ def write_results(rows, out_dir, gpu):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
-    ap.add_argument("--densities", default="1,0.5,0.25,0.125")
+    ap.add_argument("--densities", default=None, help="default 1,0.5,0.25,0.125 (--bwd-ab: 0.25,1)")
     ap.add_argument("--directions", default="fwd,fwdbwd")
     ap.add_argument("--quick", action="store_true", help="Wan-1.3B only")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time kernel configs instead of the comparison")
+    ap.add_argument("--bwd-ab", action="store_true", help="backward: old vs new kernels vs Flex (Wan-1.3B)")
+    ap.add_argument("--bwd-sweep", action="store_true",
+                    help="with --bwd-ab: also time dkdv/dq configs of the new path (first density only)")
     ap.add_argument("--probe", action="store_true", help="time the backward's pieces at the FLUX shape first")
     ap.add_argument("--rep-ms", type=int, default=200)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -286,10 +382,20 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         print(f"sweep took {time.time() - t0:.0f} s")
         return
+    if a.bwd_ab:
+        rows, table = bwd_ab(a.rep_ms, [float(x) for x in (a.densities or "0.25,1").split(",")], a.bwd_sweep,
+                             not a.no_flex)
+        os.makedirs(a.out_dir, exist_ok=True)
+        with open(os.path.join(a.out_dir, f"attention-bwd-ab-{gpu_slug()}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        print(table)
+        print(f"bwd A/B took {time.time() - t0:.0f} s")
+        return
     if a.probe:
         overhead_probe()
     shapes = ["wan1.3b"] if a.quick else a.shapes.split(",")
-    rows = run_benchmark(shapes, [float(x) for x in a.densities.split(",")], a.directions.split(","), a.rep_ms,
+    densities = [float(x) for x in (a.densities or "1,0.5,0.25,0.125").split(",")]
+    rows = run_benchmark(shapes, densities, a.directions.split(","), a.rep_ms,
                          not a.no_flex)
     print(write_results(rows, a.out_dir, gpu))
     print(f"benchmark took {time.time() - t0:.0f} s")

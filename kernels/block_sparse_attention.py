@@ -11,6 +11,8 @@ Design (see benchmarks/NOTES.md for the measurements behind it):
 * backward: FA2-style. ``delta = rowsum(dO * O) - dlse`` (so gradients through ``lse`` are exact),
   a dK/dV kernel that loops over the query tiles visiting its key tile (a transposed layout built on
   the GPU with no host sync), and a dQ kernel that loops over the visited key tiles like the forward.
+  As in the forward, the gathered tiles (Q/dO in dK/dV, K/V in dQ) come by TMA on Hopper, and lse/delta are
+  padded to whole query tiles so the loops carry no per-element masks for ragged lengths.
 * No host synchronisation anywhere: loop bounds are read inside the kernels, so the forward can be
   captured in a CUDA graph, and both directions are ``torch.library`` custom ops for ``torch.compile``.
 """
@@ -18,6 +20,7 @@ Design (see benchmarks/NOTES.md for the measurements behind it):
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -161,10 +164,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA, s_ob, s_os, s_oh, s_db, s_ds, s_dh, H, Sq,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    O, DO, DLSE, DELTA, LSE, LSE2, s_ob, s_os, s_oh, s_db, s_ds, s_dh, H, Sq, Sq_pad,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, PAD: tl.constexpr,
 ):
-    # delta = rowsum(dO * O) - dlse: the lse gradient enters ds exactly like -delta does
+    # delta = rowsum(dO * O) - dlse: the lse gradient enters ds exactly like -delta does.
+    # PAD: rows are Sq_pad long (whole query tiles); also writes lse * log2(e), with +inf / 0 past Sq,
+    # so the dK/dV and dQ loops read both with no mask (p = 0 on padding rows).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -177,7 +182,13 @@ def _bwd_preprocess_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=ok, other=0.0)
-    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=ok)
+    if PAD:
+        st = offs_m < Sq_pad
+        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=ok, other=float("inf")) * 1.4426950408889634
+        tl.store(LSE2 + pid_bh.to(tl.int64) * Sq_pad + offs_m, lse2, mask=st)
+        tl.store(DELTA + pid_bh.to(tl.int64) * Sq_pad + offs_m, delta, mask=st)  # 0 past Sq: o = do = 0
+    else:
+        tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=ok)
 
 
 @triton.jit
@@ -189,9 +200,12 @@ def _bwd_dkdv_kernel(
     Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr,
+    PADDED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_Q: tl.constexpr,
 ):
     # one program owns BLOCK_N keys of key tile kt and loops over the query tiles that visit kt.
     # Padding keys past Sk need no mask: their dK/dV rows are never stored.
+    # PADDED: LSE holds lse*log2(e) and DELTA delta, both n_qt*Q_TILE rows long with p = 0 past Sq, so the
+    # loop needs no row masks; a key past kv_tile_len only touches its own dK/dV row, zeroed once at the end.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -212,7 +226,13 @@ def _bwd_dkdv_kernel(
 
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
-    row_base = pid_bh.to(tl.int64) * Sq
+    if PADDED:
+        row_base = pid_bh.to(tl.int64) * n_qt * Q_TILE
+    else:
+        row_base = pid_bh.to(tl.int64) * Sq
+    if USE_TMA:  # bulk copies of each gathered [BLOCK_M, D] tile; rows past Sq read as zeros
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[s_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, HEAD_DIM], strides=[s_ds, 1], block_shape=[BLOCK_M, HEAD_DIM])
     lay = pid_bh.to(tl.int64) * n_kt + kt
     count = tl.load(Q_COUNT + lay)
     idx_base = Q_INDEX + lay * n_qt
@@ -221,16 +241,32 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for it in range(0, count * SUB):
         qt = tl.load(idx_base + it // SUB)
-        offs_m = qt * Q_TILE + (it % SUB) * BLOCK_M + offs_mb
+        m0 = qt * Q_TILE + (it % SUB) * BLOCK_M
+        offs_m = m0 + offs_mb
         row_ok = offs_m < Sq
-        q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        # lse = +inf past Sq makes p = 0 there; delta = 0 there
-        lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        if USE_TMA:
+            q = q_desc.load([m0, 0])
+            do = do_desc.load([m0, 0])
+        elif PADDED and EVEN_Q:
+            q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * s_ds + offs_d[None, :])
+        else:
+            q = tl.load(q_base + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if PADDED:
+            lse2 = tl.load(LSE + row_base + offs_m)
+            delta = tl.load(DELTA + row_base + offs_m)
+        else:
+            # lse = +inf past Sq makes p = 0 there; delta = 0 there
+            lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
         sT = _mm(k, tl.trans(q), F32_DOT)
         pT = tl.exp2(sT * qk_scale - lse2[None, :])
-        if HAS_LEN or HAS_SEL:
+        if PADDED:
+            if HAS_SEL:
+                word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
+                pT = tl.where((((word >> (g % 32)) & 1) != 0)[None, :], pT, 0.0)
+        elif HAS_LEN or HAS_SEL:
             ok = key_ok[:, None]
             if HAS_SEL:
                 word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
@@ -242,6 +278,9 @@ def _bwd_dkdv_kernel(
         dk += _mm(dsT.to(q.dtype), q, F32_DOT)
 
     dk = dk * sm_scale
+    if PADDED and HAS_LEN:
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     st_ok = (offs_n < Sk)[:, None]
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=st_ok)
     tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=st_ok)
@@ -252,10 +291,11 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh, s_dqb, s_dqs, s_dqh,
     s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, s_rb, s_rh, s_rs,
-    H, Sq, Sk, sm_scale, qk_scale,
+    H, Sq, Sk, n_qt, sm_scale, qk_scale,
     Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr,
+    PADDED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # one program owns BLOCK_M query rows and walks their visited key tiles like the forward.
     # Padding keys past Sk load as k = v = 0, so they add ds * k = 0 to dQ: no mask needed.
@@ -271,11 +311,19 @@ def _bwd_dq_kernel(
     row_ok = offs_m < Sq
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    row_base = pid_bh.to(tl.int64) * Sq
-    lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    if PADDED:  # lse * log2(e) and delta, padded to whole query tiles
+        row_base = pid_bh.to(tl.int64) * n_qt * Q_TILE
+        lse2 = tl.load(LSE + row_base + offs_m)
+        delta = tl.load(DELTA + row_base + offs_m)
+    else:
+        row_base = pid_bh.to(tl.int64) * Sq
+        lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
+    if USE_TMA:  # bulk copies of each gathered [BLOCK_N, D] tile; rows past Sk read as zeros
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
     count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
     idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
     if HAS_SEL:
@@ -285,10 +333,18 @@ def _bwd_dq_kernel(
     for it in range(0, count * SUB):
         kt = tl.load(idx_base + (it // SUB) * s_ii)
         sub = it % SUB
-        offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
-        kmask = (offs_k < Sk)[:, None]
-        k = tl.load(k_base + offs_k[:, None] * s_ks + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * s_vs + offs_d[None, :], mask=kmask, other=0.0)
+        n0 = kt * KV_TILE + sub * BLOCK_N
+        offs_k = n0 + offs_n
+        if USE_TMA:
+            k = k_desc.load([n0, 0])
+            v = v_desc.load([n0, 0])
+        elif PADDED and EVEN_K:
+            k = tl.load(k_base + offs_k[:, None] * s_ks + offs_d[None, :])
+            v = tl.load(v_base + offs_k[:, None] * s_vs + offs_d[None, :])
+        else:
+            kmask = (offs_k < Sk)[:, None]
+            k = tl.load(k_base + offs_k[:, None] * s_ks + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * s_vs + offs_d[None, :], mask=kmask, other=0.0)
         s = _mm(q, tl.trans(k), F32_DOT)
         p = tl.exp2(s * qk_scale - lse2[:, None])
         if HAS_LEN or HAS_SEL:
@@ -315,6 +371,9 @@ def _bwd_dq_kernel(
 _FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 _DKDV_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}  # (BLOCK_M queries, BLOCK_N keys, ...)
 _DQ_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
+# the backward's TMA path (Hopper); "dkdv"/"dq" overrides apply to either path
+_DKDV_TMA_CONFIGS = dict(_DKDV_CONFIGS)
+_DQ_TMA_CONFIGS = dict(_DQ_CONFIGS)
 _INTERPRET_CONFIG = (64, 64, 4, 1)
 
 # optional overrides used by the benchmark's config sweep: {"fwd"|"dkdv"|"dq": (BM, BN, warps, stages)}
@@ -325,17 +384,25 @@ _CONFIG_OVERRIDE: dict = {}
 # TMA + masking only the ragged last tile: 454 -> 548 TFLOP/s dense, 438 -> 526 at 25% (Wan-1.3B, H100).
 # warp_specialize on Hopper (triton 3.6) measured slower: off.
 _FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True}
+# backward switches: "tma" = descriptors for the gathered Q/dO (dK/dV) and K/V (dQ) tiles; "padded" = lse/delta
+# padded to whole query tiles so the loops carry no row masks. MIXDIT_BWD_TMA=0 selects the old kernels (A/B).
+_BWD_OPTS = {"tma": os.environ.get("MIXDIT_BWD_TMA", "1") != "0", "padded": os.environ.get("MIXDIT_BWD_TMA", "1") != "0"}
 _ALLOCATOR_SET = False
 
 
 def _use_tma(k, v) -> bool:
+    return bool(_FWD_OPTS["tma"]) and _tma_ok(k, v)
+
+
+def _tma_ok(*ts) -> bool:
     # device-side TMA descriptors: Hopper+, 16-byte aligned bases and row strides
     global _ALLOCATOR_SET
-    if not _FWD_OPTS["tma"] or _interpreting() or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+    k = ts[0]
+    if _interpreting() or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
     esz = k.element_size()
     if any((t.data_ptr() % 16) or (t.stride(1) * esz % 16) or (t.stride(0) * esz % 16) or (t.stride(2) * esz % 16)
-           for t in (k, v)):
+           for t in ts):
         return False
     if not _ALLOCATOR_SET:  # descriptors created in-kernel need a small global scratch buffer
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -344,8 +411,6 @@ def _use_tma(k, v) -> bool:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -469,12 +534,17 @@ def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_in
     lse = lse.float().contiguous()
     n_kt, n_qt = triton.cdiv(Sk, kv_tile), triton.cdiv(Sq, q_tile)
 
-    delta = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    padded = bool(_BWD_OPTS["padded"])
+    use_tma = bool(_BWD_OPTS["tma"]) and _tma_ok(q, k, v, grad_out)
+    # padded: lse*log2(e) (+inf past Sq) and delta (0 past Sq) over whole query tiles; else delta only
+    Sq_pad = n_qt * q_tile if padded else Sq
+    delta = torch.empty(B, H, Sq_pad, device=q.device, dtype=torch.float32)
+    lse_arg = torch.empty_like(delta) if padded else lse
     pre_bm = 64
-    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_bm), B * H)](
-        out, grad_out, grad_lse.float().contiguous() if grad_lse is not None else delta, delta,
+    _bwd_preprocess_kernel[(triton.cdiv(Sq_pad, pre_bm), B * H)](
+        out, grad_out, grad_lse.float().contiguous() if grad_lse is not None else delta, delta, lse, lse_arg,
         out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        H, Sq, HEAD_DIM=D, BLOCK_M=pre_bm, HAS_DLSE=grad_lse is not None,
+        H, Sq, Sq_pad, HEAD_DIM=D, BLOCK_M=pre_bm, HAS_DLSE=grad_lse is not None, PAD=padded,
     )
 
     dq = torch.empty_like(q)
@@ -485,30 +555,33 @@ def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_in
             t.fill_(float("nan"))
     kv_len_arg = kv_len if kv_len is not None else kv_count
     has_len, has_sel = kv_len is not None, row_select is not None
+    tables = (_DKDV_TMA_CONFIGS, _DQ_TMA_CONFIGS) if use_tma else (_DKDV_CONFIGS, _DQ_CONFIGS)
 
     q_count, q_index = transpose_layout(kv_count, kv_index, n_kt)
-    bm, bn, warps, stages = _pick("dkdv", _DKDV_CONFIGS, D, q_tile, kv_tile)
+    bm, bn, warps, stages = _pick("dkdv", tables[0], D, q_tile, kv_tile)
     _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * H)](
-        q, k, v, grad_out, lse, delta, dk, dv, q_count, q_index, kv_len_arg, rs, grp,
+        q, k, v, grad_out, lse_arg, delta, dk, dv, q_count, q_index, kv_len_arg, rs, grp,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *rs_strides,
         H, Sq, Sk, n_kt, n_qt, scale, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q), num_warps=warps, num_stages=stages,
+        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q),
+        PADDED=padded, USE_TMA=use_tma, EVEN_Q=Sq % q_tile == 0, num_warps=warps, num_stages=stages,
     )
 
-    bm, bn, warps, stages = _pick("dq", _DQ_CONFIGS, D, q_tile, kv_tile)
+    bm, bn, warps, stages = _pick("dq", tables[1], D, q_tile, kv_tile)
     _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
-        q, k, v, grad_out, lse, delta, dq, kv_count, kv_index, kv_len_arg, rs, grp,
+        q, k, v, grad_out, lse_arg, delta, dq, kv_count, kv_index, kv_len_arg, rs, grp,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         kv_count.stride(0), kv_count.stride(1), kv_count.stride(2),
         kv_index.stride(0), kv_index.stride(1), kv_index.stride(2), kv_index.stride(3), *rs_strides,
-        H, Sq, Sk, scale, scale * _LOG2E,
+        H, Sq, Sk, n_qt, scale, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q), num_warps=warps, num_stages=stages,
+        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q),
+        PADDED=padded, USE_TMA=use_tma, EVEN_K=Sk % kv_tile == 0, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 

@@ -23,6 +23,20 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(bsa, "_POISON_OUTPUTS", True)
 
 
+@pytest.fixture(params=["new", "old", "tma"])
+def bwd_path(request, monkeypatch):
+    """Backward code paths: new (padded lse/delta; TMA where the GPU has it), old (MIXDIT_BWD_TMA=0) and
+    tma (descriptors forced, so the CPU interpreter runs the TMA code too; on CUDA the same as new)."""
+    on = request.param != "old"
+    monkeypatch.setitem(bsa._BWD_OPTS, "tma", on)
+    monkeypatch.setitem(bsa._BWD_OPTS, "padded", on)
+    if request.param == "tma":
+        if HAS_CUDA:
+            pytest.skip("on CUDA the new path already uses TMA where it can")
+        monkeypatch.setattr(bsa, "_tma_ok", lambda *ts: True)
+    return request.param
+
+
 def _inputs(B, Sq, Sk, H, D, dtype, device):
     q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)
     k = torch.randn(B, Sk, H, D, dtype=dtype, device=device)
@@ -86,14 +100,14 @@ def _ref_fp32(src, kv_count, kv_index, q_tile, kv_tile, extra):
         (torch.float16, 32, 64, 128, 96, 300, 0.5),
     ],
 )
-def test_random_layout(assert_close, device, dtype, D, q_tile, kv_tile, Sq, Sk, density):
+def test_random_layout(bwd_path, assert_close, device, dtype, D, q_tile, kv_tile, Sq, Sk, density):
     B, H = 2, 2
     q, k, v = _inputs(B, Sq, Sk, H, D, dtype, device)
     layout = random_layout(B, H, Sq, Sk, density, q_tile, kv_tile, device=device)
     _check_all(assert_close, q, k, v, layout, q_tile=q_tile, kv_tile=kv_tile, lse_grad=True)
 
 
-def test_diagonal_only_and_all_tiles(assert_close, device):
+def test_diagonal_only_and_all_tiles(bwd_path, assert_close, device):
     B, H, S, D = 1, 2, 192, 64
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
     kv_count, kv_index = random_layout(B, H, S, S, 0.0, 64, 64, device=device)  # diagonal only
@@ -104,7 +118,7 @@ def test_diagonal_only_and_all_tiles(assert_close, device):
     _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=64, kv_tile=64)
 
 
-def test_masks_len_rowselect_empty(assert_close, device):
+def test_masks_len_rowselect_empty(bwd_path, assert_close, device):
     """kv_tile_len padding, row_select bitmasks (incl. a fully masked first visited tile) and empty rows."""
     B, H, S, D, T = 2, 2, 256, 64, 64
     n_t = S // T
@@ -144,7 +158,7 @@ def test_dense_layout_equals_sdpa(device):
     assert (lse - torch.logsumexp(s, -1)).abs().max().item() < 1e-3
 
 
-def test_autograd_function_and_transpose_layout(assert_close, device):
+def test_autograd_function_and_transpose_layout(bwd_path, assert_close, device):
     B, H, S, D = 1, 2, 130, 64
     q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
     layout = random_layout(B, H, S, S, 0.5, 64, 64, device=device)
@@ -162,7 +176,7 @@ def test_autograd_function_and_transpose_layout(assert_close, device):
                 assert sorted(q_index[b, h, t, : q_count[b, h, t]].tolist()) == want
 
 
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(bwd_path, device):
     B, H, S, D = 1, 2, 128, 64
     q, k, v = (t.requires_grad_() for t in _inputs(B, S, S, H, D, torch.float16, device))
     layout = random_layout(B, H, S, S, 0.5, 64, 64, device=device)
@@ -199,7 +213,7 @@ def test_torch_compile_fullgraph(device):
 )
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_large(assert_close, dtype, D, q_tile, kv_tile, S, density):
+def test_gpu_large(bwd_path, assert_close, dtype, D, q_tile, kv_tile, S, density):
     B, H = 2, 3
     q, k, v = _inputs(B, S, S, H, D, dtype, "cuda")
     layout = random_layout(B, H, S, S, density, q_tile, kv_tile, device="cuda")
@@ -208,7 +222,7 @@ def test_gpu_large(assert_close, dtype, D, q_tile, kv_tile, S, density):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_masks_large(assert_close):
+def test_gpu_masks_large(bwd_path, assert_close):
     B, H, S, D, T = 1, 4, 1000, 128, 128
     n_t = (S + T - 1) // T
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, "cuda")
