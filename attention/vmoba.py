@@ -342,7 +342,6 @@ def _stats_object(stats):
 # ----------------------------------------------------------------------------------------------
 # kernels dispatch
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
 def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
     """Block-sparse call adapted to the kernel's contract.
 
@@ -374,8 +373,31 @@ def _triton_usable(t: torch.Tensor) -> bool:
 def route_query_tiles(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoBAConfig):
     """APPROXIMATE router (``granularity="query_tile"``): one selection per (sample, head, query
     tile) from the tile's mean query against the block key means, with the same threshold / global
-    / top-k rules; every block the tile's queries belong to is kept. Plain PyTorch on tensors of
-    ``[B, H, n_query_tiles, n_blocks]`` (a few hundred KB): no host sync, no per-token work."""
+    / top-k rules; every block the tile's queries belong to is kept.
+
+    On CUDA (or under ``TRITON_INTERPRET=1``) the fused Triton router
+    (:func:`mixdit.kernels.block_router.route_query_tiles_fused`: block means, tile means, one route
+    kernel; no host sync); otherwise :func:`route_query_tiles_reference` (same selection)."""
+    if _triton_usable(qb):
+        from mixdit.kernels.block_router import route_query_tiles_fused
+
+        max_tiles = -(-math.prod(part.block_shape) // part.kv_tile)  # full blocks are the largest
+        return route_query_tiles_fused(
+            qb, kb, q_block=part.q_block, block_size=part.block_size, block_tile_start=part.block_tile_start,
+            block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, max_block_tiles=max_tiles,
+            selection=config.selection, threshold=config.threshold, topk=config.topk_for(part.layer_type),
+            q_tile=config.q_tile, kv_tile=part.kv_tile, precision=config.router_precision)
+    return route_query_tiles_reference(qb, kb, part, config)
+
+
+def route_query_tiles_reference(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoBAConfig):
+    """PyTorch reference of :func:`route_query_tiles` (small ops on tensors of ``[B, H,
+    n_query_tiles, n_blocks]``, no host sync, no per-token work; 83 CUDA kernels per call, ≈ 1.5-3 ms
+    at Wan2.1-1.3B 480p on an H100, against ≈ 0.2-0.3 ms and 5 kernels for the fused router).
+
+    Ties (fp32 scores): threshold / global take every other block equal to the cut value; top-k
+    keeps the lower block index among equal scores (stable sort). ``kv_index``: the selected key
+    tiles ascending, then the unselected ones ascending."""
     from mixdit.kernels.block_router import RouterOutput
     from mixdit.kernels.router_reference import threshold_rule
 
@@ -407,7 +429,9 @@ def route_query_tiles(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, 
     own = own.expand(B, H, n_qt, C)
     if config.selection == "topk":
         k_eff = min(config.topk_for(part.layer_type), C)
-        idx = torch.topk(torch.where(own, torch.full_like(gate, float("inf")), gate), k_eff, dim=-1).indices
+        # stable sort, not topk: among equal scores the lower block index wins (topk's pick is unspecified)
+        amplified = torch.where(own, torch.full_like(gate, float("inf")), gate)
+        idx = torch.sort(amplified, dim=-1, descending=True, stable=True).indices[..., :k_eff]
         sel = torch.zeros_like(own).scatter(-1, idx, True) | own
     elif config.threshold >= 1.0:
         sel = torch.ones_like(own)
@@ -586,5 +610,6 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
 __all__ = [
     "VMoBAConfig", "VMoBAPartition", "VMoBAStats", "get_partition", "layer_type_for", "partition_for_layer",
     "vmoba_attention", "vmoba_should_run_dense", "vmoba_dense_reason", "merge_attention_lse", "route", "route_reference",
+    "route_query_tiles", "route_query_tiles_reference",
     "LAYER_TYPES", "SELECTIONS",
 ]

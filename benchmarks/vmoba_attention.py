@@ -13,6 +13,10 @@ output un-permute), sparse kernel ms, total, achieved density (selected key toke
 density (what the kernel computes), dense cuDNN SDPA ms and the speed-up.
 Writes ``benchmarks/results/vmoba-attention-<gpu>.json``. Usage: ``python benchmarks/vmoba_attention.py
 [--quick]`` (``--quick``: 1.3B B=1 only). Budget: < 4 minutes on one H100.
+
+``--route-query-tiles``: only the ``granularity="query_tile"`` router at Wan2.1-1.3B 480p (1D/2D/3D,
+random and smooth inputs): fused Triton router vs the PyTorch reference (ms, CUDA kernels launched per
+call, tiles whose selection differs). Writes ``benchmarks/results/vmoba-query-tile-router-<gpu>.json``.
 """
 
 from __future__ import annotations
@@ -126,10 +130,79 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
     return out
 
 
+def _count_kernels(fn) -> int:
+    """CUDA kernels one call of ``fn`` launches (torch profiler; -1 if it is unavailable)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith("Memcpy"))
+    except Exception:  # profiler missing or refused: the timing still counts
+        return -1
+
+
+def time_query_tile_router(selection: str = "threshold", batch: int = 1, reps: int = 50):
+    """``route_query_tiles`` (fused Triton) vs ``route_query_tiles_reference`` (PyTorch) per layer type."""
+    from mixdit.attention.vmoba import (VMoBAConfig, partition_for_layer, route_query_tiles,
+                                        route_query_tiles_reference)
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    dev, dt = "cuda", torch.bfloat16
+    name, grid, H, D = "wan1.3b-480p", (21, 30, 52), 12, 128
+    cfg = VMoBAConfig(selection=selection, granularity="query_tile", min_tokens=0, dense_layers=())
+    S = grid[0] * grid[1] * grid[2]
+    rows = []
+    for kind in ("random", "smooth"):
+        if kind == "random":
+            q, k = (torch.randn(batch, S, H, D, device=dev, dtype=dt) for _ in range(2))
+        else:
+            q, k = _smooth(batch, grid, H, D, dev, dt, 1), _smooth(batch, grid, H, D, dev, dt, 2)
+        for layer in (3, 1, 2):  # temporal, spatial, spatiotemporal
+            part = partition_for_layer(grid, layer, cfg, dev)
+            qb = q[:, part.q_perm].contiguous()
+            kb = k[:, part.kv_perm].contiguous()
+            a = route_query_tiles(qb, kb, part, cfg)
+            b = route_query_tiles_reference(qb, kb, part, cfg)
+            diff = (a.kv_count != b.kv_count) | (a.kv_index != b.kv_index).any(-1)
+            fused_ms = _bench(lambda: route_query_tiles(qb, kb, part, cfg), reps)
+            ref_ms = _bench(lambda: route_query_tiles_reference(qb, kb, part, cfg), reps)
+            row = dict(model=name, B=batch, input=kind, layer_type=part.layer_type, blocks=part.num_blocks,
+                       kv_tiles=part.num_kv_tiles, query_tiles=int(a.kv_count.shape[-1]), selection=selection,
+                       fused_ms=fused_ms, reference_ms=ref_ms, speedup=ref_ms / fused_ms,
+                       fused_kernels=_count_kernels(lambda: route_query_tiles(qb, kb, part, cfg)),
+                       reference_kernels=_count_kernels(lambda: route_query_tiles_reference(qb, kb, part, cfg)),
+                       tiles_differing=int(diff.sum()), tiles=diff.numel(), tile_density=float(a.tile_density),
+                       density=float(a.density), density_reference=float(b.density))
+            rows.append(row)
+            print(f"{name} B={batch} {kind:6s} {part.layer_type:14s} blocks={part.num_blocks:4d} {selection}: "
+                  f"fused {fused_ms:6.3f} ms ({row['fused_kernels']} kernels)  reference {ref_ms:6.3f} ms "
+                  f"({row['reference_kernels']} kernels)  x{row['speedup']:.1f}  tiles differing "
+                  f"{row['tiles_differing']}/{row['tiles']}  tile density {row['tile_density']:.3f}", flush=True)
+        del q, k
+        torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
+    out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
+               rows=rows)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    path = os.path.join(os.path.dirname(__file__), "results", f"vmoba-query-tile-router-{gpu}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print("wrote", path)
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Wan2.1-1.3B B=1 only")
     ap.add_argument("--selection", default="threshold", choices=["threshold", "global", "topk"])
     ap.add_argument("--kv-tile-3d", type=int, default=None, help="key tile of 3D layers (default: 128)")
+    ap.add_argument("--route-query-tiles", action="store_true",
+                    help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
+    ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")
     a = ap.parse_args()
-    run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d)
+    if a.route_query_tiles:
+        time_query_tile_router(selection=a.selection, batch=a.batch)
+    else:
+        run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d)

@@ -32,6 +32,13 @@ Kernels
    per program the union of the selected blocks (int8, later OR-ed per query tile and expanded
    to key tiles) and the number of selected key tokens (for the density statistic).
 
+3. ``_tile_query_means_kernel`` + ``_tile_route_kernel`` (:func:`route_query_tiles_fused`): VMoBA's
+   approximate ``granularity="query_tile"`` router, one selection per (sample, head, query tile) from
+   the tile's mean query. ``TILE_M`` tiles per program: gate ``[TILE_M, NB_PAD]`` by ``tl.dot``, the
+   rule on chip (threshold: the reference's cut value found exactly, bit by bit on the fp32
+   patterns of the normalised gates; top-k: iterated arg-max), and the full ``kv_index`` written
+   directly from per-block tile ranges (exclusive cumsum over blocks; no gather, no sort).
+
 Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependent Python branch.
 ``max_tiles`` of ``kv_index`` is the static number of key tiles.
 """
@@ -335,3 +342,278 @@ def _global_cut(launch, BH: int, n_rt: int, threshold: float, dev):
         lo, step = lo.contiguous(), step.contiguous()
     cut = torch.where(select_all, torch.full_like(lo, -1.0), lo).contiguous()
     return g_min, g_den, cut
+
+
+# ----------------------------------------------------------------------------------------------
+# query-tile router (VMoBA granularity="query_tile"): one selection per (sample, head, query tile)
+# ----------------------------------------------------------------------------------------------
+# Modes of ``_tile_route_kernel``. THRESHOLD / TOPK: one launch does gate, rule and layout. The
+# global rule needs per-(sample, head) reductions over all (tile, block) pairs, so it runs as
+# GATE (store the gate, partial min/max), TILE_GLOBAL_PASSES x PASS (partial sums at candidate
+# cuts) and SELECT (rule + layout); every launch re-derives the head's state from the stored
+# partials in a fixed order (deterministic, no torch glue, no host sync).
+TILE_THRESHOLD = 0
+TILE_TOPK = 1
+TILE_GATE = 2
+TILE_PASS = 3
+TILE_SELECT = 4
+
+TILE_M = 16  # query tiles per program (tl.dot needs >= 16 rows); the block means are read once per 16 tiles
+TILE_DIGIT = 5  # bits of the global cut decided per pass (32 candidate cuts)
+TILE_NCAND = 1 << TILE_DIGIT
+TILE_CUT_BITS = 30  # min-max normalised gates lie in [0, 1] (< 2.0): their fp32 bit patterns use bits 29..0
+TILE_GLOBAL_PASSES = -(-TILE_CUT_BITS // TILE_DIGIT)
+TILE_REC = TILE_NCAND + 3  # per-program partial record: [total, own, top, sums at the candidates...]
+
+
+@triton.jit
+def _tile_query_means_kernel(Q, QMEAN, stride_qb, stride_qs, stride_qh, stride_qd, Sq, H, n_qt,
+                             D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, ROWS: tl.constexpr):
+    # fp32 mean query of one (sample, head, query tile): QMEAN [B*H, n_qt, D_PAD] (zeros past D)
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D_PAD)
+    base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    for r0 in tl.static_range(0, Q_TILE, ROWS):
+        rows = qt * Q_TILE + r0 + tl.arange(0, ROWS)
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd
+        x = tl.load(ptrs, mask=(rows[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    n = tl.minimum(Sq - qt * Q_TILE, Q_TILE).to(tl.float32)
+    tl.store(QMEAN + (bh.to(tl.int64) * n_qt + qt) * D_PAD + offs_d, tl.math.div_rn(acc, n + tl.zeros_like(acc)))
+
+
+@triton.jit
+def _tile_share_ok(norm, oth, bits, cut, te, remain, top_bits):
+    # reference rule's test at a candidate cut: share of the others >= cut reaches `remain`, and at
+    # least one other value is >= cut (cut <= the largest other: the rule takes >= 1 other). cut: [M]
+    s = tl.sum(tl.where(oth & (bits >= cut[:, None]), norm, 0.0), axis=1)
+    return (tl.math.div_rn(s, te) >= remain) & (cut <= top_bits)
+
+
+@triton.jit
+def _tile_global_state(PART, bh, BH, n_grp, npass, threshold,
+                       GRP_PAD: tl.constexpr, NCAND: tl.constexpr, DIGIT: tl.constexpr, REC: tl.constexpr):
+    # Head state of the global rule from the partial records of the finished launches: min,
+    # denominator, total + eps, remain and the cut found so far (a bit-pattern prefix). If even all
+    # other pairs miss the share, no candidate passes and the cut stays 0: every other pair is taken.
+    g = tl.arange(0, GRP_PAD)
+    g_ok = g < n_grp
+    stride_pass = BH * n_grp * REC
+    rec0 = PART + (bh * n_grp + g) * REC
+    mn = tl.min(tl.load(rec0, mask=g_ok, other=float("inf")), axis=0)
+    mx = tl.max(tl.load(rec0 + 1, mask=g_ok, other=float("-inf")), axis=0)
+    den = mx - mn
+    den = tl.where(den <= 1e-6, 1.0, den)
+    rec1 = rec0 + stride_pass
+    g1 = g_ok & ((g * 0 + npass) >= 1)  # pass-1 records exist (a tensor mask)
+    total = tl.sum(tl.load(rec1, mask=g1, other=0.0), axis=0)
+    own = tl.sum(tl.load(rec1 + 1, mask=g1, other=0.0), axis=0)
+    top = tl.max(tl.load(rec1 + 2, mask=g1, other=-1.0), axis=0)
+    top_bits = top.to(tl.int32, bitcast=True)  # -1.0 (no other pair) is negative as int too
+    te = total + 1e-6
+    remain = tl.maximum(threshold - tl.math.div_rn(own, te), 0.0)
+    j = tl.arange(0, NCAND)
+    prefix = tl.zeros([], dtype=tl.int32)
+    for p in range(1, npass + 1):
+        recp = PART + p * stride_pass + (bh * n_grp + g)[:, None] * REC + 3 + j[None, :]
+        sums = tl.sum(tl.load(recp, mask=g_ok[:, None], other=0.0), axis=0)  # fixed order: deterministic
+        shift = 30 - p * DIGIT  # 30 = TILE_CUT_BITS: pass p decides bits 29 - (p-1)*DIGIT .. shift
+        cand = prefix + (j << shift)
+        ok = (tl.math.div_rn(sums, te + tl.zeros_like(sums)) >= remain) & (cand <= top_bits)
+        n_ok = tl.sum(ok.to(tl.int32), axis=0)  # ok is monotone in the candidate: True ... False
+        prefix = prefix + (tl.maximum(n_ok - 1, 0) << shift)
+    return mn, den, te, remain, prefix
+
+
+@triton.jit
+def _tile_route_kernel(QMEAN, MEANS_T, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, GATE, PART,
+                       KV_COUNT, KV_INDEX, STATS,
+                       Sq, NB, n_qt, n_kt, n_grp, BH, max_tc, npass, threshold, inv_keys, inv_tiles,
+                       MODE: tl.constexpr, TOPK: tl.constexpr, NB_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                       D_CHUNK: tl.constexpr, TM: tl.constexpr, Q_TILE: tl.constexpr, GRP_PAD: tl.constexpr,
+                       NCAND: tl.constexpr, DIGIT: tl.constexpr, REC: tl.constexpr, PRECISION: tl.constexpr):
+    grp = tl.program_id(0)
+    bh = tl.program_id(1)
+    tiles = grp * TM + tl.arange(0, TM)
+    t_ok = tiles < n_qt
+    cols = tl.arange(0, NB_PAD)
+    c_ok = cols < NB
+    valid = t_ok[:, None] & c_ok[None, :]
+    # own blocks of a tile: q_block is non-decreasing with no gaps, so they are the range of the
+    # blocks of its first and last query (the reference marks q_block of every query)
+    first = tiles * Q_TILE
+    last = tl.minimum(first + Q_TILE, Sq) - 1
+    lo = tl.load(Q_BLOCK + first, mask=t_ok, other=0)
+    hi = tl.load(Q_BLOCK + last, mask=t_ok, other=-1)
+    is_own = valid & (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
+    oth = valid & ~is_own
+    row_off = (bh.to(tl.int64) * n_qt + tiles)  # [TM] row of (b, h, tile)
+
+    if MODE <= 2:  # gate = mean query . block key means (fp32, on chip)
+        q_base = QMEAN + row_off[:, None] * D_PAD
+        m_base = MEANS_T + bh.to(tl.int64) * D_PAD * NB_PAD
+        s = tl.zeros([TM, NB_PAD], dtype=tl.float32)
+        for d0 in tl.static_range(0, D_PAD, D_CHUNK):
+            dd = d0 + tl.arange(0, D_CHUNK)
+            qc = tl.load(q_base + dd[None, :], mask=t_ok[:, None], other=0.0)
+            mc = tl.load(m_base + dd[:, None] * NB_PAD + cols[None, :])
+            s = tl.dot(qc, mc, s, input_precision=PRECISION)
+    else:
+        s = tl.load(GATE + row_off[:, None] * NB_PAD + cols[None, :], mask=valid, other=0.0)
+
+    if MODE == 2:  # global, launch 1: store the gate, partial min / max
+        tl.store(GATE + row_off[:, None] * NB_PAD + cols[None, :], s, mask=valid)
+        rec = PART + (bh * n_grp + grp) * REC
+        tl.store(rec, tl.min(tl.min(tl.where(valid, s, float("inf")), axis=1), axis=0))
+        tl.store(rec + 1, tl.max(tl.max(tl.where(valid, s, float("-inf")), axis=1), axis=0))
+        return
+
+    if MODE == 1:  # top-k: the k largest of (own = +inf, others = gate); ties -> lower block index
+        work = tl.where(is_own, float("inf"), tl.where(valid, s, float("-inf")))
+        sel = is_own
+        for _ in tl.static_range(TOPK):
+            pick = cols[None, :] == tl.argmax(work, axis=1, tie_break_left=True)[:, None]
+            sel = sel | pick
+            work = tl.where(pick, float("-inf"), work)
+    elif MODE == 0:  # threshold, per tile row
+        mn = tl.min(tl.where(valid, s, float("inf")), axis=1)
+        mx = tl.max(tl.where(valid, s, float("-inf")), axis=1)
+        den = mx - mn
+        den = tl.where(den <= 1e-6, 1.0, den)
+        norm = tl.where(valid, tl.math.div_rn(s - mn[:, None], den[:, None] + tl.zeros_like(s)), 0.0)
+        te = tl.sum(norm, axis=1) + 1e-6
+        remain = tl.maximum(threshold - tl.math.div_rn(tl.sum(tl.where(is_own, norm, 0.0), axis=1), te), 0.0)
+        bits = norm.to(tl.int32, bitcast=True)  # norm >= 0: int order == float order
+        top_bits = tl.max(tl.where(oth, bits, -1), axis=1)
+        # the reference's cut value = the largest other value v whose "others >= v" share reaches
+        # remain: found bit by bit (exact, no sort; ties with v are all taken, as in the reference)
+        # (if even all others miss the share, no candidate passes, the cut stays 0 and every other
+        # block is taken: the reference's "last sorted position")
+        prefix = tl.zeros([TM], dtype=tl.int32)
+        for b in tl.static_range(29, -1, -1):  # bits 29..0 (TILE_CUT_BITS)
+            cand = prefix | (1 << b)
+            prefix = tl.where(_tile_share_ok(norm, oth, bits, cand, te, remain, top_bits), cand, prefix)
+        sel = is_own | (oth & (bits >= prefix[:, None]))
+    else:  # global (MODE 3: partial sums at the next candidates; MODE 4: select)
+        mn, den, te, remain, prefix = _tile_global_state(PART, bh, BH, n_grp, npass, threshold,
+                                                         GRP_PAD, NCAND, DIGIT, REC)
+        norm = tl.where(valid, tl.math.div_rn(s - mn, den + tl.zeros_like(s)), 0.0)
+        bits = norm.to(tl.int32, bitcast=True)
+        if MODE == 3:
+            p = npass + 1
+            rec = PART + p * (BH * n_grp * REC) + (bh * n_grp + grp) * REC
+            if p == 1:
+                tl.store(rec, tl.sum(tl.sum(norm, axis=1), axis=0))
+                tl.store(rec + 1, tl.sum(tl.sum(tl.where(is_own, norm, 0.0), axis=1), axis=0))
+                tl.store(rec + 2, tl.max(tl.max(tl.where(oth, norm, -1.0), axis=1), axis=0))
+            shift = 30 - p * DIGIT
+            for jj in tl.static_range(NCAND):
+                take = oth & (bits >= prefix + (jj << shift))
+                tl.store(rec + 3 + jj, tl.sum(tl.sum(tl.where(take, norm, 0.0), axis=1), axis=0))
+            return
+        sel = is_own | (oth & (bits >= prefix))
+
+    # ---- layout: the tiles of the selected blocks in increasing order, then the others (the
+    # reference's stable argsort); blocks own contiguous tile ranges in block order ----
+    sel = sel & valid
+    tc = tl.load(TILE_COUNT + cols, mask=c_ok, other=0)
+    start = tl.load(TILE_START + cols, mask=c_ok, other=0)
+    ntile = tl.where(sel, tc[None, :], 0)
+    count = tl.sum(ntile, axis=1)
+    before = tl.cumsum(ntile, axis=1) - ntile  # selected tiles of lower blocks
+    dst = tl.where(sel, before, count[:, None] + start[None, :] - before)  # first slot of each block
+    idx_base = KV_INDEX + row_off[:, None] * n_kt
+    for l in range(0, max_tc):
+        tl.store(idx_base + dst + l, start[None, :] + l, mask=valid & (l < tc[None, :]))
+    tl.store(KV_COUNT + row_off, count, mask=t_ok)
+    # statistics per tile: selected keys x query rows, and visited tiles, pre-scaled (summed by the launcher)
+    bsize = tl.load(BLOCK_SIZE + cols, mask=c_ok, other=0)
+    keys = tl.sum(tl.where(sel, bsize[None, :], 0), axis=1).to(tl.float32)
+    rows_in = tl.minimum(Sq - first, Q_TILE).to(tl.float32)
+    tl.store(STATS + row_off * 2, keys * rows_in * inv_keys, mask=t_ok)
+    tl.store(STATS + row_off * 2 + 1, count.to(tl.float32) * inv_tiles, mask=t_ok)
+
+
+def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, block_size: torch.Tensor,
+                            block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
+                            kv_tile_len: torch.Tensor, max_block_tiles: int, selection: str = "threshold",
+                            threshold: float = 0.25, topk: int = 3, q_tile: int = 128, kv_tile: int = 128,
+                            precision: str = "tf32x3") -> RouterOutput:
+    """VMoBA ``granularity="query_tile"`` router: one block selection per (sample, head, query tile)
+    from the tile's mean query, own blocks (every block the tile overlaps) always kept.
+
+    Same inputs as :func:`route_blocks` (``q_block`` must be non-decreasing with no gaps, as VMoBA's
+    block order gives); ``max_block_tiles`` = the largest ``block_tile_count`` (static, from the
+    block shape: no host sync). Returns ``row_select=None`` and the layout of
+    :func:`mixdit.attention.vmoba.route_query_tiles_reference` (identical ``kv_count`` and, in
+    full, ``kv_index``: selected tiles ascending, then the others ascending).
+
+    CUDA kernels per call (threshold / top-k: 5): the zero fill and kernel of
+    :func:`block_key_means`, tile mean queries, one route kernel (global: a gate launch,
+    ``TILE_GLOBAL_PASSES`` search launches and a select launch instead, 12 in all), one ``sum``
+    for the statistics.
+
+    Ties (scores are fp32): threshold / global take every other block (pair) equal to the cut
+    value, like the reference's ``flat >= cut_value``; top-k keeps the lower block index among
+    equal scores (the reference's stable descending sort). Sums are taken in a different order
+    than PyTorch's, so a selection can differ only where the reference's decision is within fp32
+    rounding of a tie of the cumulative share and ``remain``.
+    """
+    B, Sq, H, D = q.shape
+    NB = block_size.numel()
+    n_kt = kv_tile_len.numel()
+    BH = B * H
+    dev = q.device
+    NB_PAD = max(16, _next_pow2(NB))
+    D_PAD = max(16, _next_pow2(D))
+    D_CHUNK = min(D_PAD, max(16, 8192 // NB_PAD))
+    n_qt = triton.cdiv(Sq, q_tile)
+    n_grp = triton.cdiv(n_qt, TILE_M)
+    if precision == "ieee" or os.environ.get("TRITON_INTERPRET") == "1":
+        precision = "ieee"
+    threshold = 2.0 if threshold >= 1.0 else float(threshold)  # tau >= 1: every block (see route_blocks)
+
+    means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD)
+    qmean = torch.empty(BH, n_qt, D_PAD, device=dev, dtype=torch.float32)
+    _tile_query_means_kernel[(n_qt, BH)](
+        q, qmean, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, n_qt,
+        D=D, D_PAD=D_PAD, Q_TILE=q_tile, ROWS=min(q_tile, max(16, 8192 // D_PAD)), num_warps=4)
+
+    kv_count = torch.empty(B, H, n_qt, device=dev, dtype=torch.int32)
+    kv_index = torch.empty(B, H, n_qt, n_kt, device=dev, dtype=torch.int32)
+    stats = torch.empty(BH * n_qt, 2, device=dev, dtype=torch.float32)
+    total_keys = float(Sq)  # every query is a key: the partition's blocks cover the sequence once
+    inv_keys = 1.0 / (float(BH * Sq) * total_keys)
+    inv_tiles = 1.0 / float(BH * n_qt * n_kt)
+    gate = part = stats  # placeholders when unused
+    if selection == "global":
+        gate = torch.empty(BH, n_qt, NB_PAD, device=dev, dtype=torch.float32)
+        part = torch.empty(TILE_GLOBAL_PASSES + 1, BH, n_grp, TILE_REC, device=dev, dtype=torch.float32)
+    num_warps = 8 if TILE_M * NB_PAD >= 8192 else 4
+
+    def launch(mode, npass=0):
+        _tile_route_kernel[(n_grp, BH)](
+            qmean, means_t, q_block, block_size, block_tile_start, block_tile_count, gate, part,
+            kv_count, kv_index, stats,
+            Sq, NB, n_qt, n_kt, n_grp, BH, int(max_block_tiles), npass, threshold, inv_keys, inv_tiles,
+            MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, D_PAD=D_PAD, D_CHUNK=D_CHUNK, TM=TILE_M,
+            Q_TILE=q_tile, GRP_PAD=max(2, _next_pow2(n_grp)), NCAND=TILE_NCAND, DIGIT=TILE_DIGIT, REC=TILE_REC,
+            PRECISION=precision, num_warps=num_warps)
+
+    if selection == "threshold":
+        launch(TILE_THRESHOLD)
+    elif selection == "topk":
+        launch(TILE_TOPK)
+    elif selection == "global":
+        launch(TILE_GATE)
+        for p in range(TILE_GLOBAL_PASSES):
+            launch(TILE_PASS, npass=p)
+        launch(TILE_SELECT, npass=TILE_GLOBAL_PASSES)
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
+    sums = stats.sum(0)
+    return RouterOutput(None, kv_count, kv_index, sums[0], sums[1])

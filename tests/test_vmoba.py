@@ -214,3 +214,173 @@ def test_bad_grid_raises_config_error():
     q, k, v = _qkv(1, 60, 2, 32, seed=6)
     with pytest.raises(ConfigError):
         vmoba_attention(q, k, v, grid=(3, 4, 6), layer_index=1, config=VMoBAConfig(**SMALL))
+
+
+# ---- query-tile router (granularity="query_tile"): fused Triton router vs the PyTorch reference ----
+QT = dict(SMALL, granularity="query_tile")
+QT_GRIDS = [(5, 5, 7), (4, 6, 8), (3, 7, 9)]  # (5,5,7), (3,7,9): partial blocks and a partial last query tile
+QT_TOL = 1e-5
+
+
+def _fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") >> 1
+
+
+def _qt_route_both(grid, layer, cfg, q, k):
+    from mixdit.attention.vmoba import route_query_tiles, route_query_tiles_reference
+
+    part = partition_for_layer(grid, layer, cfg, q.device)
+    qb = q[:, part.q_perm].contiguous()
+    kb = k[:, part.kv_perm].contiguous()
+    return part, qb, k[:, part.q_perm], route_query_tiles(qb, kb, part, cfg), route_query_tiles_reference(qb, kb, part, cfg)
+
+
+def _qt_near_tie(part, qb, kb_unpadded, cfg, gaps=True):
+    """Boolean ``[B, H, n_qt]``: tiles whose decision sits within float noise of a tie (fp64 gate).
+    ``gaps``: also flag near-equal scores on both sides of the cut (off for inputs with exact ties)."""
+    B, Sq, H, D = qb.shape
+    qt, C = cfg.q_tile, part.num_blocks
+    n_qt = -(-Sq // qt)
+    pad = n_qt * qt - Sq
+    qd = torch.nn.functional.pad(qb.double().cpu(), (0, 0, 0, 0, 0, pad))
+    rows = torch.full((n_qt,), float(qt), dtype=torch.float64)
+    rows[-1] = qt - pad
+    qmean = qd.view(B, n_qt, qt, H, D).sum(2) / rows.view(1, -1, 1, 1)
+    means = rr.block_key_means_reference(kb_unpadded.cpu(), part.q_block.cpu(), C).double()  # [B, H, C, D]
+    gate = torch.einsum("bthd,bhcd->bhtc", qmean, means)
+    own = torch.zeros(n_qt, C, dtype=torch.bool)
+    own[torch.arange(Sq) // qt, part.q_block.long().cpu()] = True
+    own = own.expand_as(gate)
+    if cfg.selection == "topk":
+        k_eff = min(cfg.topk_for(part.layer_type), C)
+        srt = torch.where(own, torch.full_like(gate, -1e300), gate).sort(-1, descending=True).values
+        kk = (k_eff - own.sum(-1)).clamp(min=0)  # other blocks taken
+        n_oth = (~own).sum(-1)
+        a = srt.gather(-1, (kk - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        b = srt.gather(-1, kk.clamp(max=C - 1).unsqueeze(-1)).squeeze(-1)
+        scale = gate.abs().amax(-1)
+        return ((kk > 0) & (kk < n_oth) & ((a - b).abs() < QT_TOL * scale)) if gaps else torch.zeros_like(kk, dtype=torch.bool)
+    dims = (-1,) if cfg.selection == "threshold" else (-2, -1)
+    mn, mx = gate.amin(dim=dims, keepdim=True), gate.amax(dim=dims, keepdim=True)
+    den = torch.where(mx - mn <= rr.EPS, torch.ones_like(mx), mx - mn)
+    norm = (gate - mn) / den
+    total = norm.sum(dim=dims, keepdim=True)
+    remain = (cfg.threshold - (norm * own).sum(dim=dims, keepdim=True) / (total + rr.EPS)).clamp(min=0)
+    nd = len(dims)
+    flat = torch.where(own, torch.full_like(norm, -1.0), norm).flatten(start_dim=4 - nd)
+    srt = flat.sort(-1, descending=True).values
+    ratio = srt.clamp(min=0).cumsum(-1) / (total.flatten(start_dim=4 - nd) + rr.EPS)
+    rem = remain.flatten(start_dim=4 - nd)
+    amb = (((ratio - rem).abs() < QT_TOL) & (srt >= 0)).any(-1)
+    if gaps:  # scores within noise of each other on both sides of the cut
+        cond = (ratio >= rem) & (srt >= 0)
+        first = torch.where(cond.any(-1), cond.float().argmax(-1), (srt >= 0).sum(-1) - 1).clamp(min=0)
+        nxt = (first + 1).clamp(max=srt.shape[-1] - 1)
+        a = srt.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+        b = srt.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        amb |= (nxt > first) & (b >= 0) & ((a - b).abs() < QT_TOL)
+    return amb if nd == 1 else amb.unsqueeze(-1).expand(B, H, n_qt)
+
+
+def _qt_assert_same(part, qb, kb_unpadded, cfg, r, ref, seed, gaps=True):
+    assert r.row_select is None and ref.row_select is None
+    assert r.kv_count.shape == ref.kv_count.shape and r.kv_index.shape == ref.kv_index.shape
+    diff = (r.kv_count != ref.kv_count) | (r.kv_index != ref.kv_index).any(-1)
+    if diff.any():  # only where the reference's own fp32 decision is a coin flip
+        amb = _qt_near_tie(part, qb, kb_unpadded, cfg, gaps).to(diff.device)
+        bad = diff & ~amb
+        assert not bad.any(), f"seed {seed}: {int(bad.sum())} of {diff.numel()} tiles differ away from ties"
+    same = ~diff
+    assert torch.equal(r.kv_count[same], ref.kv_count[same])
+    assert abs(float(r.density) - float(ref.density)) < 1e-5 + 1e-3 * float(diff.float().mean())
+    assert abs(float(r.tile_density) - float(ref.tile_density)) < 1e-5 + float(diff.float().mean())
+
+
+@pytest.mark.parametrize("selection", ["threshold", "topk", "global"])
+@pytest.mark.parametrize("layer", [0, 1, 2], ids=["1d", "2d", "3d"])
+def test_query_tile_router_fused_matches_reference(layer, selection):
+    """Fresh random bf16 inputs, B=2 different samples: identical kv_count and kv_index (all of it:
+    selected tiles ascending, then the rest) on every (sample, head, query tile). The grid rotates
+    (a Latin square: every grid meets every layer type and every rule once) to keep the
+    interpreter time down."""
+    cfg = VMoBAConfig(selection=selection, **QT)
+    grid = QT_GRIDS[(layer + ["threshold", "topk", "global"].index(selection)) % len(QT_GRIDS)]
+    seed = _fresh_seed()
+    S = grid[0] * grid[1] * grid[2]
+    q, k = _qkv(2, S, 2, 32, seed=seed)[:2]
+    k = k + 0.3 * torch.randn(2, 1, 2, 32, generator=torch.Generator().manual_seed(seed)).to(DEV, k.dtype)
+    part, qb, ku, r, ref = _qt_route_both(grid, layer, cfg, q, k)
+    _qt_assert_same(part, qb, ku, cfg, r, ref, seed)
+    assert 0 < float(r.tile_density) <= 1
+    # own blocks always visited; kv_index is a permutation of the key tiles
+    kvg = part.kv_tile_group.long()
+    for b, h, t in [(0, 0, 0), (1, 1, r.kv_count.shape[-1] - 1)]:
+        vis = r.kv_index[b, h, t, :int(r.kv_count[b, h, t])].long()
+        own = set(part.q_block[t * cfg.q_tile:(t + 1) * cfg.q_tile].tolist())
+        assert own <= set(kvg[vis].tolist())
+        assert torch.equal(torch.sort(r.kv_index[b, h, t]).values.cpu(), torch.arange(part.num_kv_tiles,
+                                                                                     dtype=torch.int32))
+
+
+@pytest.mark.parametrize("selection", ["threshold", "topk", "global"])
+def test_query_tile_router_exact_ties(selection):
+    """Blocks whose keys are copies of a few vectors give equal scores; with dyadic q and k (full
+    query tiles, power-of-two tile rows) every mean and score is exact in fp32 in any summation
+    order (a matmul library may otherwise round equal columns differently), so the ties are exact
+    in both routers: the fused one breaks them as the reference does (threshold/global: all equal to
+    the cut value are taken; top-k: the lower block index first)."""
+    grid, layer = (4, 6, 8), 2
+    cfg = VMoBAConfig(selection=selection, **dict(QT, topk_spatiotemporal=5))
+    part = partition_for_layer(grid, layer, cfg, DEV)
+    seed = _fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    S, H, D = 4 * 6 * 8, 2, 32
+    protos = torch.randint(-4, 5, (2, 3, H, D), generator=g).float() / 4  # 3 key vectors per sample
+    which = torch.randint(0, 3, (part.num_blocks,), generator=g)
+    k_block_order = protos[:, which[part.q_block.long().cpu()]]  # [2, S, H, D], constant inside a block
+    k = torch.empty_like(k_block_order)
+    k[:, part.q_perm] = k_block_order
+    q = torch.randint(-4, 5, (2, S, H, D), generator=g).float() / 4
+    q, k = q.to(DEV, torch.bfloat16), k.to(DEV, torch.bfloat16)
+    part, qb, ku, r, ref = _qt_route_both(grid, layer, cfg, q, k)
+    _qt_assert_same(part, qb, ku, cfg, r, ref, seed, gaps=False)
+    # equal scores in every row: threshold takes every block, global all or none of a row's others,
+    # top-k the lowest-index others
+    k_eq = torch.full_like(k, 0.5)
+    part, qb, ku, r, ref = _qt_route_both(grid, layer, cfg, q, k_eq)
+    assert torch.equal(r.kv_count, ref.kv_count) and torch.equal(r.kv_index, ref.kv_index)
+    if selection == "topk":
+        n_qt = r.kv_count.shape[-1]
+        kvg = part.kv_tile_group.long()
+        for t in range(n_qt):
+            own = sorted(set(part.q_block[t * cfg.q_tile:(t + 1) * cfg.q_tile].tolist()))
+            others = [c for c in range(part.num_blocks) if c not in own][:max(0, 5 - len(own))]
+            vis = r.kv_index[0, 0, t, :int(r.kv_count[0, 0, t])].long()
+            assert sorted(set(kvg[vis].tolist())) == sorted(own + others)
+    elif selection == "threshold":
+        assert (r.kv_count == part.num_kv_tiles).all()
+    else:
+        n_qt = r.kv_count.shape[-1]
+        own_tiles = torch.tensor([int(part.block_tile_count[sorted(set(
+            part.q_block[t * cfg.q_tile:(t + 1) * cfg.q_tile].tolist()))].sum()) for t in range(n_qt)])
+        cnt = r.kv_count.cpu()
+        assert ((cnt == part.num_kv_tiles) | (cnt == own_tiles)).all()
+
+
+@pytest.mark.parametrize("selection", ["threshold", "global"])
+def test_query_tile_router_fused_tau_one_and_per_sample(selection):
+    grid, layer = (5, 5, 7), 1
+    S = 175
+    seed = _fresh_seed()
+    q, k = _qkv(2, S, 2, 32, seed=seed)[:2]
+    cfg1 = VMoBAConfig(selection=selection, **dict(QT, threshold=1.0))
+    _, _, _, r, ref = _qt_route_both(grid, layer, cfg1, q, k)
+    assert (r.kv_count == r.kv_index.shape[-1]).all() and torch.equal(r.kv_index, ref.kv_index)
+    assert abs(float(r.density) - 1.0) < 1e-6
+    cfg = VMoBAConfig(selection=selection, **QT)
+    _, _, _, r, _ = _qt_route_both(grid, layer, cfg, q, k)
+    q2, k2 = q.clone(), k.clone()
+    q2[1] = q2[1] * 3.0 + 1.0
+    k2[1] = torch.randn_like(k2[1])
+    _, _, _, r2, _ = _qt_route_both(grid, layer, cfg, q2, k2)
+    assert torch.equal(r.kv_count[0], r2.kv_count[0]) and torch.equal(r.kv_index[0], r2.kv_index[0])
