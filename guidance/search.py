@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -160,6 +161,9 @@ def head_hunter(pipe, config: SearchConfig, objective: Callable | None = None, *
         config.objective, "__name__", type(config.objective).__name__)
     mixdit.apply(pipe, guidance=GuidanceConfig(heads=format_heads(space), scale=config.scale,
                                                softpag=config.softpag, mode=config.mode))
+    state.wait_for_everyone()
+    started = time.perf_counter()
+    generated = 0  # (candidate, prompt-seed pair) generations this rank ran now (cache hits excluded)
     try:
         for r in range(config.rounds):
             remaining = sorted((h for h in space if h not in selected), key=lambda h: (-h[0], h[1]))
@@ -170,6 +174,7 @@ def head_hunter(pipe, config: SearchConfig, objective: Callable | None = None, *
             sets = {h: tuple(sorted(set(selected) | {h})) for h in mine}
             names = {h: format_heads(sets[h]) for h in mine}
             todo = [(p, s, h) for (p, s) in pairs for h in mine if cache.get(r, names[h], p, s) is None]
+            generated += len(todo)
             bar = tqdm(total=len(mine) * len(pairs), initial=len(mine) * len(pairs) - len(todo),
                        desc=f"round {r + 1}/{config.rounds}", disable=not (progress and state.is_main_process))
             # one pipeline call per (pair, chunk of candidates); candidates are layer-sorted
@@ -200,6 +205,10 @@ def head_hunter(pipe, config: SearchConfig, objective: Callable | None = None, *
                 format_heads([by_spec[spec]]): means[spec] for spec in sorted(means, key=lambda x: -means[x])}})
     finally:
         mixdit.remove(pipe)
+    state.wait_for_everyone()
+    seconds = time.perf_counter() - started  # the search itself: no model loading
+    if state.num_processes > 1:
+        generated = sum(gather_object([generated]))
     return {
         "model": model_name or getattr(pipe, "mixdit_model_name", type(pipe).__name__),
         "family": adapter.family,
@@ -210,6 +219,9 @@ def head_hunter(pipe, config: SearchConfig, objective: Callable | None = None, *
         "objective": objective_name,
         "search": {"rounds": config.rounds, "top_k": config.top_k, "samples": config.samples, "steps": config.steps,
                    "seed": config.seed, "prompts": list(config.prompts), "batch_size": config.batch_size},
+        # this run's cost (differs between runs; everything above is deterministic)
+        "run": {"num_processes": state.num_processes, "seconds": round(seconds, 3), "generations": generated,
+                "generations_per_minute": round(60 * generated / max(seconds, 1e-9), 2)},
         "rounds": rounds,
     }
 

@@ -1,0 +1,34 @@
+#!/bin/bash
+# Issue 7: HeadHunter search and VMoBA fine-tuning at 1 and 2 GPUs (random full-size models, toy work).
+# Run from the repository root with mixdit importable; writes $OUT (or benchmarks/results) multi-gpu-*.json.
+# The 1-GPU runs of both commands go side by side on GPUs 0 and 1, then each command on both GPUs.
+set -u
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT" /tmp/mg && cd /tmp/mg
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/mg:${PYTHONPATH:-}
+cat > toy_objective.py <<'PY'
+import numpy as np
+def score(images, prompts):  # deterministic toy objective: prefer mid-grey images
+    return [-abs(float(np.asarray(im, dtype=np.float32).mean()) / 255.0 - 0.5) for im in images]
+PY
+printf 'a photo of a cat\n' > prompts.txt
+SEARCH="-m mixdit heads search --model random:sd3.5-medium --prompts prompts.txt --objective toy_objective:score
+  --candidates L8-15 --top-k 2 --samples 1 --steps 8 --height 512 --width 512 --batch-size 8 --dtype bfloat16"
+TRAIN="-m mixdit train vmoba --model random:wan2.1-1.3b --data synthetic:8 --steps 6 --batch-size 1
+  --height 480 --width 832 --frames 81 --mixed-precision bf16 --gradient-checkpointing --no-progress --save-every 0"
+L2="accelerate launch --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+CUDA_VISIBLE_DEVICES=0 python3 $SEARCH --out $OUT/multi-gpu-search-1.json > search1.log 2>&1 &
+CUDA_VISIBLE_DEVICES=1 python3 $TRAIN --out /tmp/mg/t1 > train1.log 2>&1 &
+wait
+$L2 $SEARCH --out $OUT/multi-gpu-search-2.json > search2.log 2>&1
+$L2 $TRAIN --out /tmp/mg/t2 > train2.log 2>&1
+for f in search1 train1 search2 train2; do echo "== $f"; grep -v -i "warn" $f.log | tail -n 4; done
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+for n in (1, 2):
+    p = out / f"multi-gpu-search-{n}.json"
+    if p.exists():
+        s = json.loads(p.read_text())["run"]
+        print(f"search {n} GPU: {s['generations']} candidate generations in {s['seconds']:.1f} s = {s['generations_per_minute']:.1f}/min")
+PY
