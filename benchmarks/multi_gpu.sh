@@ -17,12 +17,12 @@ SEARCH="-m mixdit heads search --model random:sd3.5-medium --prompts prompts.txt
 TRAIN="-m mixdit train vmoba --model random:wan2.1-1.3b --data synthetic:8 --steps 6 --batch-size 1
   --height 480 --width 832 --frames 81 --mixed-precision bf16 --gradient-checkpointing --no-progress --save-every 0"
 L2="accelerate launch --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
-CUDA_VISIBLE_DEVICES=0 python3 $SEARCH --out $OUT/multi-gpu-search-1.json > search1.log 2>&1 &
-CUDA_VISIBLE_DEVICES=1 python3 $TRAIN --out /tmp/mg/t1 > train1.log 2>&1 &
+CUDA_VISIBLE_DEVICES=0 python3 $SEARCH --out $OUT/multi-gpu-search-1.json > $OUT/search1.log 2>&1 &
+CUDA_VISIBLE_DEVICES=1 python3 $TRAIN --out /tmp/mg/t1 > $OUT/train1.log 2>&1 &
 wait
-$L2 $SEARCH --out $OUT/multi-gpu-search-2.json > search2.log 2>&1
-$L2 $TRAIN --out /tmp/mg/t2 > train2.log 2>&1
-for f in search1 train1 search2 train2; do echo "== $f"; grep -v -i "warn" $f.log | tail -n 4; done
+$L2 $SEARCH --out $OUT/multi-gpu-search-2.json > $OUT/search2.log 2>&1
+$L2 $TRAIN --out /tmp/mg/t2 > $OUT/train2.log 2>&1
+for f in search1 train1 search2 train2; do echo "== $f"; grep -v -i "warn" $OUT/$f.log | tail -n 4; done
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
