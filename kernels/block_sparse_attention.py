@@ -387,7 +387,10 @@ _FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True}
 # backward switches: "tma" = descriptors for the gathered Q/dO (dK/dV) and K/V (dQ) tiles; "padded" = lse/delta
 # padded to whole query tiles so the loops carry no row masks. MIXDIT_BWD_TMA=0 selects the old kernels (A/B).
 _BWD_OPTS = {"tma": os.environ.get("MIXDIT_BWD_TMA", "1") != "0", "padded": os.environ.get("MIXDIT_BWD_TMA", "1") != "0"}
-_ALLOCATOR_SET = False
+
+
+def _scratch(size: int, align: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _use_tma(k, v) -> bool:
@@ -396,7 +399,6 @@ def _use_tma(k, v) -> bool:
 
 def _tma_ok(*ts) -> bool:
     # device-side TMA descriptors: Hopper+, 16-byte aligned bases and row strides
-    global _ALLOCATOR_SET
     k = ts[0]
     if _interpreting() or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
@@ -404,9 +406,10 @@ def _tma_ok(*ts) -> bool:
     if any((t.data_ptr() % 16) or (t.stride(1) * esz % 16) or (t.stride(0) * esz % 16) or (t.stride(2) * esz % 16)
            for t in ts):
         return False
-    if not _ALLOCATOR_SET:  # descriptors created in-kernel need a small global scratch buffer
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    # Descriptors created in-kernel need a small global scratch buffer. Triton keeps the allocator in a
+    # context variable, i.e. per thread: set it on every call, since autograd's backward thread (gradient
+    # checkpointing recomputes the forward there) does not inherit the main thread's.
+    triton.set_allocator(_scratch)
     return True
 
 

@@ -252,3 +252,18 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     ref, ref_lse = block_sparse_attention(q, k, v, kc, ki)
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_checkpointed_forward_in_backward_thread():
+    # gradient checkpointing re-runs the forward in autograd's backward thread, which does not see an
+    # allocator set in the main thread (Triton keeps it per thread); the TMA forward needs one there
+    from torch.utils.checkpoint import checkpoint
+
+    B, H, S, D = 1, 2, 512, 128
+    q, k, v = (t.requires_grad_() for t in _inputs(B, S, S, H, D, torch.bfloat16, "cuda"))
+    kc, ki = random_layout(B, H, S, S, 0.5, device="cuda")
+    out = checkpoint(lambda a, b, c: block_sparse_attention(a, b, c, kc, ki)[0], q, k, v, use_reentrant=False)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
