@@ -24,6 +24,8 @@ FEATURE_CLI_MODULES = ("mixdit.attention.vmoba_cli", "mixdit.guidance.cli", "mix
                        "mixdit.pipelines.testbed_cli")
 
 
+DEFAULT_MODEL = "mixdit-shapes-video"
+
 def _feature_modules():
     mods = []
     for name in FEATURE_CLI_MODULES:
@@ -39,8 +41,10 @@ def _add_generate(subparsers, modules) -> None:
     p = subparsers.add_parser("generate", help="generate an image or a video from a prompt",
                               description="Generate an image (PNG with metadata) or a video (MP4/GIF/WebP).")
     p.add_argument("prompt", help="what to generate")
-    p.add_argument("--model", default="tiny-sd3",
-                   help="built-in name (see `mixdit models`), random:<arch>, a hub id or a local folder (default: tiny-sd3)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in name (see `mixdit models`), random:<arch>, a hub id or a local folder "
+                        f"(default: {DEFAULT_MODEL}, mixdit's own trained text-to-video testbed model: offline, "
+                        "under a minute on a CPU)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """``mixdit train testbed``: train the synthetic-shapes testbed models (CLI plug-in of :mod:`mixdit.cli`).
 
-    mixdit train testbed --model video --out weights/mixdit-shapes-video --steps 100000 --max-minutes 8
-    mixdit train testbed --model image --out weights/mixdit-shapes-image --steps 100000 --max-minutes 8
+    mixdit train testbed --model video --out pipelines/testbed/weights/mixdit-shapes-video --steps 100000 --max-minutes 8
+    mixdit train testbed --model image --out pipelines/testbed/weights/mixdit-shapes-image --steps 100000 --max-minutes 8
     mixdit train testbed --model mini-video --out /tmp/mini --steps 40 --device cpu     (CPU smoke test)
 
 ``train`` is shared with other trainers (``mixdit train vmoba``): whichever module registers first

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,37 @@ def test_pack_unpack_round_trip(trained, tmp_path):
     from diffusers import DiffusionPipeline
 
     assert type(DiffusionPipeline.from_pretrained(root)).__name__ == "WanPipeline"
+
+
+# ----------------------------------------------------------------------------------------------
+# the shipped, trained models
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mixdit-shapes-video", "mixdit-shapes-image"])
+def test_shipped_weights_are_small_and_registered(name):
+    from mixdit.pipelines.testbed.load import SHIPPED_WEIGHTS, testbed_path
+    from mixdit.pipelines.zoo import generation_defaults
+
+    folder = SHIPPED_WEIGHTS / name
+    assert (folder / "model_index.json").is_file()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 30e6, size
+    if not os.environ.get("MIXDIT_TESTBED_DIR"):
+        assert testbed_path(name) == folder
+    assert generation_defaults(name)["steps"] == (16 if name.endswith("video") else 30)
+
+
+def test_shipped_image_model_draws_the_asked_colour_and_place():
+    import mixdit
+    from mixdit.pipelines.testbed.scorer import detect
+
+    pipe = mixdit.load_pipeline("mixdit-shapes-image", device="cpu")
+    prompts = ["a red circle in the top left on a white background",
+               "a blue square in the bottom right on a black background",
+               "a yellow triangle in the center on a gray background"]
+    out = pipe(prompts, height=64, width=64, num_inference_steps=20, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(int(np.random.default_rng().integers(1000))),
+               output_type="np").images
+    found = [detect(image) for image in out]
+    assert [f["color"] for f in found] == ["red", "blue", "yellow"], found
+    assert [f["background"] for f in found] == ["white", "black", "gray"], found
+    assert [f["position"] for f in found] == ["top left", "bottom right", "middle center"], found

@@ -4,7 +4,7 @@ A trained model is an ordinary diffusers pipeline folder written by
 ``mixdit train testbed`` (plus ``testbed_config.json``). Folders are looked up, first hit wins, in
 
 1. ``$MIXDIT_TESTBED_DIR/<name>``
-2. ``<repository>/weights/<name>`` (next to ``pipelines/``)
+2. ``pipelines/testbed/weights/<name>`` (the weights shipped with mixdit, package data)
 3. ``$MIXDIT_CACHE/<name>`` (default ``~/.cache/mixdit/<name>``)
 
 The zoo registers them with ``register_builtin_model(name, TESTBED_BUILDERS[name])``.
@@ -19,14 +19,14 @@ from pathlib import Path
 from mixdit.errors import ModelNotFoundError
 
 TESTBED_MODELS = {"mixdit-shapes-video": "video", "mixdit-shapes-image": "image"}
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 def candidate_paths(name: str) -> list[Path]:
     out = []
     if os.environ.get("MIXDIT_TESTBED_DIR"):
         out.append(Path(os.environ["MIXDIT_TESTBED_DIR"]).expanduser() / name)
-    out.append(_REPO_ROOT / "weights" / name)
+    out.append(SHIPPED_WEIGHTS / name)
     out.append(Path(os.environ.get("MIXDIT_CACHE", "~/.cache/mixdit")).expanduser() / name)
     return out
 
@@ -41,7 +41,7 @@ def testbed_path(name: str) -> Path | None:
 
 def train_command(name: str) -> str:
     kind = TESTBED_MODELS[name]
-    return f"mixdit train testbed --model {kind} --out weights/{name} --steps 100000 --max-minutes 8"
+    return f"mixdit train testbed --model {kind} --out pipelines/testbed/weights/{name} --steps 100000 --max-minutes 8"
 
 
 def load_testbed(name: str, device="cpu", dtype=None, **kwargs):

@@ -6,8 +6,8 @@ of the folder split into parts of ``part_mib`` MiB (``<name>.tar.00``, ``.01``, 
 else; the part names carry no extra metadata, the tar holds ``<name>/...`` and ``unpack`` checks
 the sha256 recorded inside the tar's ``<name>/SHA256SUMS``.
 
-    python -m mixdit.pipelines.testbed.ship pack weights/mixdit-shapes-video $OUT
-    python -m mixdit.pipelines.testbed.ship unpack DIR_WITH_PARTS mixdit-shapes-video weights/
+    python -m mixdit.pipelines.testbed.ship pack pipelines/testbed/weights/mixdit-shapes-video $OUT
+    python -m mixdit.pipelines.testbed.ship unpack DIR_WITH_PARTS mixdit-shapes-video pipelines/testbed/weights/
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train a testbed model with rectified-flow matching on scenes rendered on the fly.
 
-    mixdit train testbed --model video --out weights/mixdit-shapes-video --steps 100000 --max-minutes 8
+    mixdit train testbed --model video --out pipelines/testbed/weights/mixdit-shapes-video --steps 100000 --max-minutes 8
 
 Each step draws ``batch_size`` scenes from ``numpy.random.default_rng([seed, step, rank])``,
 renders them on the training device, encodes them with the pixel-shuffle codec and normalises
