@@ -42,7 +42,7 @@ processes, the permutation is padded with its own first entries so every rank ta
 number of steps, as ``DistributedSampler`` does). Gradients are all-reduced by DDP, so all ranks
 hold identical weights. Noise and timesteps are drawn per rank (seed + rank).
 
-Gradient checkpointing keeps VMoBA active in the recomputation: :func:`checkpoint_keeping_context`
+Gradient checkpointing keeps VMoBA active in the recomputation: :func:`mixdit.pipelines.context.checkpoint_keeping_context`
 carries mixdit's forward context into the backward pass. With diffusers' default checkpoint
 function the recomputed blocks see no context, run dense attention, and torch raises a
 ``CheckpointError`` (different saved tensors) in backward.
@@ -64,6 +64,7 @@ import torch
 
 from mixdit.config import check_choice, check_number
 from mixdit.errors import ConfigError, MixditError
+from mixdit.pipelines.context import checkpoint_keeping_context
 
 EXPERTS = ("transformer", "transformer_2")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -626,30 +627,6 @@ class FlowMatchingObjective:
             lambda x_t: model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=prompt_embeds,
                               return_dict=False)[0],
             latents, sigmas, generator, weighting)
-
-
-# ----------------------------------------------------------------------------------------------
-# gradient checkpointing that keeps mixdit's forward context
-# ----------------------------------------------------------------------------------------------
-def checkpoint_keeping_context(module, *args):
-    """``torch.utils.checkpoint`` (non-reentrant) whose recomputation runs under the same mixdit
-    forward context as the forward did, so VMoBA (not dense attention) is recomputed."""
-    from torch.utils.checkpoint import checkpoint
-
-    from mixdit.pipelines.context import current_context, reset_context, set_context
-
-    ctx = current_context()
-
-    def run(*a):
-        if ctx is None or current_context() is ctx:
-            return module(*a)
-        token = set_context(ctx)
-        try:
-            return module(*a)
-        finally:
-            reset_context(token)
-
-    return checkpoint(run, *args, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,3 +58,24 @@ def set_context(ctx: ForwardContext | None):
 
 def reset_context(token) -> None:
     _CURRENT.reset(token)
+
+
+def checkpoint_keeping_context(module, *args):
+    """``torch.utils.checkpoint`` (non-reentrant) whose recomputation runs under the same mixdit
+    forward context as the forward did, so mixdit's features (e.g. VMoBA, not dense attention) are
+    recomputed. Needed because the context is a context variable and autograd recomputes in its own
+    thread. Pass it to ``model.enable_gradient_checkpointing(checkpoint_keeping_context)``."""
+    from torch.utils.checkpoint import checkpoint
+
+    ctx = current_context()
+
+    def run(*a):
+        if ctx is None or current_context() is ctx:
+            return module(*a)
+        token = set_context(ctx)
+        try:
+            return module(*a)
+        finally:
+            reset_context(token)
+
+    return checkpoint(run, *args, use_reentrant=False)
