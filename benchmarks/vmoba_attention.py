@@ -37,6 +37,16 @@ SHAPES = [
 ]
 
 
+def _write_result(out: dict, filename: str) -> dict:
+    """Write ``out`` as JSON under ``benchmarks/results/`` and return it."""
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    path = os.path.join(os.path.dirname(__file__), "results", filename)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print("wrote", path)
+    return out
+
+
 def _bench(fn, reps=20):
     import triton
     return float(triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="median"))
@@ -122,12 +132,7 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                q_tile=cfg.q_tile, kv_tile=cfg.kv_tile, kv_tile_3d=kv_tile_3d,
                router_precision=cfg.router_precision),
                wall_s=time.time() - t_start, rows=rows)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", f"vmoba-attention-{gpu}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
-    return out
+    return _write_result(out, f"vmoba-attention-{gpu}.json")
 
 
 def _count_kernels(fn) -> int:
@@ -185,12 +190,7 @@ def time_query_tile_router(selection: str = "threshold", batch: int = 1, reps: i
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
                rows=rows)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", f"vmoba-query-tile-router-{gpu}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
-    return out
+    return _write_result(out, f"vmoba-query-tile-router-{gpu}.json")
 
 
 if __name__ == "__main__":

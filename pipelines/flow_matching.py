@@ -16,8 +16,8 @@ def flow_matching_loss(predict: Callable[[torch.Tensor], torch.Tensor], x0: torc
     """Mean (optionally weighted) squared error of ``predict(x_t)`` against ``ε − x0``.
 
     ``sigmas``: one noise level in [0, 1] per sample; ``generator`` draws ``ε`` on its own device (a
-    CPU generator makes a run reproducible on any device, a CUDA one saves the copy); ``weighting`` broadcasts against ``x0`` (e.g. diffusers'
-    ``compute_loss_weighting_for_sd3``).
+    CPU generator makes a run reproducible on any device, a CUDA one saves the copy); ``weighting``
+    broadcasts against ``x0`` (e.g. diffusers' ``compute_loss_weighting_for_sd3``).
     """
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)

@@ -50,9 +50,9 @@ def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
     ``pipe._mixdit_defaults`` (steps, guidance scale, size, frames) set from the training config.
 
     Raises :class:`~mixdit.errors.ModelNotFoundError` (saying how to train it) when no folder exists."""
-    import torch
     from diffusers import DiffusionPipeline
 
+    from mixdit.pipelines.zoo import resolve_device, resolve_dtype
 
     if name not in TESTBED_MODELS:
         raise ModelNotFoundError(f"{name!r} is not a testbed model (known: {', '.join(TESTBED_MODELS)})")
@@ -62,13 +62,8 @@ def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
         raise ModelNotFoundError(
             f"the testbed model {name!r} has not been trained here (looked in: {tried}). Train it on a GPU with "
             f"`{train_command(name)}` (or set MIXDIT_TESTBED_DIR to the folder that holds {name}/).")
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype.lower(), None)
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **kwargs).to(device)
     set_testbed_defaults(pipe, path)
     return pipe
