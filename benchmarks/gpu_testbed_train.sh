@@ -2,22 +2,23 @@
 # Train (or, with --resume, continue) both testbed models side by side on one GPU for MINUTES each, then run the
 # dense quality check on both and pack the folders into $OUT (the device tool returns <= 8 files of <= 16 MiB).
 #   bash benchmarks/gpu_testbed_train.sh 7 --resume      (from the repository root, mixdit importable)
+#   KINDS=video bash benchmarks/gpu_testbed_train.sh 9 --resume   (one model, the whole GPU)
 # Unpack here: python -m mixdit.pipelines.testbed.ship unpack DIR mixdit-shapes-video pipelines/testbed/weights
-MIN=${1:-7}; RESUME=${2:-}
+MIN=${1:-7}; RESUME=${2:-}; KINDS=${KINDS:-video image}
 set -o pipefail
 OUT=${OUT:-/tmp/testbed-out}
 export PYTHONUNBUFFERED=1 MIXDIT_TESTBED_DIR=/tmp/w
 REPO=$(pwd)
 mkdir -p /tmp/w "$OUT"
-[ -n "$RESUME" ] && cp -r "$REPO"/pipelines/testbed/weights/mixdit-shapes-* /tmp/w/
+[ -n "$RESUME" ] && for kind in $KINDS; do cp -r "$REPO"/pipelines/testbed/weights/mixdit-shapes-$kind /tmp/w/; done
 cd /tmp
-for kind in video image; do
+for kind in $KINDS; do
   python3 -m mixdit train testbed --model $kind --out /tmp/w/mixdit-shapes-$kind --steps 1000000 \
      --max-minutes "$MIN" --save-every 0 --log-every 250 --pack-to "$OUT" $RESUME > "$OUT/train-$kind.log" 2>&1 &
 done
 wait
 tail -n 3 "$OUT"/train-*.log
-for kind in video image; do
+for kind in $KINDS; do
   timeout 100 python3 "$REPO/benchmarks/quality.py" --model mixdit-shapes-$kind --configs dense --out-dir /tmp/q \
      > /tmp/q-$kind.log 2>&1 &
 done
