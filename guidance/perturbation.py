@@ -240,7 +240,9 @@ class _Plan:
     def num_perturbed(self) -> int:
         return len(self.head_sets)
 
-    def weight(self, layer: int, num_heads: int, device) -> torch.Tensor:
+    def weight(self, layer: int, num_heads: int, device) -> torch.Tensor | None:
+        """Per-(perturbed row, head) weight ``[P, H]`` on ``device``; None when no head of ``layer`` is
+        perturbed (decided on the host: no device sync)."""
         key = (layer, str(device))
         if key not in self.weights:
             w = torch.zeros(len(self.head_sets), num_heads, dtype=torch.float32)
@@ -248,7 +250,7 @@ class _Plan:
                 for (l_, h) in hs:
                     if l_ == layer and h < num_heads:
                         w[r, h] = self.softpag
-            self.weights[key] = w.to(device)
+            self.weights[key] = w.to(device) if bool((w > 0).any()) else None
         return self.weights[key]
 
     def expand(self, t: torch.Tensor) -> torch.Tensor:
@@ -412,7 +414,7 @@ class PerturbationGuidance(Feature):
         if out.shape[0] != B + P:
             return out
         weight = plan.weight(call.site.layer_index, out.shape[1], out.device)
-        if not bool((weight > 0).any()):
+        if weight is None:
             return out
         mask = call.attn_mask
         if mask is not None and mask.ndim == 4 and mask.shape[0] == B + P:
