@@ -5,7 +5,9 @@ mask, and mixdit's Triton kernel, forward and forward+backward, at several densi
     python benchmarks/attention.py --quick               # Wan-1.3B only
     python benchmarks/attention.py --shapes flux,sd35 --densities 1,0.25
     python benchmarks/attention.py --sweep               # time kernel configs (BLOCK_M/N, warps, stages)
-    python benchmarks/attention.py --bwd-ab              # backward: old vs new (TMA) kernels vs Flex, Wan-1.3B
+    python benchmarks/attention.py --bwd-ab --bwd-sweep  # backward: old / split / atomic-dQ kernels vs Flex (Wan-1.3B),
+                                                         # FLUX / SD3.5 vs cuDNN; --bwd-sweep: atomic kernel configs
+    python benchmarks/attention.py --host [--host-baseline REV]  # Python us per call (CPU: launches stubbed)
 
 TFLOP/s count only computed tiles: 4*B*H*S^2*D*(visited tiles / all tiles) for the forward and 3.5x that
 for forward+backward. Writes results/attention-<gpu>.json and .md (``--out-dir`` to change).
@@ -31,9 +33,24 @@ SHAPES = {  # name: (B, H, S, D, directions)
     "sd35": (1, 24, 4429, 64, ("fwd", "fwdbwd")),
 }
 TILE = 128
+DEV = "cuda"  # --smoke: "cpu" (Triton's interpreter, tiny shapes)
+
+
+def _device_name():
+    return torch.cuda.get_device_name() if DEV == "cuda" else "CPU (interpreter smoke run)"
+
+
+def _empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def bench(fn, rep_ms=200):
+    if DEV != "cuda":  # --smoke: one timed call (the point is running the code, not the number)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
@@ -41,7 +58,7 @@ def bench(fn, rep_ms=200):
 
 def make_inputs(B, H, S, D, grad):
     # [B, S, H, D] storage (the diffusers dispatcher layout); random, never zeros
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_(grad) for _ in range(3))
+    q, k, v = (torch.randn(B, S, H, D, device=DEV, dtype=torch.bfloat16).requires_grad_(grad) for _ in range(3))
     return q, k, v
 
 
@@ -134,6 +151,132 @@ def overhead_probe():
     for key, ms in res.items():
         print(f"probe flux d=0.25 {key}: {ms:.3f} ms", flush=True)
     return res
+
+
+def _load_kernel_module(src: str, tag: str):
+    """The kernel module from source text under another name (its custom ops renamed) for side-by-side timing."""
+    import importlib.util
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="mixdit-bsa-"), f"_bsa_{tag}.py")  # @triton.jit needs a file
+    with open(path, "w") as f:
+        f.write(src.replace('"mixdit::', f'"mixdit_{tag}::'))
+    spec = importlib.util.spec_from_file_location(f"_bsa_{tag}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _baseline_source(rev: str):
+    """kernels/block_sparse_attention.py at git revision ``rev``, or the file ``rev`` itself; None if unavailable."""
+    import subprocess
+
+    if os.path.isfile(rev):
+        return open(rev).read()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", "show", f"{rev}:kernels/block_sparse_attention.py"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"host: baseline {rev} unavailable ({type(e).__name__}); timing the current code only", flush=True)
+        return None
+
+
+class _StubKernel:
+    def __getitem__(self, grid):
+        return lambda *a, **kw: None
+
+
+def host_overhead(baseline=None, n=300):
+    """Host (Python) time per call of the launchers and the autograd path at a tiny shape (B1 H2 S256 D64, 64-row
+    tiles, d=0.5), median of 7 runs of n calls. On a GPU the kernels run (they take a few us there, so the loop is
+    host bound; the time is per call, enqueue only, synchronised once at the end); on a CPU the Triton launches are
+    stubbed out, so the numbers are the Python/torch overhead around them. ``baseline``: a git revision (or file)
+    of kernels/block_sparse_attention.py timed the same way for before/after."""
+    from mixdit.kernels.reference import random_layout
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    mods = {"current": importlib.import_module("mixdit.kernels.block_sparse_attention")}
+    src = _baseline_source(baseline) if baseline else None
+    if src:
+        mods[f"baseline {baseline}"] = _load_kernel_module(src, "baseline")
+    B, H, S, D, T = 1, 2, 256, 64, 64
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(B, S, H, D, dtype=torch.bfloat16, device=dev, generator=gen) for _ in range(3))
+    kc, ki = random_layout(B, H, S, S, 0.5, T, T, device=dev, generator=gen)
+    n_kt = ki.shape[-1]
+    g = torch.randn_like(q)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def per_call(fn, reps=n):
+        for _ in range(20):
+            fn()
+        vals = []
+        for _ in range(7):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            t1 = time.perf_counter()
+            if cuda:
+                torch.cuda.synchronize()
+            vals.append((t1 - t0) / reps * 1e6)
+        return sorted(vals)[3]
+
+    res = {}
+    for label, bsa in mods.items():
+        saved = {}
+        if not cuda:  # stub every Triton launch: what is left is host overhead
+            for name in [x for x in dir(bsa) if x.startswith("_") and x.endswith("_kernel")]:
+                saved[name] = getattr(bsa, name)
+                setattr(bsa, name, _StubKernel())
+        try:
+            out, lse = bsa.block_sparse_attention_forward(q, k, v, kc, ki, T, T)
+            fwd = bsa.block_sparse_attention
+            modes = [None] if "dq" not in getattr(bsa, "_BWD_OPTS", {}) else ["split", "atomic"]
+            r = {"fwd launcher": per_call(lambda: bsa.block_sparse_attention_forward(q, k, v, kc, ki, T, T)),
+                 "transpose_layout": per_call(lambda: bsa.transpose_layout(kc, ki, n_kt))}
+            with torch.no_grad():
+                r["public fwd (no grad)"] = per_call(lambda: fwd(q, k, v, kc, ki, q_tile=T, kv_tile=T))
+            for mode in modes:
+                tag = f" [{mode}]" if mode else ""
+                kw = {"dq_mode": mode} if mode else {}
+                r["bwd launcher" + tag] = per_call(
+                    lambda: bsa.block_sparse_attention_backward(g, q, k, v, out, lse, kc, ki, T, T, **kw))
+                saved_mode = bsa._BWD_OPTS.get("dq")
+                if mode:
+                    bsa._BWD_OPTS["dq"] = mode
+
+                def fb():
+                    o = fwd(qg, kg, vg, kc, ki, q_tile=T, kv_tile=T)[0]
+                    torch.autograd.grad(o, (qg, kg, vg), g)
+                r["public fwd+bwd (autograd)" + tag] = per_call(fb, max(n // 3, 50))
+                if mode:
+                    bsa._BWD_OPTS["dq"] = saved_mode
+        finally:
+            for name, kern in saved.items():
+                setattr(bsa, name, kern)
+        res[label] = r
+
+    def floor():  # autograd itself: one elementwise op and its backward
+        torch.autograd.grad(qg * 1.0, (qg,), g)
+    res["autograd floor (one mul, fwd+bwd)"] = {"": per_call(floor)}
+    where = torch.cuda.get_device_name() if cuda else "CPU, Triton launches stubbed"
+    lines = [f"host time per call, us ({where}; torch {torch.__version__}, triton {_triton_version()}; "
+             f"B{B} H{H} S{S} D{D}, {T}-row tiles, d=0.5)"]
+    for label, r in res.items():
+        for key, us in r.items():
+            lines.append(f"  {label:>22} {key:32s} {us:8.1f}")
+    return res, "\n".join(lines)
+
+
+def _triton_version():
+    import triton
+
+    return triton.__version__
 
 
 def gpu_slug():
@@ -252,87 +395,222 @@ def sweep(rep_ms):
     return out
 
 
-def bwd_ab(rep_ms, densities=(0.25, 1.0), sweep_cfgs=False, flex_on=True):
-    """Backward A/B at Wan-1.3B: the old backward kernels (the MIXDIT_BWD_TMA=0 path), the new ones (TMA + padded
-    lse/delta) and FlexAttention with the same block mask; fwd+bwd, and the backward alone (autograd.grad on a
-    kept graph, so both include their launch overhead). Backward FLOPs = 2.5x the forward's."""
+# backward code paths compared by --bwd-ab: name -> _BWD_OPTS
+BWD_PATHS = {
+    "mixdit-old": {"tma": False, "padded": False, "dq": "split", "dq_tma_reduce": False},  # MIXDIT_BWD_TMA=0 (v2)
+    "mixdit-split": {"tma": True, "padded": True, "dq": "split", "dq_tma_reduce": False},  # v3: TMA + padded
+    "mixdit-atomic": {"tma": True, "padded": True, "dq": "atomic", "dq_tma_reduce": False},  # v4: dQ by atomics
+}
+# --bwd-sweep: the atomic dK/dV kernel's (BLOCK_M queries, BLOCK_N keys, warps, stages) and TMA reduce-adds.
+# Shared memory at D=128 (bf16): stages x BLOCK_M x 128 x 2 x 2 (q, dO) + K (BLOCK_N x 256 B) + dS; all < 227 KB.
+ATOMIC_SWEEP = [((64, 128, 8, 2), False), ((64, 128, 8, 3), False), ((64, 128, 8, 2), True),
+                ((64, 128, 8, 3), True), ((32, 128, 8, 3), False), ((128, 128, 8, 2), False),
+                ((64, 64, 4, 3), False), ((64, 64, 8, 3), False), ((64, 128, 4, 2), False)]
+SPLIT_SWEEP = [("dkdv", (64, 64, 4, 3)), ("dkdv", (64, 128, 8, 2)), ("dkdv", (32, 128, 4, 3)),
+               ("dq", (128, 128, 8, 3)), ("dq", (128, 64, 8, 3))]
+
+
+class _BwdPath:
+    """Context: run the mixdit backward with the given _BWD_OPTS and config overrides, restoring both after."""
+
+    def __init__(self, bsa, opts, override=None):
+        self.bsa, self.opts, self.override = bsa, opts, override or {}
+
+    def __enter__(self):
+        self.saved = dict(self.bsa._BWD_OPTS), dict(self.bsa._CONFIG_OVERRIDE)
+        self.bsa._BWD_OPTS.update(self.opts)
+        self.bsa._CONFIG_OVERRIDE.clear()
+        self.bsa._CONFIG_OVERRIDE.update(self.override)
+
+    def __exit__(self, *exc):
+        self.bsa._BWD_OPTS.clear()
+        self.bsa._BWD_OPTS.update(self.saved[0])
+        self.bsa._CONFIG_OVERRIDE.clear()
+        self.bsa._CONFIG_OVERRIDE.update(self.saved[1])
+
+
+def _grad_errors(bsa, paths, D=128, S=1000):
+    if DEV != "cuda":
+        D, S = 64, 200
+    """Max |grad - fp32 reference| over dq, dk, dv for each (name, opts, override) on a small ragged shape."""
+    from mixdit.kernels import block_sparse_attention
+    from mixdit.kernels.reference import block_sparse_attention_reference as ref_fn, random_layout
+
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(1, S, 2, D, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    kc, ki = random_layout(1, 2, S, S, 0.5, TILE, TILE, device=DEV, generator=gen)
+    g = torch.randn(q.shape, device=DEV, dtype=torch.float32, generator=gen)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(ref_fn(*leaves, kc, ki, q_tile=TILE, kv_tile=TILE)[0], leaves, g)
+    errs = {}
+    for name, opts, override in paths:
+        with _BwdPath(bsa, opts, override):
+            try:
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                out = block_sparse_attention(*leaves, kc, ki, q_tile=TILE, kv_tile=TILE)[0]
+                grads = torch.autograd.grad(out.float(), leaves, g)
+                errs[name] = max((a.float() - b).abs().max().item() for a, b in zip(grads, ref))
+            except Exception as e:  # a config that does not compile (shared memory) or fails at run time
+                print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                errs[name] = float("nan")
+    return errs
+
+
+def atomic_sweep(bsa, q, k, v, layout, rep_ms, fwd_flops, split_cfgs=False):
+    """Time the atomic dK/dV kernel's configs (backward alone, Wan-1.3B): each config's gradient error on a small
+    ragged shape is checked first (≤ 2x the split path's + 1e-5, else not timed). Returns (rows, best or None)."""
+    from mixdit.kernels import block_sparse_attention
+
+    kc, ki = layout
+    g = torch.randn_like(q)
+    out = block_sparse_attention(q, k, v, kc, ki, q_tile=TILE, kv_tile=TILE)[0]
+    cands = [(f"atomic {cfg}{' tma-reduce' if red else ''}", dict(BWD_PATHS["mixdit-atomic"], dq_tma_reduce=red),
+              {"dkdv_atomic": cfg}) for cfg, red in ATOMIC_SWEEP]
+    if split_cfgs:
+        cands += [(f"split {kind}={cfg}", BWD_PATHS["mixdit-split"], {kind: cfg}) for kind, cfg in SPLIT_SWEEP]
+    errs = _grad_errors(bsa, [("split", BWD_PATHS["mixdit-split"], {})] + cands)
+    limit = 2 * errs["split"] + 1e-5
+    print(f"  sweep: split path's error on the small shape {errs['split']:.2e}; limit {limit:.2e}", flush=True)
+    rows, best = [], None
+    for name, opts, override in cands:
+        err = errs[name]
+        row = dict(sweep=name, opts=opts, override={a: list(b) for a, b in override.items()}, err=err, ms=None)
+        rows.append(row)
+        if not err <= limit:  # NaN too
+            print(f"  sweep {name}: error {err:.2e} > limit: not timed", flush=True)
+            continue
+        with _BwdPath(bsa, opts, override):
+            try:
+                ms = bench(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), rep_ms)
+            except Exception as e:
+                print(f"  sweep {name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+        row.update(ms=ms, tflops=2.5 * fwd_flops / ms / 1e9)
+        print(f"  sweep bwd {name}: {ms:.3f} ms {row['tflops']:.0f} TF/s (err {err:.2e})", flush=True)
+        if name.startswith("atomic") and (best is None or ms < best[0]):
+            best = (ms, opts, override, name)
+    return rows, best
+
+
+def bwd_ab(rep_ms, densities=(0.25, 1.0), sweep_cfgs=False, flex_on=True, small=True, split_sweep=False):
+    """Backward A/B. Wan-1.3B: the old backward kernels (MIXDIT_BWD_TMA=0), the split TMA ones (v3), dQ by atomics
+    (v4; with --bwd-sweep also its best swept config) and FlexAttention with the same block mask; fwd+bwd, and the
+    backward alone (autograd.grad on a kept graph, so both include their launch overhead). Backward FLOPs = 2.5x
+    the forward's. Then FLUX / SD3.5 fwd+bwd at d=0.5/0.25 against cuDNN dense fwd+bwd (host-bound sizes)."""
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
     from mixdit.kernels import block_sparse_attention
     from mixdit.kernels.reference import random_layout
 
     B, H, S, D = SHAPES["wan1.3b"][:4]
-    paths = {"mixdit-old": {"tma": False, "padded": False}, "mixdit-new": {"tma": True, "padded": True}}
-    defaults = dict(bsa._BWD_OPTS)
     q, k, v = make_inputs(B, H, S, D, True)
     g = torch.randn_like(q)
-    rows = []
+    rows, sweep_rows = [], []
+    paths = {name: (opts, {}) for name, opts in BWD_PATHS.items()}
+    layouts = {d: random_layout(B, H, S, S, d, TILE, TILE, device=DEV) for d in densities}
 
     def bwd_only(fwd):  # fwd returns the output in the leaves' [B, S, H, D] layout
         out = fwd()
         return lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
 
+    def fwd_flops_of(kc, ki, B, H, S, D):
+        return 4 * B * H * S * S * D * (kc.sum().item() / ki.numel())
+
+    if sweep_cfgs:
+        d0 = 0.25 if 0.25 in layouts else densities[0]
+        sweep_rows, best = atomic_sweep(bsa, q, k, v, layouts[d0], rep_ms, fwd_flops_of(*layouts[d0], B, H, S, D),
+                                        split_sweep)
+        default = ((bsa._DKDV_ATOMIC_CONFIGS[128]), False)
+        if best and (tuple(best[2]["dkdv_atomic"]), best[1]["dq_tma_reduce"]) != default:
+            paths["mixdit-atomic-best"] = (best[1], best[2])
+            print(f"  best atomic config: {best[3]} ({best[0]:.3f} ms); timed below as mixdit-atomic-best", flush=True)
+
     for density in densities:
-        kc, ki = layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
-        frac = kc.sum().item() / ki.numel()
-        fwd_flops = 4 * B * H * S * S * D * frac
+        kc, ki = layout = layouts[density]
+        fwd_flops = fwd_flops_of(kc, ki, B, H, S, D)
 
         def mx_fwd(kc=kc, ki=ki):
             return block_sparse_attention(q, k, v, kc, ki, q_tile=TILE, kv_tile=TILE)[0]
 
         grads = {}
-        for impl, opts in paths.items():
-            bsa._BWD_OPTS.update(opts)
-            grads[impl] = torch.autograd.grad(mx_fwd(), (q, k, v), g)
-        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads["mixdit-old"], grads["mixdit-new"]))
-        print(f"d={density}: max |new - old| over dq, dk, dv = {diff:.3e}", flush=True)
+        for impl, (opts, override) in paths.items():
+            with _BwdPath(bsa, opts, override):
+                grads[impl] = torch.autograd.grad(mx_fwd(), (q, k, v), g)
+        for impl in grads:
+            if impl != "mixdit-split":
+                diff = [(a.float() - b.float()).abs().max().item() for a, b in zip(grads[impl], grads["mixdit-split"])]
+                print(f"d={density}: max |{impl} - mixdit-split| dq {diff[0]:.2e} dk {diff[1]:.2e} dv {diff[2]:.2e}",
+                      flush=True)
         del grads
 
         impls = {}  # name: (fwd+bwd callable, forward returning out, backward path)
         if flex_on:
             impls["flex"] = (flex_fn(q, k, v, layout, "fwdbwd", S), flex_out(q, k, v, layout, S), None)
         for impl in paths:
-            impls[impl] = (mixdit_fn(q, k, v, layout, "fwdbwd"), mx_fwd, impl)
+            impls[impl] = (mixdit_fn(q, k, v, layout, "fwdbwd"), mx_fwd, paths[impl])
         for impl, (fb, fo, path) in impls.items():
-            if path:
-                bsa._BWD_OPTS.update(paths[path])
-            try:
-                t_fb = bench(fb, rep_ms)
-                t_b = bench(bwd_only(fo), rep_ms)
-            except Exception as e:  # keep the rest of the table
-                print(f"  d={density} {impl}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
+            with _BwdPath(bsa, *(path or (dict(bsa._BWD_OPTS), dict(bsa._CONFIG_OVERRIDE)))):
+                try:
+                    t_fb = bench(fb, rep_ms)
+                    t_b = bench(bwd_only(fo), rep_ms)
+                except Exception as e:  # keep the rest of the table
+                    print(f"  d={density} {impl}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
             for direction, ms, fl in (("fwd+bwd", t_fb, 3.5 * fwd_flops), ("bwd", t_b, 2.5 * fwd_flops)):
-                rows.append(dict(density=density, direction=direction, impl=impl, ms=ms, tflops=fl / ms / 1e9))
-                print(f"  d={density} {direction:7s} {impl:10s} {ms:8.3f} ms {fl / ms / 1e9:6.1f} TF/s", flush=True)
-        if sweep_cfgs and density == densities[0]:  # new path, backward alone, one kernel's config at a time
-            bsa._BWD_OPTS.update(paths["mixdit-new"])
-            for kind, cfgs in (("dkdv", [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 8, 2), (64, 128, 8, 3),
-                                         (32, 128, 4, 3), (128, 128, 8, 2)]),
-                               ("dq", [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                                       (128, 128, 8, 2)])):
-                for cfg in cfgs:
-                    bsa._CONFIG_OVERRIDE.clear()
-                    bsa._CONFIG_OVERRIDE[kind] = cfg
-                    try:
-                        ms = bench(bwd_only(mx_fwd), rep_ms)
-                    except Exception as e:
-                        print(f"  sweep {kind} {cfg}: FAILED {str(e)[:200]}", flush=True)
-                        continue
-                    print(f"  sweep d={density} bwd {kind}={cfg}: {ms:.3f} ms {2.5 * fwd_flops / ms / 1e9:.0f} TF/s",
-                          flush=True)
-            bsa._CONFIG_OVERRIDE.clear()
-    bsa._BWD_OPTS.update(defaults)
+                rows.append(dict(shape="wan1.3b", density=density, direction=direction, impl=impl, ms=ms,
+                                 tflops=fl / ms / 1e9))
+                print(f"  wan1.3b d={density} {direction:7s} {impl:18s} {ms:8.3f} ms {fl / ms / 1e9:6.1f} TF/s", flush=True)
+    del q, k, v, g
+    _empty_cache()
 
-    lines = [(f"bwd A/B, Wan-1.3B (B{B} H{H} S{S} D{D}) bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}; "
-              "TFLOP/s on computed tiles (bwd = 2.5x fwd FLOPs, fwd+bwd = 3.5x)"),
-             f"{'density':>7} {'dir':>7} {'impl':>10} {'ms':>9} {'TF/s':>6} {'vs flex':>8} {'vs old':>7}"]
+    if small:  # FLUX / SD3.5 fwd+bwd vs cuDNN dense fwd+bwd (the target: never slower at density <= 0.5)
+        for name in ("flux", "sd35"):
+            Bs, Hs, Ss, Ds = SHAPES[name][:4]
+            qs, ks, vs = make_inputs(Bs, Hs, Ss, Ds, True)
+            dense = 4 * Bs * Hs * Ss * Ss * Ds * 3.5
+            try:
+                ms = bench(sdpa_fn(qs, ks, vs, "cudnn", "fwdbwd"), rep_ms)
+                rows.append(dict(shape=name, density=1.0, direction="fwd+bwd", impl="sdpa-cudnn", ms=ms,
+                                 tflops=dense / ms / 1e9))
+                print(f"  {name} fwd+bwd sdpa-cudnn dense {ms:8.3f} ms", flush=True)
+            except Exception as e:
+                print(f"  {name} sdpa-cudnn: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            for density in (0.5, 0.25):
+                kc, ki = layout = random_layout(Bs, Hs, Ss, Ss, density, TILE, TILE, device=DEV)
+                frac = kc.sum().item() / ki.numel()
+                for impl, (opts, override) in paths.items():
+                    if impl == "mixdit-old":
+                        continue
+                    with _BwdPath(bsa, opts, override):
+                        try:
+                            ms = bench(mixdit_fn(qs, ks, vs, layout, "fwdbwd"), rep_ms)
+                        except Exception as e:
+                            print(f"  {name} d={density} {impl}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                            continue
+                    rows.append(dict(shape=name, density=density, direction="fwd+bwd", impl=impl, ms=ms,
+                                     tflops=dense * frac / ms / 1e9))
+                    print(f"  {name} d={density} fwd+bwd {impl:18s} {ms:8.3f} ms", flush=True)
+            del qs, ks, vs
+            _empty_cache()
+
+    lines = [(f"bwd A/B, {_device_name()}, torch {torch.__version__}, bf16; Wan-1.3B = B{B} H{H} S{S} D{D}; "
+              "TFLOP/s on computed tiles (bwd = 2.5x fwd FLOPs, fwd+bwd = 3.5x); ratios = baseline ms / this ms"),
+             f"{'shape':>8} {'density':>7} {'dir':>7} {'impl':>18} {'ms':>9} {'TF/s':>6} {'vs flex':>8} {'vs old':>7} "
+             f"{'vs split':>8} {'vs cuDNN':>8}"]
     for r in rows:
-        same = {x["impl"]: x["ms"] for x in rows if x["density"] == r["density"] and x["direction"] == r["direction"]}
-        vf = f"{same['flex'] / r['ms']:.2f}x" if "flex" in same else ""
-        vo = f"{same['mixdit-old'] / r['ms']:.2f}x" if "mixdit-old" in same and r["impl"] != "flex" else ""
-        lines.append(f"{r['density']:>7} {r['direction']:>7} {r['impl']:>10} {r['ms']:>9.3f} {r['tflops']:>6.0f} "
-                     f"{vf:>8} {vo:>7}")
-    return rows, "\n".join(lines)
+        same = {x["impl"]: x["ms"] for x in rows if x["shape"] == r["shape"] and x["direction"] == r["direction"]
+                and x["density"] == r["density"]}
+        cudnn = [x["ms"] for x in rows if x["shape"] == r["shape"] and x["impl"] == "sdpa-cudnn"]
+
+        def ratio(base, _r=r, _same=same):
+            return f"{_same[base] / _r['ms']:.2f}x" if base in _same and _r["impl"] != base else ""
+        vc = f"{cudnn[0] / r['ms']:.2f}x" if cudnn and r["impl"] != "sdpa-cudnn" else ""
+        lines.append(f"{r['shape']:>8} {r['density']:>7} {r['direction']:>7} {r['impl']:>18} {r['ms']:>9.3f} "
+                     f"{r['tflops']:>6.0f} {ratio('flex'):>8} {ratio('mixdit-old'):>7} {ratio('mixdit-split'):>8} {vc:>8}")
+    timed = [r for r in sweep_rows if r.get("ms")]
+    if timed:
+        lines.append("atomic sweep (Wan-1.3B, backward alone): " + "; ".join(
+            f"{r['sweep']} {r['ms']:.2f} ms" for r in sorted(timed, key=lambda r: r["ms"])))
+    return dict(rows=rows, sweep=sweep_rows), "\n".join(lines)
 
 
 def write_results(rows, out_dir, gpu):
@@ -364,17 +642,47 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="Wan-1.3B only")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time kernel configs instead of the comparison")
-    ap.add_argument("--bwd-ab", action="store_true", help="backward: old vs new kernels vs Flex (Wan-1.3B)")
+    ap.add_argument("--bwd-ab", action="store_true",
+                    help="backward: old / split / atomic-dQ kernels vs Flex (Wan-1.3B), FLUX/SD3.5 vs cuDNN")
     ap.add_argument("--bwd-sweep", action="store_true",
-                    help="with --bwd-ab: also time dkdv/dq configs of the new path (first density only)")
+                    help="with --bwd-ab: first time the atomic dK/dV kernel's configs (Wan-1.3B d=0.25), then the "
+                         "best one beside the default in the A/B")
+    ap.add_argument("--bwd-sweep-split", action="store_true", help="with --bwd-sweep: also a few split-path configs")
+    ap.add_argument("--no-small", action="store_true", help="with --bwd-ab: skip the FLUX / SD3.5 rows")
+    ap.add_argument("--host", action="store_true",
+                    help="host (Python) time per call of the launchers and autograd path (works on a CPU: stubbed)")
+    ap.add_argument("--host-baseline", default=None, metavar="REV",
+                    help="with --host: also time kernels/block_sparse_attention.py at this git revision (or file)")
     ap.add_argument("--probe", action="store_true", help="time the backward's pieces at the FLUX shape first")
     ap.add_argument("--rep-ms", type=int, default=200)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--smoke", action="store_true",
+                    help="with --bwd-ab: run the A/B code on the CPU (Triton interpreter, tiny shapes, one call per "
+                         "timing) to check the script itself; writes nothing")
     a = ap.parse_args(argv)
+    t0 = time.time()
+    if a.smoke:
+        global DEV
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+        DEV = "cpu"
+        SHAPES.update({"wan1.3b": (1, 1, 300, 64, ()), "flux": (1, 1, 200, 64, ()), "sd35": (1, 1, 150, 32, ())})
+        out, table = bwd_ab(1, [0.25, 1.0], a.bwd_sweep, False, not a.no_small, a.bwd_sweep_split)
+        print(table)
+        print(f"smoke run took {time.time() - t0:.0f} s; rows {len(out['rows'])}, sweep rows {len(out['sweep'])}")
+        return
+    host = None
+    if a.host:
+        host, table = host_overhead(a.host_baseline)
+        print(table, flush=True)
+        if not a.bwd_ab:
+            os.makedirs(a.out_dir, exist_ok=True)
+            slug = gpu_slug() if torch.cuda.is_available() else "cpu-stubbed"
+            with open(os.path.join(a.out_dir, f"attention-host-{slug}.json"), "w") as f:
+                json.dump(host, f, indent=1)
+            return
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
-    t0 = time.time()
     if a.sweep:
         res = sweep(a.rep_ms)
         os.makedirs(a.out_dir, exist_ok=True)
@@ -383,12 +691,15 @@ def main(argv=None):
         print(f"sweep took {time.time() - t0:.0f} s")
         return
     if a.bwd_ab:
-        rows, table = bwd_ab(a.rep_ms, [float(x) for x in (a.densities or "0.25,1").split(",")], a.bwd_sweep,
-                             not a.no_flex)
+        res, table = bwd_ab(a.rep_ms, [float(x) for x in (a.densities or "0.25,1").split(",")], a.bwd_sweep,
+                            not a.no_flex, not a.no_small, a.bwd_sweep_split)
+        res.update(gpu=gpu, torch=torch.__version__, triton=_triton_version(), host_us=host)
         os.makedirs(a.out_dir, exist_ok=True)
-        with open(os.path.join(a.out_dir, f"attention-bwd-ab-{gpu_slug()}.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        path = os.path.join(a.out_dir, f"attention-bwd-ab-{gpu_slug()}.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
         print(table)
+        print(f"wrote {path}")
         print(f"bwd A/B took {time.time() - t0:.0f} s")
         return
     if a.probe:

@@ -10,11 +10,15 @@ Design (see benchmarks/NOTES.md for the measurements behind it):
   base 2 with log2(e) folded into the scale; fully masked rows never produce NaN.
 * backward: FA2-style. ``delta = rowsum(dO * O) - dlse`` (so gradients through ``lse`` are exact),
   a dK/dV kernel that loops over the query tiles visiting its key tile (a transposed layout built on
-  the GPU with no host sync), and a dQ kernel that loops over the visited key tiles like the forward.
+  the GPU with no host sync), and either a dQ kernel that loops over the visited key tiles like the
+  forward ("split", the default) or dQ accumulated inside the dK/dV kernel by fp32 atomics ("atomic":
+  5 tile matmuls per (query tile, key tile) pair instead of 7; ``MIXDIT_BWD_DQ=atomic``).
   As in the forward, the gathered tiles (Q/dO in dK/dV, K/V in dQ) come by TMA on Hopper, and lse/delta are
-  padded to whole query tiles so the loops carry no per-element masks for ragged lengths.
+  padded to whole query tiles so the loops carry no per-element masks for ragged lengths. One prologue
+  launch computes delta, the padded lse, the transposed layout and (atomic) zeroes the dQ accumulator.
 * No host synchronisation anywhere: loop bounds are read inside the kernels, so the forward can be
-  captured in a CUDA graph, and both directions are ``torch.library`` custom ops for ``torch.compile``.
+  captured in a CUDA graph. Eager calls go through an ``autograd.Function`` (little host work per call);
+  under ``torch.compile`` / tracing both directions are ``torch.library`` custom ops.
 """
 
 from __future__ import annotations
@@ -163,15 +167,14 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA, LSE, LSE2, s_ob, s_os, s_oh, s_db, s_ds, s_dh, H, Sq, Sq_pad,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, PAD: tl.constexpr,
+def _preprocess_rows(
+    pid_m, pid_bh, O, DO, DLSE, DELTA, LSE, LSE2, DQACC, s_ob, s_os, s_oh, s_db, s_ds, s_dh, H, Sq, Sq_pad,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, PAD: tl.constexpr, ZERO_ACC: tl.constexpr,
 ):
     # delta = rowsum(dO * O) - dlse: the lse gradient enters ds exactly like -delta does.
     # PAD: rows are Sq_pad long (whole query tiles); also writes lse * log2(e), with +inf / 0 past Sq,
     # so the dK/dV and dQ loops read both with no mask (p = 0 on padding rows).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # ZERO_ACC: zero the fp32 dQ accumulator rows ([B*H, Sq_pad, D]) of the atomic-dQ backward.
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,13 +190,97 @@ def _bwd_preprocess_kernel(
         lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=ok, other=float("inf")) * 1.4426950408889634
         tl.store(LSE2 + pid_bh.to(tl.int64) * Sq_pad + offs_m, lse2, mask=st)
         tl.store(DELTA + pid_bh.to(tl.int64) * Sq_pad + offs_m, delta, mask=st)  # 0 past Sq: o = do = 0
+        if ZERO_ACC:
+            rows = pid_bh.to(tl.int64) * Sq_pad + offs_m
+            tl.store(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], tl.zeros([BLOCK_M, HEAD_DIM], tl.float32),
+                     mask=st[:, None])
     else:
         tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=ok)
 
 
 @triton.jit
+def _transpose_tiles(
+    pid_t, pid_bh, KV_COUNT, KV_INDEX, QBUF, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, H, n_qt, n_kt,
+    BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+):
+    # The transposed layout of BT key tiles: QBUF[b, h, t] = (count, query tiles visiting t in ascending order),
+    # rows of n_qt + 1 int32. Query tiles are scanned in chunks of BQ, their visited lists in chunks of BS;
+    # a key tile is hit by a query tile if any live slot names it (duplicates count once).
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    t_ok = offs_t < n_kt
+    row = QBUF + (pid_bh.to(tl.int64) * n_kt + offs_t) * (n_qt + 1)
+    c_base = KV_COUNT + b * s_cb + h * s_ch
+    i_base = KV_INDEX + b * s_ib + h * s_ih
+    cnt = tl.zeros([BT], dtype=tl.int32)
+    for q0 in range(0, n_qt, BQ):
+        offs_q = q0 + tl.arange(0, BQ)
+        c = tl.load(c_base + offs_q * s_cq, mask=offs_q < n_qt, other=0)
+        hit = tl.zeros([BT, BQ], dtype=tl.int32)
+        for s0 in range(0, tl.max(c, 0), BS):
+            offs_s = s0 + tl.arange(0, BS)
+            idx = tl.load(i_base + offs_q[:, None] * s_iq + offs_s[None, :] * s_ii, mask=offs_s[None, :] < c[:, None],
+                          other=-1)
+            eq = (idx[None, :, :] == offs_t[:, None, None]).to(tl.int32)  # [BT, BQ, BS]
+            hit = tl.maximum(hit, tl.max(eq, 2))
+        pos = cnt[:, None] + tl.cumsum(hit, 1) - hit
+        tl.store(row[:, None] + 1 + pos, offs_q[None, :] + tl.zeros([BT, BQ], dtype=tl.int32),
+                 mask=(hit != 0) & t_ok[:, None])
+        cnt += tl.sum(hit, 1)
+    tl.store(row, cnt, mask=t_ok)
+
+
+@triton.jit
+def _bwd_prologue_kernel(
+    O, DO, DLSE, DELTA, LSE, LSE2, DQACC, KV_COUNT, KV_INDEX, QBUF,
+    s_ob, s_os, s_oh, s_db, s_ds, s_dh, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii,
+    H, Sq, Sq_pad, n_pre, n_qt, n_kt,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, PAD: tl.constexpr,
+    ZERO_ACC: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+):
+    # one launch for the backward's small jobs: programs [0, n_pre) preprocess BLOCK_M query rows each,
+    # the rest transpose the layout for BT key tiles each (the two read and write disjoint buffers)
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if pid < n_pre:
+        _preprocess_rows(pid, pid_bh, O, DO, DLSE, DELTA, LSE, LSE2, DQACC, s_ob, s_os, s_oh, s_db, s_ds, s_dh,
+                         H, Sq, Sq_pad, HEAD_DIM, BLOCK_M, HAS_DLSE, PAD, ZERO_ACC)
+    else:
+        _transpose_tiles(pid - n_pre, pid_bh, KV_COUNT, KV_INDEX, QBUF, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii,
+                         H, n_qt, n_kt, BT, BQ, BS)
+
+
+@triton.jit
+def _transpose_kernel(
+    KV_COUNT, KV_INDEX, QBUF, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, H, n_qt, n_kt,
+    BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+):
+    _transpose_tiles(tl.program_id(0), tl.program_id(1), KV_COUNT, KV_INDEX, QBUF, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq,
+                     s_ii, H, n_qt, n_kt, BT, BQ, BS)
+
+
+@triton.jit
+def _bwd_dq_cast_kernel(
+    ACC, DQ, s_qb, s_qs, s_qh, H, Sq, Sq_pad, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # atomic-dQ epilogue: dq = sm_scale * acc in the output dtype and the [B, Sq, H, D] layout
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = (offs_m < Sq)[:, None]
+    acc = tl.load(ACC + (pid_bh.to(tl.int64) * Sq_pad + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :], (acc * sm_scale).to(DQ.dtype.element_ty),
+             mask=ok)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
+    Q, K, V, DO, LSE, DELTA, DK, DV, QBUF, KV_LEN, ROW_SEL, KV_GROUP, DQACC,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
     s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, s_rb, s_rh, s_rs,
     H, Sq, Sk, n_kt, n_qt, sm_scale, qk_scale,
@@ -201,11 +288,16 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr,
     PADDED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_Q: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
-    # one program owns BLOCK_N keys of key tile kt and loops over the query tiles that visit kt.
+    # one program owns BLOCK_N keys of key tile kt and loops over the query tiles that visit kt
+    # (QBUF: the transposed layout, rows of n_qt + 1 int32 = count, then the query tiles).
     # Padding keys past Sk need no mask: their dK/dV rows are never stored.
     # PADDED: LSE holds lse*log2(e) and DELTA delta, both n_qt*Q_TILE rows long with p = 0 past Sq, so the
     # loop needs no row masks; a key past kv_tile_len only touches its own dK/dV row, zeroed once at the end.
+    # DQ_ATOMIC (needs PADDED): also dQ += dS K for the visited query rows, fp32 atomics into DQACC
+    # ([B*H, n_qt*Q_TILE, D], zeroed before, scaled and cast after); keys past kv_tile_len are masked out of
+    # p there, since their dS would reach dQ. DQ_TMA: the atomics as TMA reduce-adds (Hopper, not interpreted).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -233,9 +325,14 @@ def _bwd_dkdv_kernel(
     if USE_TMA:  # bulk copies of each gathered [BLOCK_M, D] tile; rows past Sq read as zeros
         q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[s_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
         do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, HEAD_DIM], strides=[s_ds, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    lay = pid_bh.to(tl.int64) * n_kt + kt
-    count = tl.load(Q_COUNT + lay)
-    idx_base = Q_INDEX + lay * n_qt
+    lay = (pid_bh.to(tl.int64) * n_kt + kt) * (n_qt + 1)
+    count = tl.load(QBUF + lay)
+    idx_base = QBUF + lay + 1
+    if DQ_ATOMIC:
+        acc_base = DQACC + row_base * HEAD_DIM
+        if DQ_TMA:
+            acc_desc = tl.make_tensor_descriptor(acc_base, shape=[n_qt * Q_TILE, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                                 block_shape=[BLOCK_M, HEAD_DIM])
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -265,7 +362,12 @@ def _bwd_dkdv_kernel(
         if PADDED:
             if HAS_SEL:
                 word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
-                pT = tl.where((((word >> (g % 32)) & 1) != 0)[None, :], pT, 0.0)
+                ok = (((word >> (g % 32)) & 1) != 0)[None, :]
+                if DQ_ATOMIC and HAS_LEN:
+                    ok = ok & key_ok[:, None]
+                pT = tl.where(ok, pT, 0.0)
+            elif DQ_ATOMIC and HAS_LEN:
+                pT = tl.where(key_ok[:, None], pT, 0.0)
         elif HAS_LEN or HAS_SEL:
             ok = key_ok[:, None]
             if HAS_SEL:
@@ -274,8 +376,14 @@ def _bwd_dkdv_kernel(
             pT = tl.where(ok, pT, 0.0)
         dv += _mm(pT.to(do.dtype), do, F32_DOT)
         dpT = _mm(v, tl.trans(do), F32_DOT)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _mm(dsT.to(q.dtype), q, F32_DOT)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk += _mm(dsT, q, F32_DOT)
+        if DQ_ATOMIC:
+            dq = _mm(tl.trans(dsT), k, F32_DOT)  # [BLOCK_M, D], unscaled
+            if DQ_TMA:
+                acc_desc.atomic_add([m0, 0], dq)
+            else:
+                tl.atomic_add(acc_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, sem="relaxed")
 
     dk = dk * sm_scale
     if PADDED and HAS_LEN:
@@ -374,10 +482,20 @@ _DQ_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 # the backward's TMA path (Hopper); "dkdv"/"dq" overrides apply to either path
 _DKDV_TMA_CONFIGS = dict(_DKDV_CONFIGS)
 _DQ_TMA_CONFIGS = dict(_DQ_CONFIGS)
+# the dK/dV kernel that also accumulates dQ by atomics (not yet measured on a GPU): whole 128-key tiles per
+# program, so each (query row, key tile) pair adds its dQ row once (half the atomic bytes of 64-key programs)
+_DKDV_ATOMIC_CONFIGS = {64: (64, 128, 8, 2), 128: (64, 128, 8, 2)}
 _INTERPRET_CONFIG = (64, 64, 4, 1)
+# the backward prologue: preprocess rows per program; transposed-layout chunk (key tiles, query tiles, slots)
+_PRE_BLOCK_M = 64
+_TR_BLOCKS = (16, 16, 32)
 
-# optional overrides used by the benchmark's config sweep: {"fwd"|"dkdv"|"dq": (BM, BN, warps, stages)}
+# optional overrides used by the benchmark's config sweeps: {"fwd"|"dkdv"|"dq"|"dkdv_atomic": (BM, BN, warps, stages)}
 _CONFIG_OVERRIDE: dict = {}
+
+
+def _env_dq_mode() -> str:
+    return os.environ.get("MIXDIT_BWD_DQ", "split").strip().lower() or "split"
 
 
 # forward code-path switches (measured in benchmarks/NOTES.md); the benchmark's sweep flips them
@@ -386,7 +504,16 @@ _CONFIG_OVERRIDE: dict = {}
 _FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True}
 # backward switches: "tma" = descriptors for the gathered Q/dO (dK/dV) and K/V (dQ) tiles; "padded" = lse/delta
 # padded to whole query tiles so the loops carry no row masks. MIXDIT_BWD_TMA=0 selects the old kernels (A/B).
-_BWD_OPTS = {"tma": os.environ.get("MIXDIT_BWD_TMA", "1") != "0", "padded": os.environ.get("MIXDIT_BWD_TMA", "1") != "0"}
+# "dq": "split" = FA2-style dK/dV kernel + dQ kernel; "atomic" = dQ accumulated by fp32 atomics inside the dK/dV
+# kernel (5 tile matmuls per pair instead of 7; always padded). MIXDIT_BWD_DQ=atomic|split, or the launcher's
+# dq_mode argument. "dq_tma_reduce": the atomic path's adds as TMA reduce-adds (Hopper only; a sweep option).
+_BWD_OPTS = {"tma": os.environ.get("MIXDIT_BWD_TMA", "1") != "0", "padded": os.environ.get("MIXDIT_BWD_TMA", "1") != "0",
+             "dq": _env_dq_mode(), "dq_tma_reduce": False}
+_DQ_MODES = ("split", "atomic")
+
+# Triton picks the interpreter when a kernel is decorated (at import), so this is fixed for the process.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CAPABILITY: dict = {}  # CUDA device index -> compute capability major
 
 
 def _scratch(size: int, align: int, stream):
@@ -398,14 +525,20 @@ def _use_tma(k, v) -> bool:
 
 
 def _tma_ok(*ts) -> bool:
-    # device-side TMA descriptors: Hopper+, 16-byte aligned bases and row strides
+    # device-side TMA descriptors: Hopper+, 16-byte aligned bases and (non-zero) strides
     k = ts[0]
-    if _interpreting() or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+    if _INTERPRET or not k.is_cuda:
         return False
-    esz = k.element_size()
-    if any((t.data_ptr() % 16) or (t.stride(1) * esz % 16) or (t.stride(0) * esz % 16) or (t.stride(2) * esz % 16)
-           for t in ts):
+    dev = k.get_device()
+    major = _CAPABILITY.get(dev)
+    if major is None:
+        major = _CAPABILITY[dev] = torch.cuda.get_device_capability(dev)[0]
+    if major < 9:
         return False
+    for t in ts:
+        st, esz = t.stride(), t.element_size()
+        if t.data_ptr() % 16 or st[1] == 0 or (st[0] * esz) % 16 or (st[1] * esz) % 16 or (st[2] * esz) % 16:
+            return False
     # Descriptors created in-kernel need a small global scratch buffer. Triton keeps the allocator in a
     # context variable, i.e. per thread: set it on every call, since autograd's backward thread (gradient
     # checkpointing recomputes the forward there) does not inherit the main thread's.
@@ -414,20 +547,17 @@ def _tma_ok(*ts) -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
-def _f32_dot(q) -> bool:
-    return _interpreting() and q.dtype == torch.bfloat16
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a @jit function: ~10 us per host call
 
 
 def _pick(kind: str, table: dict, D: int, q_tile: int, kv_tile: int):
-    if kind in _CONFIG_OVERRIDE:
-        cfg = _CONFIG_OVERRIDE[kind]
-    elif _interpreting():
-        cfg = _INTERPRET_CONFIG
-    else:
-        cfg = table.get(D, table[128] if D > 64 else table[64])
+    cfg = _CONFIG_OVERRIDE.get(kind)
+    if cfg is None:
+        cfg = _INTERPRET_CONFIG if _INTERPRET else table.get(D) or (table[128] if D > 64 else table[64])
     bm, bn, warps, stages = cfg
     bm, bn = min(bm, q_tile), min(bn, kv_tile)
     if D > 128:  # keep registers in check for large heads
@@ -435,17 +565,25 @@ def _pick(kind: str, table: dict, D: int, q_tile: int, kv_tile: int):
     return bm, bn, warps, stages
 
 
+def _dq_mode(mode) -> str:
+    mode = _BWD_OPTS["dq"] if mode is None else mode
+    if mode not in _DQ_MODES:
+        raise ValueError(f"dq mode (MIXDIT_BWD_DQ / dq_mode) must be one of {_DQ_MODES}, got {mode!r}")
+    return mode
+
+
 def _check(q, k, v, q_tile, kv_tile):
-    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"expected q [B,Sq,H,D], k/v [B,Sk,H,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    D = q.shape[-1]
+    qs, ks = q.shape, k.shape
+    if len(qs) != 4 or ks != v.shape or qs[0] != ks[0] or qs[2:] != ks[2:]:
+        raise ValueError(f"expected q [B,Sq,H,D], k/v [B,Sk,H,D]; got {tuple(qs)}, {tuple(ks)}, {tuple(v.shape)}")
+    D = qs[3]
     if D < 16 or D & (D - 1):
         raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    dt = q.dtype
+    if (dt is not torch.float16 and dt is not torch.bfloat16) or k.dtype is not dt or v.dtype is not dt:
         raise ValueError(f"q, k, v must share dtype float16 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    for t in (q_tile, kv_tile):
-        if t < 16 or t & (t - 1):
-            raise ValueError(f"q_tile/kv_tile must be powers of two >= 16, got {q_tile}, {kv_tile}")
+    if q_tile < 16 or q_tile & (q_tile - 1) or kv_tile < 16 or kv_tile & (kv_tile - 1):
+        raise ValueError(f"q_tile/kv_tile must be powers of two >= 16, got {q_tile}, {kv_tile}")
 
 
 def _last_contig(t):
@@ -453,165 +591,233 @@ def _last_contig(t):
 
 
 def _int32(t):
-    return None if t is None else (t if t.dtype == torch.int32 else t.to(torch.int32))
+    return t if t is None or t.dtype is torch.int32 else t.to(torch.int32)
 
 
-def _sel_args(row_select, kv_tile_group, q):
-    if row_select is None:
-        return q, q, (0, 0, 0)  # dummies, never read (HAS_SEL=False)
-    rs = _int32(row_select)
-    if rs.stride(-1) != 1:
-        rs = rs.contiguous()
-    return rs, _int32(kv_tile_group).contiguous(), (rs.stride(0), rs.stride(1), rs.stride(2))
+def _int32_contig(t):
+    if t is None:
+        return None
+    if t.dtype is not torch.int32:
+        t = t.to(torch.int32)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group):
+    """Check the inputs once and bring them to what the kernels read (the autograd forward saves the result)."""
+    _check(q, k, v, q_tile, kv_tile)
+    rs = None
+    if row_select is not None:
+        rs = _int32(row_select)
+        if rs.stride(-1) != 1:
+            rs = rs.contiguous()
+    return (_last_contig(q), _last_contig(k), _last_contig(v), _int32(kv_count), _int32(kv_index),
+            _int32_contig(kv_tile_len), rs, _int32_contig(kv_tile_group))
+
+
+def _f32_dot(q) -> bool:
+    return _INTERPRET and q.dtype is torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile: int = 128, kv_tile: int = 128,
-                                   scale: Optional[float] = None, kv_tile_len=None, row_select=None,
-                                   kv_tile_group=None):
-    """Launch the forward kernel; returns ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``. No autograd."""
-    _check(q, k, v, q_tile, kv_tile)
-    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, grp):
+    # inputs as _normalise returns them; scale a float
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    kv_count, kv_index = _int32(kv_count), _int32(kv_index)
-    kv_len = _int32(kv_tile_len)
-    rs, grp, rs_strides = _sel_args(row_select, kv_tile_group, q)
     out = torch.empty_like(q)
-    lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     if _POISON_OUTPUTS:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
     bm, bn, warps, stages = _pick("fwd", _FWD_CONFIGS, D, q_tile, kv_tile)
-    use_tma = _use_tma(k, v)
-    grid = (triton.cdiv(Sq, bm), B * H)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, kv_count, kv_index, kv_len if kv_len is not None else kv_count, rs, grp,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        kv_count.stride(0), kv_count.stride(1), kv_count.stride(2),
-        kv_index.stride(0), kv_index.stride(1), kv_index.stride(2), kv_index.stride(3), *rs_strides,
+    sq, sk, sv, so, sc, si = q.stride(), k.stride(), v.stride(), out.stride(), kv_count.stride(), kv_index.stride()
+    srs = (0, 0, 0) if rs is None else rs.stride()
+    _fwd_kernel[(_cdiv(Sq, bm), B * H)](
+        q, k, v, out, lse, kv_count, kv_index, kv_count if kv_len is None else kv_len,
+        q if rs is None else rs, q if grp is None else grp,  # dummies are never read (HAS_LEN/HAS_SEL False)
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
+        sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3], srs[0], srs[1], srs[2],
         H, Sq, Sk, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_LEN=kv_len is not None, HAS_SEL=row_select is not None,
-        EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=use_tma,
-        WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _interpreting(), TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
+        HAS_LEN=kv_len is not None, HAS_SEL=rs is not None,
+        EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=_use_tma(k, v),
+        WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _INTERPRET, TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
+def block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile: int = 128, kv_tile: int = 128,
+                                   scale: Optional[float] = None, kv_tile_len=None, row_select=None,
+                                   kv_tile_group=None):
+    """Launch the forward kernel; returns ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``. No autograd."""
+    args = _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _forward(*args[:5], q_tile, kv_tile, scale, *args[5:])
+
+
 def transpose_layout(kv_count, kv_index, n_kv_tiles: int):
     """Per key tile, the query tiles that visit it: ``(q_count [B,H,n_kt], q_index [B,H,n_kt,n_qt])``.
 
-    Built on the device with scatter + stable argsort (no host sync). Index rows are contiguous int32.
+    One Triton kernel (no host sync); the query tiles of each key tile come in ascending order. Both are views
+    of one int32 buffer ``[B, H, n_kt, 1 + n_qt]`` (count, then indices): index rows are contiguous, entries past
+    the count are unspecified.
     """
+    kv_count, kv_index = _int32(kv_count), _int32(kv_index)
     B, H, n_qt = kv_count.shape
-    slot = torch.arange(kv_index.shape[-1], device=kv_index.device)
-    live = slot.view(1, 1, 1, -1) < kv_count.unsqueeze(-1)
-    idx = torch.where(live, kv_index.long(), n_kv_tiles)  # dead slots go to a spill column
-    visit = torch.zeros(B, H, n_qt, n_kv_tiles + 1, dtype=torch.bool, device=kv_index.device)
-    visit.scatter_(3, idx, True)
-    visit_t = visit[..., :n_kv_tiles].transpose(2, 3)  # [B, H, n_kt, n_qt]
-    q_count = visit_t.sum(-1, dtype=torch.int32)
-    q_index = torch.argsort((~visit_t).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    return q_count.contiguous(), q_index.contiguous()
+    qbuf = torch.empty((B, H, n_kv_tiles, n_qt + 1), device=kv_index.device, dtype=torch.int32)
+    sc, si = kv_count.stride(), kv_index.stride()
+    bt, bq, bs = _TR_BLOCKS
+    _transpose_kernel[(_cdiv(n_kv_tiles, bt), B * H)](
+        kv_count, kv_index, qbuf, sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3], H, n_qt, n_kv_tiles,
+        BT=bt, BQ=bq, BS=bs, num_warps=4,
+    )
+    return qbuf[..., 0], qbuf[..., 1:]
 
 
-def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile: int = 128,
-                                    kv_tile: int = 128, scale: Optional[float] = None, kv_tile_len=None,
-                                    row_select=None, kv_tile_group=None, grad_lse=None):
-    """Launch the backward kernels; returns ``(dq, dk, dv)``. ``grad_lse`` (optional) is dL/dlse."""
-    _check(q, k, v, q_tile, kv_tile)
-    q, k, v, out = _last_contig(q), _last_contig(k), _last_contig(v), _last_contig(out)
-    grad_out = _last_contig(grad_out.to(q.dtype))
+def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, grp, grad_lse,
+              dq_mode):
+    # inputs as _normalise returns them; grad_out in q's dtype with a unit last stride, lse / grad_lse fp32
+    # contiguous; scale a float. Launches: prologue (delta, padded lse, transposed layout, zeroed dQ accumulator),
+    # dK/dV (+ dQ atomics), then the dQ kernel (split) or the dQ cast (atomic).
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    kv_count, kv_index = _int32(kv_count), _int32(kv_index)
-    kv_len = _int32(kv_tile_len)
-    rs, grp, rs_strides = _sel_args(row_select, kv_tile_group, q)
-    lse = lse.float().contiguous()
-    n_kt, n_qt = triton.cdiv(Sk, kv_tile), triton.cdiv(Sq, q_tile)
-
-    padded = bool(_BWD_OPTS["padded"])
+    n_kt, n_qt = _cdiv(Sk, kv_tile), _cdiv(Sq, q_tile)
+    atomic = _dq_mode(dq_mode) == "atomic"
+    padded = atomic or bool(_BWD_OPTS["padded"])
     use_tma = bool(_BWD_OPTS["tma"]) and _tma_ok(q, k, v, grad_out)
+    dev = q.device
     # padded: lse*log2(e) (+inf past Sq) and delta (0 past Sq) over whole query tiles; else delta only
     Sq_pad = n_qt * q_tile if padded else Sq
-    delta = torch.empty(B, H, Sq_pad, device=q.device, dtype=torch.float32)
+    delta = torch.empty((B, H, Sq_pad), device=dev, dtype=torch.float32)
     lse_arg = torch.empty_like(delta) if padded else lse
-    pre_bm = 64
-    _bwd_preprocess_kernel[(triton.cdiv(Sq_pad, pre_bm), B * H)](
-        out, grad_out, grad_lse.float().contiguous() if grad_lse is not None else delta, delta, lse, lse_arg,
-        out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        H, Sq, Sq_pad, HEAD_DIM=D, BLOCK_M=pre_bm, HAS_DLSE=grad_lse is not None, PAD=padded,
-    )
-
+    qbuf = torch.empty((B, H, n_kt, n_qt + 1), device=dev, dtype=torch.int32)
+    acc = torch.empty((B * H, Sq_pad, D), device=dev, dtype=torch.float32) if atomic else delta
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if _POISON_OUTPUTS:
-        for t in (dq, dk, dv):
+    if _POISON_OUTPUTS:  # the prologue's buffers too: a row it misses shows up as NaN
+        for t in (dq, dk, dv, delta, lse_arg, acc) if padded else (dq, dk, dv):
             t.fill_(float("nan"))
-    kv_len_arg = kv_len if kv_len is not None else kv_count
-    has_len, has_sel = kv_len is not None, row_select is not None
-    tables = (_DKDV_TMA_CONFIGS, _DQ_TMA_CONFIGS) if use_tma else (_DKDV_CONFIGS, _DQ_CONFIGS)
 
-    q_count, q_index = transpose_layout(kv_count, kv_index, n_kt)
-    bm, bn, warps, stages = _pick("dkdv", tables[0], D, q_tile, kv_tile)
-    _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * H)](
-        q, k, v, grad_out, lse_arg, delta, dk, dv, q_count, q_index, kv_len_arg, rs, grp,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *rs_strides,
-        H, Sq, Sk, n_kt, n_qt, scale, scale * _LOG2E,
-        Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q),
-        PADDED=padded, USE_TMA=use_tma, EVEN_Q=Sq % q_tile == 0, num_warps=warps, num_stages=stages,
+    pre_bm = _PRE_BLOCK_M
+    n_pre = _cdiv(Sq_pad, pre_bm)
+    bt, bq, bs = _TR_BLOCKS
+    so, sd, sc, si = out.stride(), grad_out.stride(), kv_count.stride(), kv_index.stride()
+    _bwd_prologue_kernel[(n_pre + _cdiv(n_kt, bt), B * H)](
+        out, grad_out, delta if grad_lse is None else grad_lse, delta, lse, lse_arg, acc, kv_count, kv_index, qbuf,
+        so[0], so[1], so[2], sd[0], sd[1], sd[2], sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3],
+        H, Sq, Sq_pad, n_pre, n_qt, n_kt,
+        HEAD_DIM=D, BLOCK_M=pre_bm, HAS_DLSE=grad_lse is not None, PAD=padded, ZERO_ACC=atomic,
+        BT=bt, BQ=bq, BS=bs, num_warps=4,
     )
 
-    bm, bn, warps, stages = _pick("dq", tables[1], D, q_tile, kv_tile)
-    _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
-        q, k, v, grad_out, lse_arg, delta, dq, kv_count, kv_index, kv_len_arg, rs, grp,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        kv_count.stride(0), kv_count.stride(1), kv_count.stride(2),
-        kv_index.stride(0), kv_index.stride(1), kv_index.stride(2), kv_index.stride(3), *rs_strides,
+    kv_len_arg = kv_count if kv_len is None else kv_len
+    rs_arg = q if rs is None else rs
+    grp_arg = q if grp is None else grp
+    srs = (0, 0, 0) if rs is None else rs.stride()
+    has_len, has_sel, f32_dot = kv_len is not None, rs is not None, _f32_dot(q)
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if atomic:
+        bm, bn, warps, stages = _pick("dkdv_atomic", _DKDV_ATOMIC_CONFIGS, D, q_tile, kv_tile)
+    else:
+        bm, bn, warps, stages = _pick("dkdv", _DKDV_TMA_CONFIGS if use_tma else _DKDV_CONFIGS, D, q_tile, kv_tile)
+    sdk, sdv = dk.stride(), dv.stride()
+    _bwd_dkdv_kernel[(_cdiv(Sk, bn), B * H)](
+        q, k, v, grad_out, lse_arg, delta, dk, dv, qbuf, kv_len_arg, rs_arg, grp_arg, acc,
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sd[0], sd[1], sd[2],
+        sdk[0], sdk[1], sdk[2], sdv[0], sdv[1], sdv[2], srs[0], srs[1], srs[2],
+        H, Sq, Sk, n_kt, n_qt, scale, scale * _LOG2E,
+        Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=f32_dot,
+        PADDED=padded, USE_TMA=use_tma, EVEN_Q=Sq % q_tile == 0,
+        DQ_ATOMIC=atomic, DQ_TMA=atomic and use_tma and bool(_BWD_OPTS["dq_tma_reduce"]),
+        num_warps=warps, num_stages=stages,
+    )
+
+    sdq = dq.stride()
+    if atomic:
+        _bwd_dq_cast_kernel[(_cdiv(Sq, pre_bm), B * H)](
+            acc, dq, sdq[0], sdq[1], sdq[2], H, Sq, Sq_pad, scale, HEAD_DIM=D, BLOCK_M=pre_bm, num_warps=4,
+        )
+        return dq, dk, dv
+    bm, bn, warps, stages = _pick("dq", _DQ_TMA_CONFIGS if use_tma else _DQ_CONFIGS, D, q_tile, kv_tile)
+    sc, si = kv_count.stride(), kv_index.stride()
+    _bwd_dq_kernel[(_cdiv(Sq, bm), B * H)](
+        q, k, v, grad_out, lse_arg, delta, dq, kv_count, kv_index, kv_len_arg, rs_arg, grp_arg,
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sd[0], sd[1], sd[2], sdq[0], sdq[1], sdq[2],
+        sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3], srs[0], srs[1], srs[2],
         H, Sq, Sk, n_qt, scale, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=_f32_dot(q),
+        HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=f32_dot,
         PADDED=padded, USE_TMA=use_tma, EVEN_K=Sk % kv_tile == 0, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
 
+def _grads_in(grad_out, grad_lse, out):
+    # autograd's incoming gradients as the kernels read them (no copies when they already are)
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    else:
+        if grad_out.dtype is not out.dtype:
+            grad_out = grad_out.to(out.dtype)
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+    if grad_lse is not None and (grad_lse.dtype is not torch.float32 or not grad_lse.is_contiguous()):
+        grad_lse = grad_lse.float().contiguous()
+    return grad_out, grad_lse
+
+
+def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile: int = 128,
+                                    kv_tile: int = 128, scale: Optional[float] = None, kv_tile_len=None,
+                                    row_select=None, kv_tile_group=None, grad_lse=None, dq_mode: Optional[str] = None):
+    """Launch the backward kernels; returns ``(dq, dk, dv)``. ``grad_lse`` (optional) is dL/dlse.
+
+    ``dq_mode``: ``"split"`` (a separate dQ kernel) or ``"atomic"`` (dQ by fp32 atomics in the dK/dV kernel);
+    default ``_BWD_OPTS["dq"]`` (env ``MIXDIT_BWD_DQ``, else split).
+    """
+    q, k, v, kc, ki, kv_len, rs, grp = _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len,
+                                                  row_select, kv_tile_group)
+    out = _last_contig(out)
+    if lse.dtype is not torch.float32 or not lse.is_contiguous():
+        lse = lse.float().contiguous()
+    grad_out, grad_lse = _grads_in(grad_out, grad_lse, out)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _backward(grad_out, q, k, v, out, lse, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp, grad_lse, dq_mode)
+
+
 # ----------------------------------------------------------------------------------------------
-# autograd Function (eager) and torch.library custom ops (torch.compile / CUDA graphs)
+# autograd: an autograd.Function for eager calls (cheap on the host), torch.library custom ops for
+# torch.compile / tracing (the public function picks one per call)
 # ----------------------------------------------------------------------------------------------
 class BlockSparseAttentionFunction(torch.autograd.Function):
-    """Eager autograd wrapper around the launchers (the public function uses the custom op)."""
+    """Autograd wrapper around the launchers; the eager path of :func:`block_sparse_attention`.
+
+    The forward checks and normalises the inputs once and saves the normalised tensors for the backward.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group):
-        out, lse = block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale,
-                                                  kv_tile_len, row_select, kv_tile_group)
-        ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, kv_tile_len, row_select, kv_tile_group)
+        q, k, v, kc, ki, kv_len, rs, grp = _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len,
+                                                      row_select, kv_tile_group)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        out, lse = _forward(q, k, v, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp)
+        ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
+        ctx.save_for_backward(q, k, v, out, lse, kc, ki, kv_len, rs, grp)
         ctx.cfg = (q_tile, kv_tile, scale)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, kv_count, kv_index, kv_tile_len, row_select, kv_tile_group = ctx.saved_tensors
+        if grad_out is None and grad_lse is None:
+            return (None,) * 11
+        q, k, v, out, lse, kc, ki, kv_len, rs, grp = ctx.saved_tensors
         q_tile, kv_tile, scale = ctx.cfg
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile,
-                                                     kv_tile, scale, kv_tile_len, row_select, kv_tile_group,
-                                                     grad_lse)
+        grad_out, grad_lse = _grads_in(grad_out, grad_lse, out)
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp,
+                               grad_lse, None)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -653,7 +859,7 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (q_tile, kv_tile, scale)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward_op(ctx, grad_out, grad_lse):
     q, k, v, out, lse, kv_count, kv_index = ctx.saved_tensors
     kv_tile_len, row_select, kv_tile_group = ctx.extra
     q_tile, kv_tile, scale = ctx.cfg
@@ -664,7 +870,16 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+_Tensor = torch.Tensor
+
+
+def _eager(q, k, v) -> bool:
+    # plain tensors, no compiler and no dispatch mode (fake tensors, make_fx, ...): the autograd.Function path;
+    # anything else goes through the custom op, which has fake kernels and never traces into the launchers
+    return (not torch.compiler.is_compiling() and type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def block_sparse_attention(q, k, v, kv_count, kv_index, *, q_tile: int = 128, kv_tile: int = 128,
@@ -674,10 +889,18 @@ def block_sparse_attention(q, k, v, kv_count, kv_index, *, q_tile: int = 128, kv
     The layout (``kv_count [B,H,n_q_tiles]``, ``kv_index [B,H,n_q_tiles,max_tiles]`` int32, optional
     ``kv_tile_len``, ``row_select`` + ``kv_tile_group``) is documented in :mod:`mixdit.kernels.reference`.
     Differentiable in q, k, v (gradients through ``lse`` too); no host synchronisation; traceable by
-    ``torch.compile(fullgraph=True)``. ``scale`` defaults to ``1/sqrt(D)``.
+    ``torch.compile(fullgraph=True)``. ``scale`` defaults to ``1/sqrt(D)``. Eager calls take the
+    ``autograd.Function`` path (or no autograd at all when no gradient is needed); traced calls take the
+    ``torch.library`` custom ops. The backward's dQ strategy: ``MIXDIT_BWD_DQ=split|atomic``.
     """
     if (row_select is None) != (kv_tile_group is None):
         raise ValueError("row_select and kv_tile_group go together")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _fwd_op(q, k, v, kv_count, kv_index, int(q_tile), int(kv_tile), scale, kv_tile_len, row_select,
-                   kv_tile_group)
+    q_tile, kv_tile = int(q_tile), int(kv_tile)
+    if _eager(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return BlockSparseAttentionFunction.apply(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale,
+                                                      kv_tile_len, row_select, kv_tile_group)
+        return block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len,
+                                              row_select, kv_tile_group)
+    return _fwd_op(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group)

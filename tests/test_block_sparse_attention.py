@@ -23,18 +23,23 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(bsa, "_POISON_OUTPUTS", True)
 
 
-@pytest.fixture(params=["new", "old", "tma"])
+@pytest.fixture(params=["new", "old", "tma", "atomic", "atomic-tma"])
 def bwd_path(request, monkeypatch):
-    """Backward code paths: new (padded lse/delta; TMA where the GPU has it), old (MIXDIT_BWD_TMA=0) and
-    tma (descriptors forced, so the CPU interpreter runs the TMA code too; on CUDA the same as new)."""
-    on = request.param != "old"
+    """Backward code paths: new (padded lse/delta; TMA where the GPU has it), old (MIXDIT_BWD_TMA=0),
+    tma (descriptors forced, so the CPU interpreter runs the TMA code too; on CUDA the same as new), and the
+    dQ-by-atomics backward (MIXDIT_BWD_DQ=atomic): atomic, and atomic-tma (descriptors forced, CPU only).
+    The atomic path's TMA reduce-adds (not in the interpreter) have their own GPU test."""
+    path = request.param
+    on = path != "old"
     monkeypatch.setitem(bsa._BWD_OPTS, "tma", on)
     monkeypatch.setitem(bsa._BWD_OPTS, "padded", on)
-    if request.param == "tma":
+    monkeypatch.setitem(bsa._BWD_OPTS, "dq", "atomic" if path.startswith("atomic") else "split")
+    monkeypatch.setitem(bsa._BWD_OPTS, "dq_tma_reduce", False)
+    if path in ("tma", "atomic-tma"):
         if HAS_CUDA:
             pytest.skip("on CUDA the new path already uses TMA where it can")
         monkeypatch.setattr(bsa, "_tma_ok", lambda *ts: True)
-    return request.param
+    return path
 
 
 def _inputs(B, Sq, Sk, H, D, dtype, device):
@@ -146,6 +151,69 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device):
     assert torch.isinf(lse[0, 0, T:2 * T]).all()
 
 
+def test_kv_tile_len_only(bwd_path, assert_close, device):
+    """kv_tile_len padding without row_select (the atomic dQ masks padding keys out of p on its own)."""
+    B, H, S, D, T = 1, 2, 200, 64, 64
+    n_t = (S + T - 1) // T
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
+    layout = random_layout(B, H, S, S, 0.7, T, T, device=device)
+    kv_tile_len = torch.tensor([T, 1, 37, 8][:n_t], dtype=torch.int32, device=device)
+    _check_all(assert_close, q, k, v, layout, q_tile=T, kv_tile=T, kv_tile_len=kv_tile_len, lse_grad=True)
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+@pytest.mark.parametrize("bm,bn,dtype", [(32, 128, torch.float16), (128, 32, torch.bfloat16), (16, 64, torch.float16)])
+def test_bwd_block_sizes(monkeypatch, assert_close, device, mode, bm, bn, dtype):
+    """dK/dV kernel blocks smaller than, equal to and (clipped) larger than the layout tiles, in both dQ modes."""
+    if HAS_CUDA and dtype is torch.float16 and bm == 16:
+        pytest.skip("16-row blocks are an interpreter-only check")
+    monkeypatch.setitem(bsa._BWD_OPTS, "dq", mode)
+    for kind in ("dkdv", "dkdv_atomic", "dq"):
+        monkeypatch.setitem(bsa._CONFIG_OVERRIDE, kind, (bm, bn, 4, 2))
+    B, H, Sq, Sk, D = 1, 2, 150, 190, 64
+    q, k, v = _inputs(B, Sq, Sk, H, D, dtype, device)
+    layout = random_layout(B, H, Sq, Sk, 0.6, 64, 128, device=device)
+    _check_all(assert_close, q, k, v, layout, q_tile=64, kv_tile=128, lse_grad=True)
+
+
+def test_atomic_matches_split(device):
+    """Same dK/dV bits in both dQ modes (CPU: same blocks, same order) and dQ equal up to summation order,
+    with kv_tile_len padding, row_select bitmasks and empty rows."""
+    B, H, S, D, T = 1, 2, 192, 64, 64
+    n_t = S // T
+    q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
+    kc, ki = random_layout(B, H, S, S, 0.7, T, T, device=device)
+    kv_tile_len = torch.tensor([T, 20, 50], dtype=torch.int32, device=device)
+    kv_tile_group = torch.arange(n_t, dtype=torch.int32, device=device)
+    row_select = torch.randint(0, 8, (B, H, S, 1), dtype=torch.int32, device=device)
+    row_select[0, 1, 10:20] = 0  # rows that see nothing
+    extra = dict(kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group)
+    out, lse = bsa.block_sparse_attention_forward(q, k, v, kc, ki, T, T, **extra)
+    g, gl = torch.randn_like(out), torch.randn_like(lse)
+    gl[torch.isinf(lse)] = 0.0
+    split = bsa.block_sparse_attention_backward(g, q, k, v, out, lse, kc, ki, T, T, grad_lse=gl, dq_mode="split", **extra)
+    atomic = bsa.block_sparse_attention_backward(g, q, k, v, out, lse, kc, ki, T, T, grad_lse=gl, dq_mode="atomic", **extra)
+    for name, a, b in zip(("dq", "dk", "dv"), split, atomic):
+        assert torch.isfinite(b).all(), name
+        if name == "dq" or HAS_CUDA:
+            scale = a.float().abs().max().item()
+            assert (a.float() - b.float()).abs().max().item() <= 4e-3 * scale, name
+        else:
+            assert torch.equal(a, b), name
+    assert (atomic[0][0, 10:20, 1] == 0).all()  # no key, no gradient
+
+
+def test_dq_mode_selection(monkeypatch):
+    monkeypatch.setenv("MIXDIT_BWD_DQ", "Atomic")
+    assert bsa._env_dq_mode() == "atomic"
+    monkeypatch.delenv("MIXDIT_BWD_DQ")
+    assert bsa._env_dq_mode() == "split"
+    monkeypatch.setitem(bsa._BWD_OPTS, "dq", "atomic")
+    assert bsa._dq_mode(None) == "atomic" and bsa._dq_mode("split") == "split"
+    with pytest.raises(ValueError):
+        bsa._dq_mode("fused")
+
+
 def test_dense_layout_equals_sdpa(device):
     B, H, S, D = 1, 2, 200, 64
     q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
@@ -168,12 +236,32 @@ def test_autograd_function_and_transpose_layout(bwd_path, assert_close, device):
 
     _check_all(assert_close, q, k, v, layout, q_tile=64, kv_tile=64, fn=fn)
     q_count, q_index = transpose_layout(*layout, 3)
-    kc, ki = layout
+    _check_transposed(*layout, q_count, q_index, 3)
+
+
+def _check_transposed(kc, ki, q_count, q_index, n_kt):
+    """The transposed layout lists, per key tile, exactly the query tiles visiting it, in ascending order."""
+    B, H, n_qt = kc.shape
+    kc, ki, q_count, q_index = (t.cpu() for t in (kc, ki, q_count, q_index))
     for b in range(B):
         for h in range(H):
-            for t in range(3):
-                want = sorted(qt for qt in range(3) if t in ki[b, h, qt, : kc[b, h, qt]].tolist())
-                assert sorted(q_index[b, h, t, : q_count[b, h, t]].tolist()) == want
+            for t in range(n_kt):
+                want = [qt for qt in range(n_qt) if t in ki[b, h, qt, : kc[b, h, qt]].tolist()]
+                assert q_index[b, h, t, : q_count[b, h, t]].tolist() == want, (b, h, t)
+
+
+@pytest.mark.parametrize("n_qt,n_kt,density", [(37, 40, 0.9), (5, 70, 0.5), (20, 3, 1.0), (17, 33, 0.0)])
+def test_transpose_layout_kernel(device, n_qt, n_kt, density):
+    """The Triton transpose across its chunk edges (16 key tiles, 16 query tiles, 32 slots per step), with
+    empty query tiles, stale entries past the counts and a strided kv_index."""
+    B, H = 2, 3
+    kc, ki = random_layout(B, H, n_qt * 16, n_kt * 16, density, 16, 16, device=device)  # stale entries past counts
+    kc[0, 1, :3] = 0  # query tiles that visit nothing
+    wide = torch.randint(0, n_kt, (B, H, n_qt, 2 * n_kt), dtype=ki.dtype, device=device)
+    wide[..., ::2] = ki
+    ki = wide[..., ::2]  # last-dim stride 2
+    q_count, q_index = transpose_layout(kc, ki, n_kt)
+    _check_transposed(kc, ki, q_count, q_index, n_kt)
 
 
 def test_torch_compile_fullgraph(bwd_path, device):
@@ -232,6 +320,57 @@ def test_gpu_masks_large(bwd_path, assert_close):
     row_select = torch.randint(-2**31, 2**31 - 1, (B, H, S, 1), dtype=torch.int64, device="cuda").to(torch.int32)
     _check_all(assert_close, q, k, v, layout, q_tile=T, kv_tile=T, kv_tile_len=kv_tile_len,
                row_select=row_select, kv_tile_group=kv_tile_group)
+
+
+@pytest.mark.parametrize(
+    "dtype,D,q_tile,kv_tile,S,density,masks",
+    [
+        (torch.bfloat16, 128, 128, 128, 2100, 0.3, False),
+        (torch.float16, 64, 128, 64, 1333, 0.5, False),
+        (torch.bfloat16, 128, 128, 128, 1000, 0.5, True),
+    ],
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_atomic_tma_reduce(monkeypatch, assert_close, dtype, D, q_tile, kv_tile, S, density, masks):
+    """The atomic dQ backward with its adds as TMA reduce-adds (the sweep's dq_tma_reduce option)."""
+    monkeypatch.setitem(bsa._BWD_OPTS, "dq", "atomic")
+    monkeypatch.setitem(bsa._BWD_OPTS, "dq_tma_reduce", True)
+    B, H = 1, 3
+    q, k, v = _inputs(B, S, S, H, D, dtype, "cuda")
+    layout = random_layout(B, H, S, S, density, q_tile, kv_tile, device="cuda")
+    extra = {}
+    if masks:
+        n_t = (S + kv_tile - 1) // kv_tile
+        extra = dict(kv_tile_len=torch.randint(1, kv_tile + 1, (n_t,), dtype=torch.int32, device="cuda"),
+                     kv_tile_group=torch.arange(n_t, dtype=torch.int32, device="cuda"),
+                     row_select=torch.randint(-2**31, 2**31 - 1, (B, H, S, 1), dtype=torch.int64,
+                                              device="cuda").to(torch.int32))
+    _check_all(assert_close, q, k, v, layout, q_tile=q_tile, kv_tile=kv_tile, lse_grad=True, **extra)
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_no_host_sync(monkeypatch, mode):
+    """Forward and backward (both dQ modes, lse gradient included) never synchronise with the host."""
+    monkeypatch.setitem(bsa._BWD_OPTS, "dq", mode)
+    B, H, S, D = 1, 2, 1000, 128
+    q, k, v = (t.requires_grad_() for t in _inputs(B, S, S, H, D, torch.bfloat16, "cuda"))
+    kc, ki = random_layout(B, H, S, S, 0.5, device="cuda")
+
+    def step():
+        out, lse = block_sparse_attention(q, k, v, kc, ki)
+        return torch.autograd.grad((out.float().square().sum(), lse.sum()), (q, k, v))
+
+    step()  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.gpu
