@@ -11,7 +11,9 @@ mask, and mixdit's Triton kernel, forward and forward+backward, at several densi
 
 TFLOP/s count only computed tiles: 4*B*H*S^2*D*(visited tiles / all tiles) for the forward and 3.5x that
 for forward+backward. Writes results/attention-<gpu>.json and .md (``--out-dir`` to change).
-A ``router_ms`` column is left for the VMoBA router's own timing (measured elsewhere).
+``--router``: the VMoBA routers on their own at the Wan-1.3B shape (B=2, smooth q/k; per layer type: the exact
+per-token router and the fused ``query_tile`` router, each beside the sparse kernel on the layout it produced);
+writes ``attention-router-<gpu>.json``.
 """
 
 from __future__ import annotations
@@ -636,6 +638,22 @@ def write_results(rows, out_dir, gpu):
     return "\n".join(lines)
 
 
+def router_benchmark(out_dir, gpu):
+    """Router time on its own and as a share of its attention call (see ``vmoba_attention.router_times``)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from vmoba_attention import router_times
+
+    rows = router_times(batch=2)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"attention-router-{gpu_slug()}.json"), "w") as f:
+        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=rows), f, indent=1)
+    print("| router | layer type | router ms | sparse kernel ms | router share | density | tile density |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['granularity']} | {r['layer_type']} | {r['router_ms']:.3f} | {r['sparse_ms']:.3f} | "
+              f"{r['share_of_own_call']:.1%} | {r['density']:.3f} | {r['tile_density']:.3f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
@@ -655,6 +673,7 @@ def main(argv=None):
                     help="host (Python) time per call of the launchers and autograd path (works on a CPU: stubbed)")
     ap.add_argument("--host-baseline", default=None, metavar="REV",
                     help="with --host: also time kernels/block_sparse_attention.py at this git revision (or file)")
+    ap.add_argument("--router", action="store_true", help="only time the VMoBA routers (Wan-1.3B, B=2)")
     ap.add_argument("--probe", action="store_true", help="time the backward's pieces at the FLUX shape first")
     ap.add_argument("--rep-ms", type=int, default=200)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -685,6 +704,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
+    if a.router:
+        router_benchmark(a.out_dir, gpu)
+        return
     if a.sweep:
         res = sweep(a.rep_ms)
         os.makedirs(a.out_dir, exist_ok=True)

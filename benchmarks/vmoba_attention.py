@@ -193,6 +193,40 @@ def time_query_tile_router(selection: str = "threshold", batch: int = 1, reps: i
     return _write_result(out, f"vmoba-query-tile-router-{gpu}.json")
 
 
+def router_times(batch: int = 2, reps: int = 50, grid=(21, 30, 52), heads: int = 12, dev: str = "cuda",
+                 bench=None) -> list[dict]:
+    """The VMoBA routers alone at Wan2.1-1.3B 480p (smooth q/k, B=2: a CFG batch), per layer type: the exact
+    per-token router (``route``) and the fused ``query_tile`` router, each with the sparse kernel on the layout
+    it produced (so the router's share of its own attention call is visible). ``benchmarks/attention.py``
+    reports these next to the block-sparse kernel's time at density 0.25."""
+    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention, partition_for_layer, route
+    bench = bench or _bench
+    dt = torch.bfloat16
+    name, H, D = ("wan1.3b-480p" if tuple(grid) == (21, 30, 52) else "grid" + "x".join(map(str, grid))), heads, 128
+    S = grid[0] * grid[1] * grid[2]
+    q, k = _smooth(batch, grid, H, D, dev, dt, 1), _smooth(batch, grid, H, D, dev, dt, 2)
+    v = torch.randn(batch, S, H, D, device=dev, dtype=dt)
+    rows = []
+    for granularity in ("token", "query_tile"):
+        cfg = VMoBAConfig(granularity=granularity, min_tokens=0, dense_layers=())
+        for layer in (3, 1, 2):  # temporal, spatial, spatiotemporal
+            part = partition_for_layer(grid, layer, cfg, dev)
+            qb, kb, vb = q[:, part.q_perm].contiguous(), k[:, part.kv_perm].contiguous(), v[:, part.kv_perm].contiguous()
+            r = route(qb, kb, part, cfg)  # dispatches on cfg.granularity
+            router_ms = bench(lambda: route(qb, kb, part, cfg), reps)
+            sparse_ms = bench(lambda: _kernel_attention(
+                qb, kb, vb, r.kv_count, r.kv_index, q_tile=cfg.q_tile, kv_tile=part.kv_tile, scale=D ** -0.5,
+                kv_tile_len=part.kv_tile_len, row_select=r.row_select,
+                kv_tile_group=None if r.row_select is None else part.kv_tile_group), reps)
+            rows.append(dict(model=name, B=batch, H=H, D=D, tokens=S, granularity=granularity,
+                             layer_type=part.layer_type, router_ms=router_ms, sparse_ms=sparse_ms,
+                             share_of_own_call=router_ms / (router_ms + sparse_ms), density=float(r.density),
+                             tile_density=float(r.tile_density)))
+    del q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Wan2.1-1.3B B=1 only")
