@@ -505,6 +505,10 @@ def bwd_ab(rep_ms, densities=(0.25, 1.0), sweep_cfgs=False, flex_on=True, small=
     from mixdit.kernels import block_sparse_attention
     from mixdit.kernels.reference import random_layout
 
+    try:  # the backward-only timings replay one graph (retain_graph): compiled Flex must not donate its buffers
+        torch._functorch.config.donated_buffer = False
+    except AttributeError:
+        pass
     B, H, S, D = SHAPES["wan1.3b"][:4]
     q, k, v = make_inputs(B, H, S, D, True)
     g = torch.randn_like(q)
