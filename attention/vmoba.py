@@ -74,12 +74,13 @@ class VMoBAConfig:
         overlaps kept). Per-token selections of a 128-query tile cover almost every key tile, so
         the exact rule saves little compute; ``query_tile`` makes the computed tiles match the
         selected density. Its fidelity is measured in ``benchmarks/vmoba.py``.
-    max_tile_density: the dense-fallback rule that keeps VMoBA from being slower than dense. When
-        the key tiles a layer's selection makes the kernel compute exceed this share of all key
-        tiles, sparsity cannot pay (router + per-row masks on H100 cost more than the skipped
-        tiles save; break-even measured ≈ 0.5 for the exact rule) and that layer runs dense. The
-        share is measured on the layer's first sparse call and re-measured every 50 calls (one host
-        sync each time). 1.0 disables the rule.
+    max_tile_density: the dense-fallback rule that keeps VMoBA from being slower than dense. On a
+        layer's first sparse call and every 50 calls after (one host sync each time) the layer is
+        measured; it then runs dense until the next measurement when the key tiles its selection
+        makes the kernel compute exceed this share of all key tiles (sparsity cannot pay: router +
+        per-row masks cost more than the skipped tiles save; break-even ≈ 0.5 for the exact rule)
+        or, on a GPU, when the measuring call's sparse path (router + kernel, CUDA events) took
+        longer than dense attention on the same inputs (timed in the same call). 1.0 disables both.
     """
 
     selection: str = "threshold"

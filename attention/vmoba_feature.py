@@ -11,7 +11,7 @@ import torch
 from mixdit.api import Feature, register_feature
 from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention, vmoba_dense_reason
 
-RECHECK_EVERY = 50  # calls between two measurements of a layer's tile density (~once per 50-step generation)
+RECHECK_EVERY = 50  # calls between two measurements of a layer (~once per 50-step generation)
 
 
 @register_feature
@@ -25,6 +25,7 @@ class VMoBAFeature(Feature):
         self.stats = VMoBAStats()
         # (module name, grid) -> [runs dense?, calls left before the next measurement]
         self._fallback: dict[tuple, list] = {}
+        self.last_timing: dict[str, dict] = {}  # module name -> sparse/dense ms of its last measuring call (GPU)
         self.dense_calls: dict[str, int] = {}  # reason -> calls kept dense by a documented rule
 
     def sites(self, model, denoiser_name):
@@ -38,7 +39,7 @@ class VMoBAFeature(Feature):
         entry = self._fallback.get((site.name, ctx.grid))
         if reason is None and entry is not None and entry[0] and entry[1] > 0:  # sparsity did not pay here
             entry[1] -= 1
-            reason = "max_tile_density:" + layer_type_for(site.layer_index, self.config)
+            reason = entry[0] + ":" + layer_type_for(site.layer_index, self.config)
         if reason is not None:
             self.dense_calls[reason] = self.dense_calls.get(reason, 0) + 1
             return False
@@ -53,33 +54,58 @@ class VMoBAFeature(Feature):
             return None
         q, k, v = (t.transpose(1, 2) for t in (call.query, call.key, call.value))  # views, [B, S, H, D]
         probe = VMoBAStats()
+        key = (call.site.name, ctx.grid)
+        timed = self._due(key) and self.config.max_tile_density < 1.0 and q.is_cuda
+        if timed:  # the measuring call on a GPU: time the sparse path and dense attention on the same inputs
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
         out = vmoba_attention(q, k, v, grid=ctx.grid, layer_index=call.site.layer_index, config=self.config,
                               scale=call.scale, text_len=ctx.text_len,
                               text_position=ctx.text_position if ctx.text_len else "none",
                               stats=probe, text_key_mask=key_mask)
+        timing = None
+        if timed:
+            marks[1].record()
+            call.dense()
+            marks[2].record()
+            marks[2].synchronize()
+            timing = (marks[0].elapsed_time(marks[1]), marks[1].elapsed_time(marks[2]))
         for lt in probe.counts:
             self.stats.record(lt, probe.sums.get(lt), probe.tile_sums.get(lt))
-        self._update_fallback(call.site.name, ctx.grid, probe)
+        self._update_fallback(key, probe, timing)
         return out.transpose(1, 2)
 
-    def _update_fallback(self, name, grid, probe: VMoBAStats) -> None:
-        """The documented dense-fallback rule (``VMoBAConfig.max_tile_density``)."""
+    def _due(self, key) -> bool:
+        entry = self._fallback.get(key)
+        return entry is None or entry[1] <= 0
+
+    def _update_fallback(self, key, probe: VMoBAStats, timing: tuple[float, float] | None) -> None:
+        """The documented dense-fallback rule (``VMoBAConfig.max_tile_density``): on a measuring call a
+        layer is kept dense until its next measurement when its tile share exceeds ``max_tile_density``
+        or, on a GPU, when the sparse path (router + kernel) took longer than dense attention on the
+        same inputs. ``entry = [reason it runs dense or None, calls before the next measurement]``."""
         if self.config.max_tile_density >= 1.0:
             return
-        key = (name, grid)
-        entry = self._fallback.setdefault(key, [False, 0])
+        entry = self._fallback.setdefault(key, [None, 0])
         if entry[1] > 0:  # not due for a measurement
             entry[1] -= 1
             return
         tiles = [float(t) for t in probe.tile_sums.values()]  # one host sync
-        entry[0] = bool(tiles) and max(tiles) > self.config.max_tile_density
+        entry[0] = None
+        if tiles and max(tiles) > self.config.max_tile_density:
+            entry[0] = "max_tile_density"
+        elif timing is not None and timing[0] > timing[1]:
+            entry[0] = "slower_than_dense"
+        if timing is not None:
+            self.last_timing[key[0]] = {"sparse_ms": round(timing[0], 3), "dense_ms": round(timing[1], 3)}
         entry[1] = RECHECK_EVERY - 1
 
     def summary(self):
         return {"config": {"selection": self.config.selection, "threshold": self.config.threshold,
                            "granularity": self.config.granularity},
                 "density": self.stats.as_dict(),
-                "dense_calls": dict(self.dense_calls)}
+                "dense_calls": dict(self.dense_calls),
+                "last_timing": dict(self.last_timing)}
 
 
 def _key_mask(attn_mask, batch: int, num_keys: int):

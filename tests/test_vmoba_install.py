@@ -166,3 +166,38 @@ def test_dense_fallback_rule_when_sparsity_cannot_pay():
     assert not torch.allclose(first, ref, atol=1e-4)
     assert torch.equal(second, ref)
     assert sum(fallback.values()) == 3 and never == {}
+
+
+def test_dense_fallback_rule_keeps_layers_that_measured_slower_than_dense():
+    """The timed half of the rule (GPU measuring calls time sparse and dense attention): a layer whose
+    sparse path took longer than dense runs dense until its next measurement, then is measured again."""
+    from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats
+    from mixdit.attention.vmoba_feature import RECHECK_EVERY, VMoBAFeature
+
+    feature = VMoBAFeature.__new__(VMoBAFeature)  # the rule's state only, no model
+    feature.config = VMoBAConfig(max_tile_density=0.9)
+    feature._fallback, feature.last_timing = {}, {}
+    probe = VMoBAStats()
+    probe.record("spatial", torch.tensor(0.2), torch.tensor(0.3))  # tile share under the limit
+    slow, fast = ("blocks.1.attn1", (30, 52)), ("blocks.2.attn1", (30, 52))
+    assert feature._due(slow) and feature._due(fast)
+    feature._update_fallback(slow, probe, (15.0, 11.0))  # sparse 15 ms vs dense 11 ms
+    feature._update_fallback(fast, probe, (4.0, 11.0))
+    assert feature._fallback[slow][0] == "slower_than_dense" and feature._fallback[fast][0] is None
+    assert feature.last_timing["blocks.1.attn1"] == {"sparse_ms": 15.0, "dense_ms": 11.0}
+    assert not feature._due(slow) and feature._fallback[slow][1] == RECHECK_EVERY - 1
+    feature._update_fallback(fast, probe, None)  # CPU (no timing) between measurements: only counts down
+    assert feature._fallback[fast] == [None, RECHECK_EVERY - 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_measuring_call_times_sparse_and_dense():
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    model, x = tiny_wan().cuda(), {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in wan_inputs(2).items()}
+    with torch.no_grad():
+        mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25, max_tile_density=0.99)))
+        model(**x)
+        timing = mixdit.summary(model)["features"]["vmoba"]["last_timing"]
+    mixdit.remove(model)
+    assert timing and all(t["sparse_ms"] > 0 and t["dense_ms"] > 0 for t in timing.values())
