@@ -36,10 +36,9 @@ def _feature_modules():
     return mods
 
 
-def _add_generate(subparsers, modules) -> None:
-    p = subparsers.add_parser("generate", help="generate an image or a video from a prompt",
-                              description="Generate an image (PNG with metadata) or a video (MP4/GIF/WebP).")
-    p.add_argument("prompt", help="what to generate")
+def add_generation_options(p) -> None:
+    """The generation options ``mixdit generate`` and ``mixdit batch`` share (each adds its own prompt
+    argument and ``--out``, then :func:`add_feature_arguments`)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="built-in name (see `mixdit models`), random:<arch>, a hub id or a local folder "
                         f"(default: {DEFAULT_MODEL}, mixdit's own trained text-to-video testbed model: offline, "
@@ -54,27 +53,52 @@ def _add_generate(subparsers, modules) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale w")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--out", default=None, help="output file (.png; videos: .mp4, .gif, .webp); default: outputs/<time>-<prompt>.png|mp4")
+
+
+def add_feature_arguments(p, modules) -> None:
+    """Every feature module's ``mixdit generate`` flags (``--vmoba...``, ``--heads...``)."""
     for mod in modules:
         if hasattr(mod, "add_generate_arguments"):
             mod.add_generate_arguments(p)
-    p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_generate(args, modules) -> int:
-    from mixdit.generate import GenerationRequest, default_output_path, run_generation
-    from mixdit.pipelines.adapters import adapter_for
-    from mixdit.pipelines.output import save_result
-    from mixdit.pipelines.zoo import load_pipeline
-
+def features_from_args(args, modules) -> dict:
+    """Feature keyword -> config from the parsed feature flags (raises ConfigError on a bad flag)."""
     features = {}
     for mod in modules:
         if hasattr(mod, "features_from_args"):
             features.update(mod.features_from_args(args))
-    request = GenerationRequest(prompt=args.prompt, model=args.model, negative_prompt=args.negative_prompt,
-                                steps=args.steps, seed=args.seed, height=args.height, width=args.width,
-                                frames=args.frames, fps=args.fps, guidance_scale=args.guidance_scale,
-                                device=args.device, dtype=args.dtype, features=features)
+    return features
+
+
+def request_from_args(args, modules, prompt: str):
+    """The :class:`~mixdit.generate.GenerationRequest` the parsed generation options describe."""
+    from mixdit.generate import GenerationRequest
+
+    features = features_from_args(args, modules)
+    return GenerationRequest(prompt=prompt, model=args.model, negative_prompt=args.negative_prompt,
+                             steps=args.steps, seed=args.seed, height=args.height, width=args.width,
+                             frames=args.frames, fps=args.fps, guidance_scale=args.guidance_scale,
+                             device=args.device, dtype=args.dtype, features=features)
+
+
+def _add_generate(subparsers, modules) -> None:
+    p = subparsers.add_parser("generate", help="generate an image or a video from a prompt",
+                              description="Generate an image (PNG with metadata) or a video (MP4/GIF/WebP).")
+    p.add_argument("prompt", help="what to generate")
+    add_generation_options(p)
+    p.add_argument("--out", default=None, help="output file (.png; videos: .mp4, .gif, .webp); default: outputs/<time>-<prompt>.png|mp4")
+    add_feature_arguments(p, modules)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args, modules) -> int:
+    from mixdit.generate import default_output_path, run_generation
+    from mixdit.pipelines.adapters import adapter_for
+    from mixdit.pipelines.output import save_result
+    from mixdit.pipelines.zoo import load_pipeline
+
+    request = request_from_args(args, modules, args.prompt)
     request.validate()  # before the (slow) model load
     if args.out is not None:
         from mixdit.pipelines.output import check_output_path
