@@ -21,7 +21,7 @@ from mixdit.errors import MixditError
 
 # order matters where two modules add subcommands under one command (`train vmoba`, then `train testbed`)
 FEATURE_CLI_MODULES = ("mixdit.attention.vmoba_cli", "mixdit.guidance.cli", "mixdit.attention.vmoba_train",
-                       "mixdit.pipelines.testbed_cli")
+                       "mixdit.pipelines.testbed_cli", "mixdit.batch", "mixdit.ui.cli")
 DEFAULT_MODEL = "mixdit-shapes-video"  # offline, trained by mixdit, under a minute on a CPU
 
 
