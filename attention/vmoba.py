@@ -80,7 +80,8 @@ class VMoBAConfig:
         makes the kernel compute exceed this share of all key tiles (sparsity cannot pay: router +
         per-row masks cost more than the skipped tiles save; break-even ≈ 0.5 for the exact rule)
         or, on a GPU, when the measuring call's sparse path (router + kernel, CUDA events) took
-        longer than dense attention on the same inputs (timed in the same call). 1.0 disables both.
+        longer than dense attention on the same inputs (timed in the same call; a layer's first,
+        kernel-compiling call is not timed, its second is). 1.0 disables both.
     """
 
     selection: str = "threshold"

@@ -55,7 +55,10 @@ class VMoBAFeature(Feature):
         q, k, v = (t.transpose(1, 2) for t in (call.query, call.key, call.value))  # views, [B, S, H, D]
         probe = VMoBAStats()
         key = (call.site.name, ctx.grid)
-        timed = self._due(key) and self.config.max_tile_density < 1.0 and q.is_cuda
+        # a layer's first sparse call compiles and warms the kernels: its time would mislead, so the
+        # timed measurement is the next call (GPU only; the tile-share rule applies from the first)
+        warmup = key not in self._fallback
+        timed = self._due(key) and not warmup and self.config.max_tile_density < 1.0 and q.is_cuda
         if timed:  # the measuring call on a GPU: time the sparse path and dense attention on the same inputs
             marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             marks[0].record()
@@ -72,14 +75,15 @@ class VMoBAFeature(Feature):
             timing = (marks[0].elapsed_time(marks[1]), marks[1].elapsed_time(marks[2]))
         for lt in probe.counts:
             self.stats.record(lt, probe.sums.get(lt), probe.tile_sums.get(lt))
-        self._update_fallback(key, probe, timing)
+        self._update_fallback(key, probe, timing, time_next_call=warmup and q.is_cuda)
         return out.transpose(1, 2)
 
     def _due(self, key) -> bool:
         entry = self._fallback.get(key)
         return entry is None or entry[1] <= 0
 
-    def _update_fallback(self, key, probe: VMoBAStats, timing: tuple[float, float] | None) -> None:
+    def _update_fallback(self, key, probe: VMoBAStats, timing: tuple[float, float] | None,
+                         time_next_call: bool = False) -> None:
         """The documented dense-fallback rule (``VMoBAConfig.max_tile_density``): on a measuring call a
         layer is kept dense until its next measurement when its tile share exceeds ``max_tile_density``
         or, on a GPU, when the sparse path (router + kernel) took longer than dense attention on the
@@ -98,7 +102,7 @@ class VMoBAFeature(Feature):
             entry[0] = "slower_than_dense"
         if timing is not None:
             self.last_timing[key[0]] = {"sparse_ms": round(timing[0], 3), "dense_ms": round(timing[1], 3)}
-        entry[1] = RECHECK_EVERY - 1
+        entry[1] = 0 if time_next_call and entry[0] is None else RECHECK_EVERY - 1
 
     def summary(self):
         return {"config": {"selection": self.config.selection, "threshold": self.config.threshold,

@@ -188,6 +188,10 @@ def test_dense_fallback_rule_keeps_layers_that_measured_slower_than_dense():
     assert not feature._due(slow) and feature._fallback[slow][1] == RECHECK_EVERY - 1
     feature._update_fallback(fast, probe, None)  # CPU (no timing) between measurements: only counts down
     assert feature._fallback[fast] == [None, RECHECK_EVERY - 2]
+    # a layer's first (warm-up, compiling) call on a GPU is not timed: the next call is the timed one
+    first = ("blocks.3.attn1", (30, 52))
+    feature._update_fallback(first, probe, None, time_next_call=True)
+    assert feature._fallback[first] == [None, 0] and feature._due(first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -197,7 +201,9 @@ def test_gpu_measuring_call_times_sparse_and_dense():
     model, x = tiny_wan().cuda(), {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in wan_inputs(2).items()}
     with torch.no_grad():
         mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25, max_tile_density=0.99)))
-        model(**x)
+        model(**x)  # warm-up call: tile share only
+        assert mixdit.summary(model)["features"]["vmoba"]["last_timing"] == {}
+        model(**x)  # the timed measurement
         timing = mixdit.summary(model)["features"]["vmoba"]["last_timing"]
     mixdit.remove(model)
     assert timing and all(t["sparse_ms"] > 0 and t["dense_ms"] > 0 for t in timing.values())
