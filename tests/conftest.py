@@ -40,12 +40,18 @@ def assert_close_rule(name: str, out: torch.Tensor, ref_same_dtype: torch.Tensor
         # errors are set by the final rounding of a few elements, and the kernel's and the reference's can
         # differ by one ulp (measured: error ratios of 1.0-2.5x at S=192, bf16, gradients included), which
         # the 2x rule alone makes flaky.
+        # Gradients get one more bit: the flash-attention recipe rounds P and dS to the input dtype before
+        # the dV / dK / dQ matmuls, and on the few largest gradient elements (sums over a whole query tile)
+        # that puts the kernel up to ~2 ulps from fp32 where the reference may sit within 1 (measured: 2 of 200
+        # fresh draws of the kv_tile_len test at 1.05-1.07x the one-bit floor). A masking or indexing bug is
+        # off by O(1) relative error, far above either floor.
         mant = 7 if out_dtype == torch.bfloat16 else 10
+        extra = 1 if name.startswith("d") else 0
         biggest = ref_fp32[fin].abs().max().item()
         if biggest > 0:
             import math
 
-            tol = max(tol, 2.0 ** (math.floor(math.log2(biggest)) + 1 - mant))
+            tol = max(tol, 2.0 ** (math.floor(math.log2(biggest)) + 1 + extra - mant))
     assert err <= tol, f"{name}: max error {err:.3e} > tolerance {tol:.3e}"
 
 
