@@ -88,7 +88,7 @@ class TrainConfig:
     vmoba: a :class:`~mixdit.attention.vmoba.VMoBAConfig`, a dict of its fields, ``True``
         (defaults) or ``None``/``False`` (dense training, the baseline).
     height / width / frames: pixel size of the clips (videos and ``synthetic:N``); default: the
-        model's built-in defaults (``pipe._mixdit_defaults``) or Wan's 480 x 832 x 81.
+        model's built-in defaults (the zoo's or a testbed folder's, as `mixdit generate` uses) or Wan's 480 x 832 x 81.
     steps: optimizer steps; each consumes ``batch_size x gradient_accumulation_steps`` samples
         per process.
     save_every: also save ``OUT/checkpoint-<step>/<expert>`` every this many steps (0: only at
@@ -261,7 +261,14 @@ def load_model(model, expert: str = "transformer") -> LoadedModel:
     return LoadedModel(transformer, pipe, name, boundary,
                        vae_scale_temporal=int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4),
                        vae_scale_spatial=int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8) if vae is not None else 8,
-                       defaults=dict(getattr(pipe, "_mixdit_defaults", None) or {}))
+                       defaults=_model_defaults(pipe))
+
+
+def _model_defaults(pipe) -> dict:
+    """The size defaults `mixdit generate` uses for this model (zoo / testbed settings, else empty)."""
+    from mixdit.generate import _model_defaults as generation_defaults_of
+
+    return generation_defaults_of(pipe)
 
 
 def _load_transformer_folder(folder: Path):
@@ -913,6 +920,8 @@ def register_commands(subparsers) -> None:
     for f in _vmoba_fields():
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if f.name == "max_tile_density":
+            shown = "1.0 in training: the dense-fallback rule is off"
         extra = dict(nargs="*", metavar="N") if isinstance(default, tuple) else dict(metavar="V")
         group.add_argument(f"--vmoba-{f.name.replace('_', '-')}", dest=f"vmoba_{f.name}", default=None,
                            help=f"(default: {shown})", **extra)

@@ -285,3 +285,13 @@ def test_cli_vmoba_flags_follow_the_config_fields():
     assert (config.learning_rate, config.expert) == (2e-4, "transformer_2")
     assert config_from_args(build_parser().parse_args(
         ["train", "vmoba", "--data", "synthetic:2", "--out", "o", "--no-vmoba"])).vmoba is None
+
+
+def test_cli_default_model_takes_its_clip_size_from_the_zoo(tmp_path, capsys):
+    """`mixdit train vmoba --data synthetic:N` with no size flags: the default model's own size (tiny-wan:
+    64 x 64 x 9, as `mixdit generate` uses), not Wan's 480 x 832 x 81."""
+    from mixdit.cli import main
+
+    assert main(["train", "vmoba", "--data", "synthetic:2", "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "run").is_dir()
