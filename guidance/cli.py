@@ -56,7 +56,7 @@ def register_commands(subparsers) -> None:
                        description="Greedy HeadHunter search (CFG off). Spread over GPUs with `accelerate launch "
                                    "-m mixdit heads search ...`; resumable with --resume/--cache-dir.")
     p.add_argument("--model", required=True, help="built-in name, hub id or local folder")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--objective", default="pickscore",
                    help="clip | pickscore | aesthetic | imagereward | module:function (default pickscore)")
     p.add_argument("--objective-model", default=None, help="hub id or folder of the objective's model")
@@ -87,7 +87,7 @@ def _cmd_search(args, modules=None) -> int:
 
     try:
         with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
+            prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     except OSError as e:
         raise ConfigError("prompts", args.prompts, f"a readable text file with one prompt per line ({e})") from e
     cache_dir = args.cache_dir or (args.out + ".cache" if args.resume else None)
