@@ -232,6 +232,8 @@ def load_model(model, expert: str = "transformer") -> LoadedModel:
     """Resolve ``model`` (name, folder, pipeline or transformer) to the expert to train."""
     from diffusers import ModelMixin
 
+    from mixdit.generate import model_defaults
+
     if isinstance(model, ModelMixin):
         if expert != "transformer":
             raise ConfigError("expert", expert, "'transformer' when a bare transformer is given")
@@ -261,14 +263,7 @@ def load_model(model, expert: str = "transformer") -> LoadedModel:
     return LoadedModel(transformer, pipe, name, boundary,
                        vae_scale_temporal=int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4),
                        vae_scale_spatial=int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8) if vae is not None else 8,
-                       defaults=_model_defaults(pipe))
-
-
-def _model_defaults(pipe) -> dict:
-    """The size defaults `mixdit generate` uses for this model (zoo / testbed settings, else empty)."""
-    from mixdit.generate import _model_defaults as generation_defaults_of
-
-    return generation_defaults_of(pipe)
+                       defaults=model_defaults(pipe))  # the sizes `mixdit generate` uses for this model
 
 
 def _load_transformer_folder(folder: Path):

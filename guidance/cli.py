@@ -98,17 +98,12 @@ def _cmd_search(args, modules=None) -> int:
                           softpag=args.softpag, mode=args.perturb_mode, batch_size=args.batch_size,
                           candidates=args.candidates, height=args.height, width=args.width, cache_dir=cache_dir)
     config.validate()
-    from mixdit.distributed import relaunch_cpu_processes, requested_cpu_processes
+    from mixdit.distributed import process_state, relaunch_cpu_processes, requested_cpu_processes
 
     n = requested_cpu_processes()
     if n > 1:  # `accelerate launch --cpu --num_processes N` without MPI starts one process
         return relaunch_cpu_processes(n)
-    from accelerate import PartialState
-
-    # CPU ranks (tests, `accelerate launch --cpu`) need `cpu=True` to join the gloo process group
-    use_cpu = args.device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    state = PartialState(cpu=use_cpu)
-    device = args.device if args.device != "auto" or state.num_processes == 1 else str(state.device)
+    state, device = process_state(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
     objective = get_objective(args.objective, model=args.objective_model, device=pipe.device)
     preset = head_hunter(pipe, config, objective, model_name=args.model, state=state)

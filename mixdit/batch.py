@@ -177,40 +177,22 @@ def make_jobs(lines: list[PromptLine], base, seeds: int = 1, source="prompts") -
 # --------------------------------------------------------------------------------------------
 # processes
 # --------------------------------------------------------------------------------------------
-def _launched_world_size() -> int:
-    from mixdit.distributed import _MPI_SIZE_VARS
-
-    for var in ("WORLD_SIZE", *_MPI_SIZE_VARS):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 1:
-            return int(value)
-    return 1
-
-
 class Ranks:
-    """Rank, world size, device and the three collectives the batch needs. A single process
-    (no ``accelerate launch``) uses no accelerate at all."""
+    """Rank, world size, device and the three collectives the batch needs (no-ops in one process)."""
 
     def __init__(self, device: str = "auto"):
-        self._state = None
-        self.rank, self.world, self.device = 0, 1, device
-        if _launched_world_size() > 1:
-            from accelerate import PartialState
+        from mixdit.distributed import process_state
 
-            # CPU ranks (tests, `accelerate launch --cpu`) need `cpu=True` to join the gloo process group
-            use_cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-            self._state = PartialState(cpu=use_cpu)
-            self.rank, self.world = self._state.process_index, self._state.num_processes
-            if device in ("auto", "cuda"):  # each rank on its own GPU
-                self.device = str(self._state.device)
+        self._state, self.device = process_state(device)
+        self.rank, self.world = self._state.process_index, self._state.num_processes
 
     def barrier(self) -> None:
-        if self._state is not None:
+        if self.world > 1:
             self._state.wait_for_everyone()
 
     def broadcast(self, obj):
         """``obj`` of rank 0, on every rank."""
-        if self._state is None:
+        if self.world == 1:
             return obj
         from accelerate.utils import broadcast_object_list
 
@@ -220,7 +202,7 @@ class Ranks:
 
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
-        if self._state is None:
+        if self.world == 1:
             return [obj]
         from accelerate.utils import gather_object
 
@@ -292,12 +274,6 @@ def merge_manifests(out_dir) -> int:
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
-def _feature_modules():
-    from mixdit.cli import _feature_modules as modules
-
-    return [m for m in modules() if m.__name__ != __name__]
-
-
 def add_batch_parser(subparsers, modules):
     from mixdit.cli import add_feature_arguments, add_generation_options
 
@@ -322,13 +298,15 @@ def add_batch_parser(subparsers, modules):
 
 
 def register_commands(subparsers) -> None:
+    from mixdit.cli import _feature_modules
+
     add_batch_parser(subparsers, _feature_modules())
 
 
 def cmd_batch(args, modules=None) -> int:
-    from mixdit.cli import request_from_args
+    from mixdit.cli import _feature_modules, request_from_args
 
-    modules = [m for m in (_feature_modules() if modules is None else modules) if m.__name__ != __name__]
+    modules = _feature_modules() if modules is None else modules
     # everything a user can get wrong, before any model loads
     base = request_from_args(args, modules, prompt="")
     base.validate()

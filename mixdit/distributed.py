@@ -1,5 +1,5 @@
 """Multi-process helpers shared by the commands that spread work with accelerate
-(``mixdit heads search``, ``mixdit train vmoba``)."""
+(``mixdit heads search``, ``mixdit train vmoba``, ``mixdit batch``)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def requested_cpu_processes() -> int:
             if a.startswith(flag + "=") and a.split("=", 1)[1].isdigit():
                 return int(a.split("=", 1)[1])
     return 1
+
+
+def process_state(device: str = "auto"):
+    """``(accelerate PartialState, device for this process's work)``. CPU ranks (tests, ``accelerate
+    launch --cpu``) need ``cpu=True`` to join the gloo process group; with several processes and
+    ``device`` auto/cuda each rank works on its own GPU."""
+    from accelerate import PartialState
+
+    use_cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=use_cpu)
+    if state.num_processes > 1 and device in ("auto", "cuda"):
+        device = str(state.device)
+    return state, device
 
 
 def relaunch_cpu_processes(n: int) -> int:

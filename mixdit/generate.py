@@ -52,7 +52,7 @@ class GenerationRequest:
             check_number("guidance_scale", self.guidance_scale, 0.0, 100.0)
 
 
-def _model_defaults(pipe) -> dict:
+def model_defaults(pipe) -> dict:
     """Small, fast defaults for built-in tiny/testbed models; diffusers' defaults otherwise."""
     from mixdit.pipelines.zoo import generation_defaults
 
@@ -65,7 +65,7 @@ def pipeline_kwargs(pipe, family: str, is_video: bool, request: GenerationReques
     """Map a request onto the pipeline's ``__call__`` arguments (only those it accepts)."""
     import torch
 
-    defaults = _model_defaults(pipe)
+    defaults = model_defaults(pipe)
     params = inspect.signature(pipe.__call__).parameters
     device = getattr(pipe, "_execution_device", None) or "cpu"
     gen_device = "cpu" if str(device).startswith("mps") else device

@@ -98,6 +98,7 @@ def build_app(runner: Runner | None = None, *, model: str | None = None, device:
     start_path = "" if model in builtins else model
     info = model_info(model)
     d = info.defaults
+    f0 = Form()  # the feature and output defaults (the CLI's and the config classes')
     dtype_choice = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower()) if dtype else "auto"
     device_choices = DEVICES if device in DEVICES else DEVICES + [device]
     dtype_choices = DTYPES if dtype_choice in DTYPES else DTYPES + [dtype_choice]
@@ -116,7 +117,7 @@ def build_app(runner: Runner | None = None, *, model: str | None = None, device:
                 prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", lines=2)
                 negative = gr.Textbox(value="", label="Negative prompt")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    seed = gr.Number(value=f0.seed, precision=0, label="Seed")
                     random_seed = gr.Checkbox(value=False, label="Random seed")
                 with gr.Row():
                     steps = gr.Number(value=d.get("steps"), precision=0, label="Steps",
@@ -129,18 +130,18 @@ def build_app(runner: Runner | None = None, *, model: str | None = None, device:
                 with gr.Row(visible=info.show_video_fields) as video_row:
                     frames = gr.Number(value=d.get("frames"), precision=0, label="Frames",
                                        info="Wan / HunyuanVideo: 4k+1")
-                    fps = gr.Number(value=16, precision=0, label="FPS (written video)")
+                    fps = gr.Number(value=f0.fps, precision=0, label="FPS (written video)")
                 with gr.Accordion("VMoBA sparse video attention", open=False,
                                   visible=info.supports_vmoba) as vmoba_box:
                     vmoba = gr.Checkbox(value=False, label="Use VMoBA")
                     with gr.Row():
-                        vmoba_threshold = gr.Number(value=0.25, label="Threshold τ", step=0.05,
+                        vmoba_threshold = gr.Number(value=f0.vmoba_threshold, label="Threshold τ", step=0.05,
                                                     info="share of the gate mass to cover, in [0, 1]")
-                        vmoba_dense_steps = gr.Number(value=0.24, label="Dense steps", step=0.01,
+                        vmoba_dense_steps = gr.Number(value=f0.vmoba_dense_steps, label="Dense steps", step=0.01,
                                                       info="first steps kept dense: a fraction < 1 or a count")
                     with gr.Row():
-                        vmoba_selection = gr.Dropdown(list(SELECTIONS), value="threshold", label="Selection")
-                        vmoba_granularity = gr.Dropdown(list(GRANULARITIES), value="token", label="Granularity",
+                        vmoba_selection = gr.Dropdown(list(SELECTIONS), value=f0.vmoba_selection, label="Selection")
+                        vmoba_granularity = gr.Dropdown(list(GRANULARITIES), value=f0.vmoba_granularity, label="Granularity",
                                                         info="query_tile: faster approximation on a GPU")
                 with gr.Accordion("Head perturbation guidance", open=False):
                     guidance = gr.Checkbox(value=False, label="Use head perturbation guidance")
@@ -149,9 +150,9 @@ def build_app(runner: Runner | None = None, *, model: str | None = None, device:
                         heads_preset = gr.File(label="…or a HeadHunter preset JSON", file_types=[".json"],
                                                type="filepath")
                     with gr.Row():
-                        perturb_scale = gr.Number(value=3.0, label="Scale s", step=0.5)
-                        softpag = gr.Number(value=1.0, label="SoftPAG u", step=0.1, info="in [0, 1]")
-                        perturb_mode = gr.Dropdown(list(MODES), value="identity", label="Mode")
+                        perturb_scale = gr.Number(value=f0.perturb_scale, label="Scale s", step=0.5)
+                        softpag = gr.Number(value=f0.softpag, label="SoftPAG u", step=0.1, info="in [0, 1]")
+                        perturb_mode = gr.Dropdown(list(MODES), value=f0.perturb_mode, label="Mode")
                 with gr.Accordion("Device", open=False):
                     with gr.Row():
                         device_dd = gr.Dropdown(device_choices, value=device, label="Device")

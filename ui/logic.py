@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mixdit.attention.vmoba import VMoBAConfig
+from mixdit.cli import DEFAULT_MODEL
 from mixdit.errors import ConfigError
+from mixdit.generate import GenerationRequest
+from mixdit.guidance.perturbation import GuidanceConfig
 
 DEFAULT_OUTPUTS = "outputs"
 DEFAULT_PROMPT = "a red square moving right on a white background"
@@ -117,14 +121,11 @@ def _index_file(name: str) -> Path | None:
 
 
 def _folder_defaults(folder: Path) -> dict:
-    """A trained testbed folder's own settings (``testbed_config.json``); {} for other folders."""
-    from mixdit.pipelines.testbed.load import generation_defaults
-    from mixdit.pipelines.testbed.models import TestbedConfig
-    from mixdit.pipelines.testbed.train import read_testbed_config
+    """A trained testbed folder's own settings; {} for other folders."""
+    from mixdit.pipelines.testbed.load import folder_defaults
 
     try:
-        config = read_testbed_config(folder).get("config", {})
-        return generation_defaults(TestbedConfig.from_dict(config).to_dict()) if config else {}
+        return folder_defaults(folder)
     except Exception:  # not a testbed folder we understand: the pipeline's defaults apply
         return {}
 
@@ -138,11 +139,11 @@ def model_info(name: str, pipe=None) -> ModelInfo:
     name = (name or "").strip()
     info = ModelInfo(name=name, defaults=generation_defaults(name))
     if pipe is not None:
+        from mixdit.generate import model_defaults
         from mixdit.pipelines.adapters import adapter_for
 
-        adapter = adapter_for(pipe)
-        info.family = adapter.family
-        info.defaults.update(getattr(pipe, "_mixdit_defaults", None) or {})
+        info.family = adapter_for(pipe).family
+        info.defaults.update(model_defaults(pipe))
     elif name.startswith("random:"):
         from mixdit.pipelines.random_models import RANDOM_ARCHS
 
@@ -168,31 +169,32 @@ def model_info(name: str, pipe=None) -> ModelInfo:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Form:
-    """The UI's inputs (empty number fields are None: the model's default / the feature's default)."""
+    """The UI's inputs (empty number fields are None: the model's default / the feature's default).
+    Defaults come from the CLI and the config classes, so the form starts where `mixdit generate` does."""
 
-    model: str = "mixdit-shapes-video"
+    model: str = DEFAULT_MODEL
     model_path: str = ""  # a local folder or hub id; overrides ``model`` when not empty
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str = ""
-    seed: int | float | None = 0
+    seed: int | float | None = GenerationRequest.seed
     random_seed: bool = False
     steps: int | float | None = None
     guidance_scale: float | None = None
     width: int | float | None = None
     height: int | float | None = None
     frames: int | float | None = None
-    fps: int | float | None = 16
+    fps: int | float | None = GenerationRequest.fps
     vmoba: bool = False
-    vmoba_threshold: float | None = 0.25
-    vmoba_dense_steps: float | None = 0.24
-    vmoba_selection: str | None = "threshold"
-    vmoba_granularity: str | None = "token"
+    vmoba_threshold: float | None = VMoBAConfig.threshold
+    vmoba_dense_steps: float | None = VMoBAConfig.dense_steps
+    vmoba_selection: str | None = VMoBAConfig.selection
+    vmoba_granularity: str | None = VMoBAConfig.granularity
     guidance: bool = False
     heads: str = ""
     heads_preset: str | None = None  # path of an uploaded HeadHunter preset JSON
-    perturb_scale: float | None = 3.0
-    softpag: float | None = 1.0
-    perturb_mode: str | None = "identity"
+    perturb_scale: float | None = GuidanceConfig.scale
+    softpag: float | None = GuidanceConfig.softpag
+    perturb_mode: str | None = GuidanceConfig.mode
     device: str = "auto"
     dtype: str | None = None
 
@@ -262,8 +264,6 @@ def build_features(form: Form) -> dict:
 def build_request(form: Form, is_video: bool | None = None):
     """A validated :class:`GenerationRequest` from the form (seed drawn here when ``random_seed``).
     ``is_video=False`` drops frames (an image model); None keeps them until the model is loaded."""
-    from mixdit.generate import GenerationRequest
-
     model = form.model_name()
     if not model:
         raise ConfigError("model", model, "a built-in name, a local folder or a hub id")
@@ -276,7 +276,7 @@ def build_request(form: Form, is_video: bool | None = None):
         height=_int_field("height", form.height, "a multiple of 16 between 16 and 8192"),
         width=_int_field("width", form.width, "a multiple of 16 between 16 and 8192"),
         frames=None if is_video is False else _int_field("frames", form.frames, "a whole number of frames"),
-        fps=16 if fps is None else fps,
+        fps=GenerationRequest.fps if fps is None else fps,
         guidance_scale=_float_field("guidance_scale", form.guidance_scale, "a number in [0, 100]"),
         device=form.device or "auto", dtype=form.dtype or None,
         features=build_features(form))

@@ -78,17 +78,21 @@ def generation_defaults(config: dict) -> dict:
     return defaults
 
 
-def set_testbed_defaults(pipe, folder) -> dict:
-    """Set ``pipe._mixdit_defaults`` (steps, guidance scale, size, frames) from a trained folder's
-    ``testbed_config.json`` (no-op for other folders); returns the defaults."""
+def folder_defaults(folder) -> dict:
+    """Steps, guidance scale, size (and frames) from a trained folder's ``testbed_config.json``; {} for
+    other folders. Reads one small file: nothing is loaded."""
     from mixdit.pipelines.testbed.models import TestbedConfig
     from mixdit.pipelines.testbed.train import read_testbed_config
 
     config = read_testbed_config(folder).get("config", {})
-    if not config:
-        return {}
-    defaults = generation_defaults(TestbedConfig.from_dict(config).to_dict())
-    object.__setattr__(pipe, "_mixdit_defaults", defaults)
+    return generation_defaults(TestbedConfig.from_dict(config).to_dict()) if config else {}
+
+
+def set_testbed_defaults(pipe, folder) -> dict:
+    """Set ``pipe._mixdit_defaults`` from :func:`folder_defaults` (no-op for other folders); returns them."""
+    defaults = folder_defaults(folder)
+    if defaults:
+        object.__setattr__(pipe, "_mixdit_defaults", defaults)
     return defaults
 
 
