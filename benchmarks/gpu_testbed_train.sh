@@ -3,6 +3,7 @@
 # dense quality check on both and pack the folders into $OUT (the device tool returns <= 8 files of <= 16 MiB).
 #   bash benchmarks/gpu_testbed_train.sh 7 --resume      (from the repository root, mixdit importable)
 #   KINDS=video bash benchmarks/gpu_testbed_train.sh 9 --resume   (one model, the whole GPU)
+#   SWEEP="3:16 8:24" ...   also scores each trained model with these sampler settings (shift:steps)
 # Unpack here: python -m mixdit.pipelines.testbed.ship unpack DIR mixdit-shapes-video pipelines/testbed/weights
 MIN=${1:-7}; RESUME=${2:-}; KINDS=${KINDS:-video image}
 set -o pipefail
@@ -23,5 +24,14 @@ for kind in $KINDS; do
      > /tmp/q-$kind.log 2>&1 &
 done
 wait
+for kind in $KINDS; do
+  for setting in ${SWEEP:-}; do
+    shift_=${setting%%:*}; steps=${setting##*:}
+    timeout 100 python3 "$REPO/benchmarks/quality.py" --model /tmp/w/mixdit-shapes-$kind --configs dense \
+       --flow-shift $shift_ --steps $steps --out-dir /tmp/q-sweep > /tmp/q-sweep.log 2>&1
+    echo "$kind shift $shift_ steps $steps: $(grep -h "accuracy" /tmp/q-sweep.log)"
+    tail -n 1 /tmp/q-sweep/quality-mixdit-shapes-$kind.md | sed "s/^| dense/| $kind shift $shift_ steps $steps/" >> "$OUT"/sweep.md
+  done
+done
 grep -h "accuracy" /tmp/q-*.log
 cp /tmp/q/*.json "$OUT"/ 2>/dev/null

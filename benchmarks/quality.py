@@ -136,13 +136,17 @@ def _as_array(result) -> np.ndarray:
 
 
 def run(model: str, *, limit: int | None, device: str, dtype: str | None, steps: int | None,
-        configs: list[str] | None, out_dir: Path, log=print) -> dict:
+        configs: list[str] | None, out_dir: Path, flow_shift: float | None = None, log=print) -> dict:
     from mixdit.errors import MixditError
     from mixdit.generate import GenerationRequest, run_generation
     from mixdit.pipelines.adapters import adapter_for
     from mixdit.pipelines.testbed.scorer import psnr, score, ssim
 
     pipe = load_model(model, device, dtype)
+    if flow_shift is not None:
+        from mixdit.pipelines.flow_matching import with_sampling_shift
+
+        pipe.scheduler = with_sampling_shift(pipe.scheduler, flow_shift)
     is_video = adapter_for(pipe).is_video
     pairs = prompt_set(is_video, limit)
     # testbed folders carry their own defaults (size, frames, steps); zoo names get theirs from the zoo
@@ -154,7 +158,7 @@ def run(model: str, *, limit: int | None, device: str, dtype: str | None, steps:
             log(f"skipping configurations that do not exist here: {', '.join(sorted(unknown))}")
         all_configs = [c for c in all_configs if c[0] in configs or c[0] == "dense"]
     results: dict = {"model": model, "video": is_video, "num_prompts": len(pairs), "prompt_seed": PROMPT_SEED,
-                     "steps": steps, "device": device, "configs": {}}
+                     "steps": steps, "device": device, "flow_shift": flow_shift, "configs": {}}
     dense_out: list[np.ndarray] = []
     for name, features in all_configs:
         outs, seconds, error = [], 0.0, None
@@ -226,6 +230,7 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     lines = [f"# Quality: {results['model']}", "",
              f"{results['num_prompts']} prompts (testbed captions, prompt seed {results['prompt_seed']}, "
              f"generation seed = prompt index), steps: {results['steps'] or 'model default'}, "
+             f"sampler shift: {results.get('flow_shift') or 'model default'}, "
              f"device: {results['device']}. Accuracy from the deterministic scorer; PSNR/SSIM against dense "
              "with the same seeds.", "",
              "| configuration | " + " | ".join(attrs) + " | overall | PSNR vs dense (dB) | SSIM vs dense | s/generation |",
@@ -250,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--flow-shift", type=float, default=None,
+                        help="sample with this noise-level shift (default: the model's scheduler)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of configurations (dense is always run)")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results")
                         if "__file__" in globals() else "benchmarks/results")
@@ -262,6 +269,7 @@ def main(argv=None) -> int:
     for model in models:
         try:
             run(model, limit=args.limit, device=args.device, dtype=args.dtype, steps=args.steps, configs=configs,
+                flow_shift=args.flow_shift,
                 out_dir=Path(args.out_dir))
         except MixditError as e:
             print(f"quality: {model}: {e}", file=sys.stderr)

@@ -27,3 +27,16 @@ def flow_matching_loss(predict: Callable[[torch.Tensor], torch.Tensor], x0: torc
     if weighting is not None:
         err = weighting.float() * err
     return err.mean()
+
+
+def with_sampling_shift(scheduler, shift: float):
+    """``scheduler`` with its noise-level shift set to ``shift`` (Wan's UniPC ``flow_shift``, SD3's
+    FlowMatchEuler ``shift``); the same object when it already has it. Raises ``ValueError`` for
+    schedulers without a static shift (e.g. FLUX's dynamic shifting)."""
+    config = scheduler.config
+    key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
+    if key is None or config.get("use_dynamic_shifting"):
+        raise ValueError(f"{type(scheduler).__name__} has no static shift to set")
+    if float(config[key]) == float(shift):
+        return scheduler
+    return type(scheduler).from_config(config, **{key: float(shift)})

@@ -44,6 +44,11 @@ def register_commands(subparsers) -> None:
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--high-noise-fraction", type=float, default=None,
+                   help="share of each batch trained at noise levels drawn uniformly from [0.96, 1), where "
+                        "sampling decides layout and motion (default: the preset's; video 0.25, image 0)")
+    p.add_argument("--sample-flow-shift", type=float, default=None,
+                   help="noise-level shift of the saved scheduler (default: the preset's)")
     p.add_argument("--save-every", type=int, default=1000, help="save the pipeline every N steps (0: at the end only)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the pipeline already in --out (time-limited runs add up)")
@@ -69,7 +74,8 @@ def _cmd_train_testbed(args, modules=None) -> int:
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
         raise ConfigError("device", args.device, "auto, cpu or cuda")
     config = preset(args.model, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                    warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, seed=args.seed)
+                    warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, seed=args.seed,
+                    high_noise_fraction=args.high_noise_fraction, sample_flow_shift=args.sample_flow_shift)
     record = train_testbed(config, args.out, args.steps, max_minutes=args.max_minutes,
                            save_every=args.save_every or None, log_every=args.log_every,
                            device=None if args.device == "auto" else args.device,

@@ -327,3 +327,54 @@ def test_shipped_image_model_draws_the_asked_colour_and_place():
     assert [f["color"] for f in found] == ["red", "blue", "yellow"], found
     assert [f["background"] for f in found] == ["white", "black", "gray"], found
     assert [f["position"] for f in found] == ["top left", "bottom right", "middle center"], found
+
+
+def test_scorer_shape_survives_stray_pixels():
+    """Generated frames have specks and streaks beside the object (the trained models draw them): a
+    stretched bounding box made squares read as circles. The fit must see through both."""
+    from mixdit.pipelines.testbed.scenes import Scene
+
+    rng = np.random.default_rng()
+    for shape in ("square", "circle", "triangle"):
+        scene = Scene(shape=shape, color="red", background="white", x=float(rng.uniform(0.35, 0.65)),
+                      y=float(rng.uniform(0.35, 0.65)), half_extent=float(rng.uniform(0.115, 0.135)))
+        frame = render([scene], 64)[0].permute(1, 2, 0).clone()  # [H, W, 3]
+        top = int((scene.y + scene.half_extent) * 64)
+        left = int((scene.x - scene.half_extent) * 64)
+        frame[top + 1, left:left + 6] = torch.tensor([0.86, 0.12, 0.12])  # a streak touching the bottom edge
+        frame[3:5, 3:5] = torch.tensor([0.86, 0.12, 0.12])  # a speck far away
+        frame[60, 50:58] = torch.tensor([0.86, 0.12, 0.12])  # a streak far away
+        found = detect(frame)
+        assert found["shape"] == shape, (shape, found)
+
+
+def test_high_noise_share_of_training_sigmas():
+    from mixdit.pipelines.testbed.train import sample_sigmas
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = sample_sigmas(40000, 3.0, torch.Generator().manual_seed(seed), "cpu")
+    assert float((base > 0.99).float().mean()) < 0.002  # why the option exists: shift 3 almost never goes there
+    mixed = sample_sigmas(40000, 3.0, torch.Generator().manual_seed(seed), "cpu", high_noise_fraction=0.25,
+                          high_noise_min=0.96)
+    expected = 0.25 + 0.75 * float((base >= 0.96).float().mean())
+    assert abs(float((mixed >= 0.96).float().mean()) - expected) < 0.015
+    band = mixed[mixed >= 0.96]
+    assert float(band.max()) < 1.0 and abs(float((band > 0.98).float().mean()) - 0.5) < 0.05  # uniform in the band
+
+
+def test_with_sampling_shift_sets_the_scheduler_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from mixdit.pipelines.flow_matching import with_sampling_shift
+
+    wan = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    assert with_sampling_shift(wan, 3.0) is wan
+    moved = with_sampling_shift(wan, 8.0)
+    assert moved.config.flow_shift == 8.0 and wan.config.flow_shift == 3.0
+    moved.set_timesteps(24)
+    wan.set_timesteps(24)
+    assert float(moved.sigmas[1]) > float(wan.sigmas[1])  # a larger shift spends more steps at high noise
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    assert with_sampling_shift(sd3, 5.0).config.shift == 5.0
+    with pytest.raises(ValueError, match="no static shift"):
+        with_sampling_shift(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 3.0)

@@ -7,9 +7,12 @@
   cover less than 0.5% or more than 40% of the frame (noise, an empty frame);
 * colour: the median of the core foreground pixels (the farther half), nearest object palette colour;
 * shape: coverage ``alpha`` = projection of each pixel onto the background->object colour line;
-  the bounding box of ``alpha > 0.5`` gives a centre and half extent; each shape is rendered there
-  (:func:`~mixdit.pipelines.testbed.scenes.shape_coverage`) and the best soft IoU wins (bounding-box
-  fill ratios: circle pi/4, square 1, triangle 1/2);
+  the bounding box of the largest connected region of ``alpha > 0.5`` (so stray specks and streaks
+  apart from the object do not stretch it) gives a first centre and half extent; each shape is
+  rendered (:func:`~mixdit.pipelines.testbed.scenes.shape_distance`) at that estimate and at nearby
+  ones (half extent down to 80%, centre +-1 pixel: a streak touching the object still stretches the
+  box) and the best soft IoU over all candidates wins (bounding-box fill ratios: circle pi/4,
+  square 1, triangle 1/2);
 * position: the cell of the coverage-weighted centroid in a 3x3 grid;
 * videos: direction = dominant axis of the centroid displacement from the first to the last frame
   with an object (none if it moved less than 5% of the frame), speed = displacement vs the
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mixdit.pipelines.testbed.scenes import (BACKGROUNDS, COLORS, COLUMNS, ROWS, SHAPES, TRAVEL, parse_caption,
-                                             shape_coverage)
+                                             shape_distance)
 
 FOREGROUND_THRESHOLD = 0.25
 MIN_OBJECT_FRACTION = 0.005
@@ -97,20 +100,60 @@ def detect_frame(frame: np.ndarray, with_shape: bool = True) -> dict:
     out["position"] = f"{ROWS[min(int(cy * 3), 2)]} {COLUMNS[min(int(cx * 3), 2)]}"
     if not with_shape:
         return out
-    # shape: template match inside the bounding box of alpha > 0.5 (square frames assumed for templates)
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    bx, by = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
-    half = max(x1 - x0, y1 - y0) / 2 / max(h, w)
-    a = torch.from_numpy(alpha.astype(np.float32))
-    best, best_iou = None, -1.0
-    for shape in SHAPES:
-        t = shape_coverage(shape, max(h, w), bx, by, half)[:h, :w]
-        iou = float(torch.minimum(a, t).sum() / torch.maximum(a, t).sum().clamp_min(1e-6))
-        if iou > best_iou:
-            best, best_iou = shape, iou
+    best, best_iou = fit_shape(alpha)
     out["shape"] = best
     out["shape_iou"] = best_iou
     return out
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean mask (a flood fill; frames are small)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), dtype=np.int32)
+    best, best_size, label = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        label += 1
+        labels[y0, x0] = label
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = label
+                        stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else mask
+
+
+def fit_shape(alpha: np.ndarray) -> tuple[str | None, float]:
+    """Best template (shape, soft IoU) for a coverage map ``alpha`` ``[H, W]`` in [0, 1]; see the
+    module docstring. Templates use pixel units, so frames need not be square."""
+    region = largest_region(alpha > 0.5)
+    ys, xs = np.nonzero(region)
+    if len(xs) == 0:
+        return None, 0.0
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    half = max(x1 - x0, y1 - y0) / 2
+    grid = torch.tensor([(x, y, half * f) for f in (0.8, 0.85, 0.9, 0.95, 1.0)
+                         for x in ((x0 + x1) / 2 + d for d in (-1, 0, 1))
+                         for y in ((y0 + y1) / 2 + d for d in (-1, 0, 1))], dtype=torch.float32)
+    cx, cy, hh = (grid[:, i].view(-1, 1, 1) for i in range(3))
+    h, w = alpha.shape
+    py = torch.arange(h, dtype=torch.float32).view(1, -1, 1) + 0.5
+    px = torch.arange(w, dtype=torch.float32).view(1, 1, -1) + 0.5
+    a = torch.from_numpy(alpha.astype(np.float32))[None]
+    best, best_iou = None, -1.0
+    for shape in SHAPES:
+        t = (0.5 - shape_distance(shape, px, py, cx, cy, hh)).clamp(0, 1)
+        iou = float((torch.minimum(a, t).sum((1, 2)) / torch.maximum(a, t).sum((1, 2)).clamp_min(1e-6)).max())
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best, best_iou
 
 
 def _majority(values):

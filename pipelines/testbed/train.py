@@ -10,8 +10,9 @@ same text conditioning; 10% of captions are dropped to "" for classifier-free gu
 
 Flow matching (the convention of SD3's and Wan's schedulers): ``x_s = (1 - s) x0 + s n`` with
 ``s = shift * u / (1 + (shift - 1) u)``, ``u = sigmoid(N(0, 1))``, timestep ``1000 s``; the
-denoiser predicts ``n - x0`` (MSE). AdamW with linear warm-up, gradient clipping, EMA of the
-weights (the EMA weights are what gets saved). The text encoders train with the denoiser.
+denoiser predicts ``n - x0`` (MSE); a ``high_noise_fraction`` share of each batch draws ``s``
+uniformly from ``[high_noise_min, 1)`` instead (why: ``TestbedConfig.high_noise_fraction``). AdamW
+with linear warm-up, gradient clipping, EMA of the weights (the EMA weights are what gets saved). The text encoders train with the denoiser.
 
 The output folder is a complete diffusers pipeline (``save_pretrained``) plus
 ``testbed_config.json``: the :class:`~mixdit.pipelines.testbed.models.TestbedConfig` used and the
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixdit.pipelines.flow_matching import flow_matching_loss
+from mixdit.pipelines.flow_matching import flow_matching_loss, with_sampling_shift
 from mixdit.pipelines.testbed.models import TestbedConfig, build_testbed_pipeline
 from mixdit.pipelines.testbed.scenes import render, sample_scene
 
@@ -41,9 +42,17 @@ CONFIG_FILE = "testbed_config.json"
 STORAGE_DTYPE = torch.float16
 
 
-def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
-    u = torch.sigmoid(torch.randn(batch, generator=generator)).to(device)
-    return shift * u / (1 + (shift - 1) * u)
+def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device, high_noise_fraction: float = 0.0,
+                  high_noise_min: float = 0.96) -> torch.Tensor:
+    """Training noise levels: ``shift``-ed logit-normal; a ``high_noise_fraction`` share of them
+    uniform on ``[high_noise_min, 1)`` instead (see ``TestbedConfig.high_noise_fraction``)."""
+    u = torch.sigmoid(torch.randn(batch, generator=generator))
+    sigma = shift * u / (1 + (shift - 1) * u)
+    if high_noise_fraction > 0:  # extra draws only then: runs without it keep their random stream
+        pick = torch.rand(batch, generator=generator) < high_noise_fraction
+        band = high_noise_min + (1 - high_noise_min) * torch.rand(batch, generator=generator)
+        sigma = torch.where(pick, band, sigma)
+    return sigma.to(device)
 
 
 class _Trainer:
@@ -63,6 +72,7 @@ class _Trainer:
             import mixdit.pipelines.testbed  # noqa: F401  (the codec class must be imported to load)
 
             self.pipe = DiffusionPipeline.from_pretrained(str(init_from), dtype=torch.float32)
+            self.pipe.scheduler = with_sampling_shift(self.pipe.scheduler, config.sampling_shift)
         else:
             self.pipe = build_testbed_pipeline(config)
         pipe = self.pipe
@@ -116,7 +126,7 @@ class _Trainer:
         c = self.config
         captions, x0 = self.batch(step)
         b = x0.shape[0]
-        sigma = sample_sigmas(b, c.flow_shift, self.generator, self.device)
+        sigma = sample_sigmas(b, c.flow_shift, self.generator, self.device, c.high_noise_fraction, c.high_noise_min)
 
         def predict(x_t):
             with self.accelerator.autocast():
@@ -182,7 +192,9 @@ def train_testbed(config: TestbedConfig, out_dir: str | os.PathLike, steps: int,
             from mixdit.errors import ConfigError
 
             raise ConfigError("testbed.model", config.kind, f"{previous.kind} (what {out_dir} holds) to resume")
-        for key in ("batch_size", "learning_rate", "warmup_steps", "ema_decay", "seed"):
+        # the recipe (optimiser, noise levels, sampler defaults) follows the preset; the architecture stays
+        for key in ("batch_size", "learning_rate", "warmup_steps", "ema_decay", "seed", "high_noise_fraction",
+                    "high_noise_min", "sample_flow_shift", "default_steps", "default_guidance_scale"):
             setattr(previous, key, getattr(config, key))
         config = previous
         first_step = int(saved["training"].get("total_steps", saved["training"]["steps"]))
