@@ -272,10 +272,14 @@ def test_resume_continues_from_saved_weights(trained, tmp_path):
 
     args = cli.build_parser([testbed_cli]).parse_args(
         ["train", "testbed", "--model", "mini-image", "--out", str(folder), "--steps", "3", "--device", "cpu",
-         "--resume", "--save-every", "0"])
+         "--resume", "--save-every", "0", "--high-noise-fraction", "0.5", "--sample-flow-shift", "7"])
     assert args.func(args, [testbed_cli]) == 0
-    record = json.loads((folder / "testbed_config.json").read_text())["training"]
+    saved = json.loads((folder / "testbed_config.json").read_text())
+    record = saved["training"]
     assert record["steps"] == 3 and record["total_steps"] == 43 and record["runs"][0]["steps"] == 40
+    # the recipe follows the command line / preset, and the saved scheduler samples with the new shift
+    assert saved["config"]["high_noise_fraction"] == 0.5 and saved["config"]["sample_flow_shift"] == 7.0
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["shift"] == 7.0
     # a fresh start would have loss ~2 (random weights); resuming starts near where training ended
     assert np.mean(record["losses"]) < np.mean(trained["mini-image"][1]["training"]["losses"][:5])
 
@@ -309,7 +313,10 @@ def test_shipped_weights_are_small_and_registered(name):
     assert size <= 30e6, size
     if not os.environ.get("MIXDIT_TESTBED_DIR"):
         assert testbed_path(name) == folder
-    assert generation_defaults(name)["steps"] == (16 if name.endswith("video") else 30)
+    from mixdit.pipelines.testbed.load import folder_defaults
+
+    # the zoo's defaults (from the preset) are the shipped folder's (what the model was tuned for)
+    assert generation_defaults(name) == folder_defaults(folder)
 
 
 def test_shipped_image_model_draws_the_asked_colour_and_place():

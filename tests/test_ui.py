@@ -173,7 +173,9 @@ def test_model_change_fills_defaults_and_shows_panels(app):
     assert steps["value"] == 4 and frames["value"] is None and "SD3" in note["value"]
     assert not video_row["visible"] and not vmoba_box["visible"] and vmoba["value"] is False and image["visible"]
     _, _, steps, _, _, _, frames, *_ = fn.fn("mixdit-shapes-video")  # the testbed model's trained settings
-    assert (steps["value"], frames["value"]) == (16, 13)
+    from mixdit.pipelines.testbed.models import PRESETS
+
+    assert (steps["value"], frames["value"]) == (PRESETS["video"].default_steps, 13)
 
 
 def test_model_info_reads_local_folders_without_loading():
