@@ -19,6 +19,8 @@ Design (see benchmarks/NOTES.md for the measurements behind it):
 * No host synchronisation anywhere: loop bounds are read inside the kernels, so the forward can be
   captured in a CUDA graph. Eager calls go through an ``autograd.Function`` (little host work per call);
   under ``torch.compile`` / tracing both directions are ``torch.library`` custom ops.
+* ``MIXDIT_BWD_DQ`` (split | atomic) and ``MIXDIT_BWD_TMA`` (0: the old backward kernels, for A/B runs) are
+  read once, when this module is imported; a call's ``dq_mode`` argument overrides the first.
 """
 
 from __future__ import annotations
@@ -296,8 +298,8 @@ def _bwd_dkdv_kernel(
     # PADDED: LSE holds lse*log2(e) and DELTA delta, both n_qt*Q_TILE rows long with p = 0 past Sq, so the
     # loop needs no row masks; a key past kv_tile_len only touches its own dK/dV row, zeroed once at the end.
     # DQ_ATOMIC (needs PADDED): also dQ += dS K for the visited query rows, fp32 atomics into DQACC
-    # ([B*H, n_qt*Q_TILE, D], zeroed before, scaled and cast after); keys past kv_tile_len are masked out of
-    # p there, since their dS would reach dQ. DQ_TMA: the atomics as TMA reduce-adds (Hopper, not interpreted).
+    # ([B*H, n_qt*Q_TILE, D], zeroed before, scaled and cast after); keys past kv_tile_len or Sk are masked
+    # out of p there, since their dS would reach dQ (p = exp(-lse) on a padding key can overflow ds to inf). DQ_TMA: the atomics as TMA reduce-adds (Hopper, not interpreted).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -308,6 +310,7 @@ def _bwd_dkdv_kernel(
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < Sk
+    tail = pid_n * BLOCK_N + BLOCK_N > Sk  # this program holds keys past Sk
     k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     if HAS_LEN:
@@ -363,10 +366,10 @@ def _bwd_dkdv_kernel(
             if HAS_SEL:
                 word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
                 ok = (((word >> (g % 32)) & 1) != 0)[None, :]
-                if DQ_ATOMIC and HAS_LEN:
+                if DQ_ATOMIC:
                     ok = ok & key_ok[:, None]
                 pT = tl.where(ok, pT, 0.0)
-            elif DQ_ATOMIC and HAS_LEN:
+            elif DQ_ATOMIC and (HAS_LEN or tail):
                 pT = tl.where(key_ok[:, None], pT, 0.0)
         elif HAS_LEN or HAS_SEL:
             ok = key_ok[:, None]
@@ -406,7 +409,8 @@ def _bwd_dq_kernel(
     PADDED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # one program owns BLOCK_M query rows and walks their visited key tiles like the forward.
-    # Padding keys past Sk load as k = v = 0, so they add ds * k = 0 to dQ: no mask needed.
+    # Padding keys past Sk load as k = v = 0 but have s = 0, so p = exp(-lse): for a row whose lse is very
+    # negative, ds overflows to inf in fp16/bf16 and inf * 0 is NaN in dQ. They are masked on the last tile.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -455,6 +459,9 @@ def _bwd_dq_kernel(
             v = tl.load(v_base + offs_k[:, None] * s_vs + offs_d[None, :], mask=kmask, other=0.0)
         s = _mm(q, tl.trans(k), F32_DOT)
         p = tl.exp2(s * qk_scale - lse2[:, None])
+        if not EVEN_K:
+            if n0 + BLOCK_N > Sk:  # only the ragged last tile: no per-element select elsewhere
+                p = tl.where((offs_k < Sk)[None, :], p, 0.0)
         if HAS_LEN or HAS_SEL:
             ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
             if HAS_LEN:
@@ -479,9 +486,7 @@ def _bwd_dq_kernel(
 _FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 _DKDV_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}  # (BLOCK_M queries, BLOCK_N keys, ...)
 _DQ_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
-# the backward's TMA path (Hopper); "dkdv"/"dq" overrides apply to either path
-_DKDV_TMA_CONFIGS = dict(_DKDV_CONFIGS)
-_DQ_TMA_CONFIGS = dict(_DQ_CONFIGS)
+# the backward's TMA path (Hopper) uses the same tables; "dkdv"/"dq" overrides apply to either path
 # the dK/dV kernel that also accumulates dQ by atomics (not yet measured on a GPU): whole 128-key tiles per
 # program, so each (query row, key tile) pair adds its dQ row once (half the atomic bytes of 64-key programs)
 _DKDV_ATOMIC_CONFIGS = {64: (64, 128, 8, 2), 128: (64, 128, 8, 2)}
@@ -546,10 +551,6 @@ def _tma_ok(*ts) -> bool:
     return True
 
 
-def _interpreting() -> bool:
-    return _INTERPRET
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # triton.cdiv is a @jit function: ~10 us per host call
 
@@ -602,9 +603,33 @@ def _int32_contig(t):
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _check_layout(q, k, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group):
+    # the kernels index these by (b, h, tile) with no bounds checks: a layout built for other tiles reads garbage
+    B, Sq, H, _ = q.shape
+    n_qt, n_kt = _cdiv(Sq, q_tile), _cdiv(k.shape[1], kv_tile)
+    expect = {"kv_count": (kv_count, (B, H, n_qt)), "kv_tile_len": (kv_tile_len, (n_kt,)),
+              "kv_tile_group": (kv_tile_group, (n_kt,))}
+    for name, (t, shape) in expect.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for q_tile={q_tile}, kv_tile={kv_tile} "
+                             f"(Sq={Sq}, Sk={k.shape[1]}), got {tuple(t.shape)}")
+    if kv_index.ndim != 4 or tuple(kv_index.shape[:3]) != (B, H, n_qt) or kv_index.shape[3] < 1:
+        raise ValueError(f"kv_index must have shape ({B}, {H}, {n_qt}, capacity >= 1), got {tuple(kv_index.shape)}")
+    if row_select is not None:
+        if row_select.ndim != 4 or tuple(row_select.shape[:3]) != (B, H, Sq):
+            raise ValueError(f"row_select must have shape ({B}, {H}, {Sq}, words), got {tuple(row_select.shape)}")
+        if kv_tile_group is None:
+            raise ValueError("row_select needs kv_tile_group (the group of each key tile)")
+    for name, t in (("kv_count", kv_count), ("kv_index", kv_index), ("kv_tile_len", kv_tile_len),
+                    ("row_select", row_select), ("kv_tile_group", kv_tile_group)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: the layout must live with the inputs")
+
+
 def _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group):
     """Check the inputs once and bring them to what the kernels read (the autograd forward saves the result)."""
     _check(q, k, v, q_tile, kv_tile)
+    _check_layout(q, k, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group)
     rs = None
     if row_select is not None:
         rs = _int32(row_select)
@@ -722,7 +747,7 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
     if atomic:
         bm, bn, warps, stages = _pick("dkdv_atomic", _DKDV_ATOMIC_CONFIGS, D, q_tile, kv_tile)
     else:
-        bm, bn, warps, stages = _pick("dkdv", _DKDV_TMA_CONFIGS if use_tma else _DKDV_CONFIGS, D, q_tile, kv_tile)
+        bm, bn, warps, stages = _pick("dkdv", _DKDV_CONFIGS, D, q_tile, kv_tile)
     sdk, sdv = dk.stride(), dv.stride()
     _bwd_dkdv_kernel[(_cdiv(Sk, bn), B * H)](
         q, k, v, grad_out, lse_arg, delta, dk, dv, qbuf, kv_len_arg, rs_arg, grp_arg, acc,
@@ -742,7 +767,7 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
             acc, dq, sdq[0], sdq[1], sdq[2], H, Sq, Sq_pad, scale, HEAD_DIM=D, BLOCK_M=pre_bm, num_warps=4,
         )
         return dq, dk, dv
-    bm, bn, warps, stages = _pick("dq", _DQ_TMA_CONFIGS if use_tma else _DQ_CONFIGS, D, q_tile, kv_tile)
+    bm, bn, warps, stages = _pick("dq", _DQ_CONFIGS, D, q_tile, kv_tile)
     sc, si = kv_count.stride(), kv_index.stride()
     _bwd_dq_kernel[(_cdiv(Sq, bm), B * H)](
         q, k, v, grad_out, lse_arg, delta, dq, kv_count, kv_index, kv_len_arg, rs_arg, grp_arg,
@@ -831,8 +856,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_count: torch.T
 
 @_fwd_op.register_fake
 def _(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group):
-    B, Sq, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
+    B, Sq, H, _ = q.shape  # strides as the real op allocates them (inputs made last-dim contiguous)
+    return torch.empty_like(_last_contig(q)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
 @torch.library.custom_op("mixdit::block_sparse_attn_bwd", mutates_args=())
@@ -848,7 +873,7 @@ def _bwd_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.T
 @_bwd_op.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len,
       row_select, kv_tile_group):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(_last_contig(q)), torch.empty_like(_last_contig(k)), torch.empty_like(_last_contig(v))
 
 
 def _setup_context(ctx, inputs, output):

@@ -264,6 +264,50 @@ def test_transpose_layout_kernel(device, n_qt, n_kt, density):
     _check_transposed(kc, ki, q_count, q_index, n_kt)
 
 
+def test_ragged_keys_with_very_negative_lse(bwd_path, assert_close, device):
+    """Padding keys past Sk have s = 0, so p = exp(-lse) there; with every real score far below 0 that
+    overflowed dS to inf in fp16 and inf * (k = 0) made dQ NaN. Scores here sit near -32 (lse ~ -28)."""
+    B, H, Sq, Sk, D = 1, 2, 64, 80, 16
+    q = (-8 + 0.3 * torch.randn(B, Sq, H, D, device=device)).half()
+    k = (1 + 0.3 * torch.randn(B, Sk, H, D, device=device)).half()
+    v = torch.randn(B, Sk, H, D, device=device).half()
+    layout = dense_layout(B, H, Sq, Sk, 64, 64, device=device)
+    _, lse = _check_all(assert_close, q, k, v, layout, q_tile=64, kv_tile=64, lse_grad=True)
+    assert float(lse.detach().max()) < -15
+
+
+def test_layout_shape_is_checked(device):
+    B, H, S, D = 1, 2, 200, 32
+    q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
+    kc, ki = dense_layout(B, H, S, S, 128, 64, device=device)  # built for q_tile 128
+    with pytest.raises(ValueError, match="kv_count must have shape"):
+        block_sparse_attention(q, k, v, kc, ki, q_tile=64, kv_tile=64)
+    kc, ki = dense_layout(B, H, S, S, 64, 64, device=device)
+    with pytest.raises(ValueError, match="kv_index must have shape"):
+        block_sparse_attention(q, k, v, kc, ki[..., 0], q_tile=64, kv_tile=64)
+    with pytest.raises(ValueError, match="kv_tile_len must have shape"):
+        block_sparse_attention(q, k, v, kc, ki, q_tile=64, kv_tile=64,
+                               kv_tile_len=torch.full((3,), 64, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="row_select must have shape"):
+        block_sparse_attention(q, k, v, kc, ki, q_tile=64, kv_tile=64,
+                               row_select=torch.ones(B, H, S, dtype=torch.int32, device=device),
+                               kv_tile_group=torch.arange(4, dtype=torch.int32, device=device))
+
+
+def test_custom_op_fake_matches_real_for_strided_inputs(device):
+    """opcheck: schema, fake (shapes and strides, incl. a q whose last dim is not contiguous), autograd."""
+    B, H, S, D = 1, 2, 96, 32
+    q = torch.randn(B, H, D, S, device=device, dtype=torch.float16).permute(0, 3, 1, 2)  # last stride S
+    k, v = (torch.randn(B, S, H, D, device=device, dtype=torch.float16) for _ in range(2))
+    kc, ki = random_layout(B, H, S, S, 0.6, 64, 64, device=device)
+    args = (q, k, v, kc, ki, 64, 64, 1 / math.sqrt(D), None, None, None)
+    torch.library.opcheck(bsa._fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = bsa._fwd_op(*args)
+    g = torch.randn_like(out)
+    bwd_args = (g, torch.randn_like(lse), q, k, v, out, lse, kc, ki, 64, 64, 1 / math.sqrt(D), None, None, None)
+    torch.library.opcheck(bsa._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_torch_compile_fullgraph(bwd_path, device):
     B, H, S, D = 1, 2, 128, 64
     q, k, v = (t.requires_grad_() for t in _inputs(B, S, S, H, D, torch.float16, device))
