@@ -586,10 +586,11 @@ class FlowMatchingObjective:
     def __init__(self, config: TrainConfig, loaded: LoadedModel):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        from mixdit.pipelines.flow_matching import scheduler_shift
+
         shift = config.flow_shift
         if shift is None and loaded.pipe is not None and getattr(loaded.pipe, "scheduler", None) is not None:
-            sc = loaded.pipe.scheduler.config
-            shift = sc.get("flow_shift") or (sc.get("shift") if not sc.get("use_dynamic_shifting") else None)
+            shift = scheduler_shift(loaded.pipe.scheduler)
         self.shift = float(shift or 3.0)
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.shift)
         self.timesteps = sched.timesteps.float().clone()  # descending, 1000 -> ~1

@@ -22,6 +22,7 @@ def main():
     from mixdit.pipelines.random_models import random_transformer
 
     sys.path.insert(0, HERE)
+    from attention import gpu_slug
     from vmoba import model_inputs
 
     model = random_transformer("wan2.1-1.3b", device="cuda", dtype=torch.bfloat16).eval()
@@ -48,7 +49,7 @@ def main():
     print(f"layers timed {len(lt)}, sparse faster in {sum(r['sparse_ms'] < r['dense_ms'] for r in lt.values())}")
     out = dict(gpu=torch.cuda.get_device_name(), dense_ms=dense, vmoba_ms=vmoba, speedup=dense / vmoba,
                dense_calls=s["dense_calls"], last_timing=lt)
-    path = os.path.join(HERE, "results", "vmoba-fallback-" + torch.cuda.get_device_name().lower().replace(" ", "-") + ".json")
+    path = os.path.join(HERE, "results", f"vmoba-fallback-{gpu_slug()}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", path)

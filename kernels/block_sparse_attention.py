@@ -299,7 +299,8 @@ def _bwd_dkdv_kernel(
     # loop needs no row masks; a key past kv_tile_len only touches its own dK/dV row, zeroed once at the end.
     # DQ_ATOMIC (needs PADDED): also dQ += dS K for the visited query rows, fp32 atomics into DQACC
     # ([B*H, n_qt*Q_TILE, D], zeroed before, scaled and cast after); keys past kv_tile_len or Sk are masked
-    # out of p there, since their dS would reach dQ (p = exp(-lse) on a padding key can overflow ds to inf). DQ_TMA: the atomics as TMA reduce-adds (Hopper, not interpreted).
+    # out of p there, since their dS would reach dQ (p = exp(-lse) on a padding key can overflow ds to inf).
+    # DQ_TMA: the atomics as TMA reduce-adds (Hopper, not interpreted).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)

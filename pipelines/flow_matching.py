@@ -29,14 +29,27 @@ def flow_matching_loss(predict: Callable[[torch.Tensor], torch.Tensor], x0: torc
     return err.mean()
 
 
+def _shift_key(config) -> str | None:
+    """Where a scheduler config keeps its static noise-level shift: Wan's UniPC ``flow_shift``, SD3's
+    FlowMatchEuler ``shift``; None without one (e.g. FLUX's dynamic shifting)."""
+    if config.get("use_dynamic_shifting"):
+        return None
+    return "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
+
+
+def scheduler_shift(scheduler) -> float | None:
+    """The scheduler's static shift, or None when it has none."""
+    key = _shift_key(scheduler.config)
+    value = scheduler.config[key] if key else None
+    return None if value is None else float(value)
+
+
 def with_sampling_shift(scheduler, shift: float):
-    """``scheduler`` with its noise-level shift set to ``shift`` (Wan's UniPC ``flow_shift``, SD3's
-    FlowMatchEuler ``shift``); the same object when it already has it. Raises ``ValueError`` for
-    schedulers without a static shift (e.g. FLUX's dynamic shifting)."""
-    config = scheduler.config
-    key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
-    if key is None or config.get("use_dynamic_shifting"):
+    """``scheduler`` with its static shift set to ``shift``; the same object when it already has it.
+    Raises ``ValueError`` for schedulers without one."""
+    key = _shift_key(scheduler.config)
+    if key is None:
         raise ValueError(f"{type(scheduler).__name__} has no static shift to set")
-    if float(config[key]) == float(shift):
+    if scheduler_shift(scheduler) == float(shift):
         return scheduler
-    return type(scheduler).from_config(config, **{key: float(shift)})
+    return type(scheduler).from_config(scheduler.config, **{key: float(shift)})

@@ -9,7 +9,7 @@
 * shape: coverage ``alpha`` = projection of each pixel onto the background->object colour line;
   the bounding box of the largest connected region of ``alpha > 0.5`` (so stray specks and streaks
   apart from the object do not stretch it) gives a first centre and half extent; each shape is
-  rendered (:func:`~mixdit.pipelines.testbed.scenes.shape_distance`) at that estimate and at nearby
+  rendered (:func:`~mixdit.pipelines.testbed.scenes.shape_coverage`) at that estimate and at nearby
   ones (half extent down to 80%, centre +-1 pixel: a streak touching the object still stretches the
   box) and the best soft IoU over all candidates wins (bounding-box fill ratios: circle pi/4,
   square 1, triangle 1/2);
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mixdit.pipelines.testbed.scenes import (BACKGROUNDS, COLORS, COLUMNS, ROWS, SHAPES, TRAVEL, parse_caption,
-                                             shape_distance)
+                                             shape_coverage)
 
 FOREGROUND_THRESHOLD = 0.25
 MIN_OBJECT_FRACTION = 0.005
@@ -132,7 +132,7 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
 
 def fit_shape(alpha: np.ndarray) -> tuple[str | None, float]:
     """Best template (shape, soft IoU) for a coverage map ``alpha`` ``[H, W]`` in [0, 1]; see the
-    module docstring. Templates use pixel units, so frames need not be square."""
+    module docstring."""
     region = largest_region(alpha > 0.5)
     ys, xs = np.nonzero(region)
     if len(xs) == 0:
@@ -142,14 +142,13 @@ def fit_shape(alpha: np.ndarray) -> tuple[str | None, float]:
     grid = torch.tensor([(x, y, half * f) for f in (0.8, 0.85, 0.9, 0.95, 1.0)
                          for x in ((x0 + x1) / 2 + d for d in (-1, 0, 1))
                          for y in ((y0 + y1) / 2 + d for d in (-1, 0, 1))], dtype=torch.float32)
-    cx, cy, hh = (grid[:, i].view(-1, 1, 1) for i in range(3))
     h, w = alpha.shape
-    py = torch.arange(h, dtype=torch.float32).view(1, -1, 1) + 0.5
-    px = torch.arange(w, dtype=torch.float32).view(1, 1, -1) + 0.5
+    size = max(h, w)  # templates in fractions of a square frame, cropped to this one
+    cx, cy, hh = (grid[:, i].view(-1, 1, 1) / size for i in range(3))
     a = torch.from_numpy(alpha.astype(np.float32))[None]
     best, best_iou = None, -1.0
     for shape in SHAPES:
-        t = (0.5 - shape_distance(shape, px, py, cx, cy, hh)).clamp(0, 1)
+        t = shape_coverage(shape, size, cx, cy, hh)[:, :h, :w]
         iou = float((torch.minimum(a, t).sum((1, 2)) / torch.maximum(a, t).sum((1, 2)).clamp_min(1e-6)).max())
         if iou > best_iou:
             best, best_iou = shape, iou

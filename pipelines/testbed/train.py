@@ -12,7 +12,8 @@ Flow matching (the convention of SD3's and Wan's schedulers): ``x_s = (1 - s) x0
 ``s = shift * u / (1 + (shift - 1) u)``, ``u = sigmoid(N(0, 1))``, timestep ``1000 s``; the
 denoiser predicts ``n - x0`` (MSE); a ``high_noise_fraction`` share of each batch draws ``s``
 uniformly from ``[high_noise_min, 1)`` instead (why: ``TestbedConfig.high_noise_fraction``). AdamW
-with linear warm-up, gradient clipping, EMA of the weights (the EMA weights are what gets saved). The text encoders train with the denoiser.
+with linear warm-up, gradient clipping, EMA of the weights (the EMA weights are what gets saved). The
+text encoders train with the denoiser.
 
 The output folder is a complete diffusers pipeline (``save_pretrained``) plus
 ``testbed_config.json``: the :class:`~mixdit.pipelines.testbed.models.TestbedConfig` used and the
