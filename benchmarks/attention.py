@@ -397,6 +397,55 @@ def sweep(rep_ms):
     return out
 
 
+# --fwd-sweep: forward configs (BLOCK_M, BLOCK_N, warps, stages, launch extras). (128, 64, 8, 2) with maxnreg 128
+# fits two CTAs per SM (96 KB shared each), so one CTA's prologue/epilogue can overlap the other's main loop.
+FWD_SWEEP = [((128, 128, 8, 3), {}), ((128, 128, 8, 2), {}), ((128, 64, 8, 3), {}), ((128, 64, 8, 4), {}),
+             ((128, 64, 8, 2), {}), ((128, 64, 8, 2), {"maxnreg": 128}), ((64, 64, 4, 3), {}),
+             ((64, 128, 4, 2), {})]
+
+
+def fwd_sweep(rep_ms):
+    """Forward configs at the Wan-1.3B shape, d = 0.25 and 1.0, next to Flex with the same layout (same run)."""
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    from mixdit.kernels.reference import block_sparse_attention_reference as ref_fn
+    from mixdit.kernels.reference import random_layout
+
+    B, H, S, D = 2, 12, 32760, 128
+    q, k, v = make_inputs(B, H, S, D, False)
+    qs, ks, vs = make_inputs(1, 2, 1000, D, False)
+    small = random_layout(1, 2, 1000, 1000, 0.5, TILE, TILE, device="cuda")
+    r_out, r_lse = ref_fn(qs, ks, vs, *small, q_tile=TILE, kv_tile=TILE)
+    rows = []
+    for density in (0.25, 1.0):
+        layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
+        flops = 4 * B * H * S * S * D * layout[0].sum().item() / layout[1].numel()
+        flex_ms = bench(flex_fn(q, k, v, layout, "fwd", S), rep_ms)
+        print(f"fwd-sweep d={density} flex {flex_ms:.3f} ms", flush=True)
+        for var in ({}, {"warp_specialize": True}):
+            for cfg, extra in FWD_SWEEP:
+                bsa._FWD_OPTS.update(var)
+                bsa._CONFIG_OVERRIDE["fwd"] = cfg
+                bsa._FWD_LAUNCH_EXTRA.update(extra)
+                try:
+                    o, l = bsa.block_sparse_attention_forward(qs, ks, vs, *small, TILE, TILE)
+                    err = max((o.float() - r_out.float()).abs().max().item(), (l - r_lse).abs().max().item())
+                    ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
+                except Exception as e:
+                    print("fwd-sweep", cfg, extra, var, "FAILED", str(e)[:200], flush=True)
+                    ms, err = None, None
+                finally:
+                    bsa._FWD_OPTS.update({"warp_specialize": False})
+                    bsa._CONFIG_OVERRIDE.clear()
+                    bsa._FWD_LAUNCH_EXTRA.clear()
+                if ms is None:
+                    continue
+                rows.append(dict(cfg=cfg, extra=extra, opts=var, density=density, ms=ms, tflops=flops / ms / 1e9,
+                                 flex_ms=flex_ms, vs_flex=flex_ms / ms, err=err))
+                print(f"fwd-sweep d={density} {cfg} {extra} {var}: {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s "
+                      f"{flex_ms / ms:.3f}x flex err {err:.2e}", flush=True)
+    return rows
+
+
 # backward code paths compared by --bwd-ab: name -> _BWD_OPTS
 BWD_PATHS = {
     "mixdit-old": {"tma": False, "padded": False, "dq": "split", "dq_tma_reduce": False},  # MIXDIT_BWD_TMA=0 (v2)
@@ -671,6 +720,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="Wan-1.3B only")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time kernel configs instead of the comparison")
+    ap.add_argument("--fwd-sweep", action="store_true", help="only the forward configs of FWD_SWEEP, next to Flex")
     ap.add_argument("--bwd-ab", action="store_true",
                     help="backward: old / split / atomic-dQ kernels vs Flex (Wan-1.3B), FLUX/SD3.5 vs cuDNN")
     ap.add_argument("--bwd-sweep", action="store_true",
@@ -715,6 +765,13 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     if a.router:
         router_benchmark(a.out_dir, gpu)
+        return
+    if a.fwd_sweep:
+        res = fwd_sweep(a.rep_ms)
+        os.makedirs(a.out_dir, exist_ok=True)
+        with open(os.path.join(a.out_dir, f"attention-fwd-sweep-{gpu_slug()}.json"), "w") as f:
+            json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=res), f, indent=1)
+        print(f"fwd sweep took {time.time() - t0:.0f} s")
         return
     if a.sweep:
         res = sweep(a.rep_ms)

@@ -68,11 +68,13 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
     return out.reshape(B, Fg * Hg * Wg, H, D).to(dtype)
 
 
-def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None):
+def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None,
+        granularity: str = "token"):
     from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention, partition_for_layer, route
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
-    cfg = VMoBAConfig(selection=selection, min_tokens=0, dense_layers=(), kv_tile_spatiotemporal=kv_tile_3d)
+    extra = {} if kv_tile_3d is None else dict(kv_tile_spatiotemporal=kv_tile_3d)  # None: the config's default
+    cfg = VMoBAConfig(selection=selection, min_tokens=0, dense_layers=(), granularity=granularity, **extra)
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     rows = []
     t_start = time.time()
@@ -111,7 +113,8 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                 def sparse():
                     return _kernel_attention(qb, kb, vb, r.kv_count, r.kv_index, q_tile=cfg.q_tile,
                                              kv_tile=part.kv_tile, scale=scale, kv_tile_len=part.kv_tile_len,
-                                             row_select=r.row_select, kv_tile_group=part.kv_tile_group)
+                                             row_select=r.row_select,
+                                             kv_tile_group=None if r.row_select is None else part.kv_tile_group)
 
                 sparse_ms = _bench(sparse)
                 total = router_ms + perm_ms + sparse_ms
@@ -129,10 +132,11 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
             torch.cuda.empty_cache()
     out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=__import__("triton").__version__, config=dict(selection=selection, threshold=cfg.threshold,
-               q_tile=cfg.q_tile, kv_tile=cfg.kv_tile, kv_tile_3d=kv_tile_3d,
+               q_tile=cfg.q_tile, kv_tile=cfg.kv_tile, kv_tile_3d=cfg.kv_tile_spatiotemporal, granularity=granularity,
                router_precision=cfg.router_precision),
                wall_s=time.time() - t_start, rows=rows)
-    return _write_result(out, f"vmoba-attention-{gpu}.json")
+    tag = ("" if granularity == "token" else f"-{granularity}") + ("" if kv_tile_3d is None else f"-kv3d{kv_tile_3d}")
+    return _write_result(out, f"vmoba-attention{tag}-{gpu}.json")
 
 
 def _count_kernels(fn) -> int:
@@ -231,7 +235,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Wan2.1-1.3B B=1 only")
     ap.add_argument("--selection", default="threshold", choices=["threshold", "global", "topk"])
-    ap.add_argument("--kv-tile-3d", type=int, default=None, help="key tile of 3D layers (default: 128)")
+    ap.add_argument("--kv-tile-3d", type=int, default=None, help="key tile of 3D layers (default: VMoBAConfig's, 32)")
+    ap.add_argument("--granularity", default="token", choices=["token", "query_tile"])
     ap.add_argument("--route-query-tiles", action="store_true",
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")
@@ -239,4 +244,4 @@ if __name__ == "__main__":
     if a.route_query_tiles:
         time_query_tile_router(selection=a.selection, batch=a.batch)
     else:
-        run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d)
+        run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d, granularity=a.granularity)

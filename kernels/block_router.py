@@ -67,26 +67,33 @@ BISECT_STEPS = 26  # threshold bisection steps on [0, top] (2**-26 < fp32 resolu
 
 @triton.jit
 def _block_means_kernel(K, MEANS_T, TILE_START, TILE_COUNT, TILE_LEN, BLOCK_SIZE,
-                        stride_kb, stride_ks, stride_kh, stride_kd, H, NB_PAD,
-                        D: tl.constexpr, D_PAD: tl.constexpr, KV_TILE: tl.constexpr):
+                        stride_kb, stride_ks, stride_kh, stride_kd, H, NB_PAD, SPLIT,
+                        D: tl.constexpr, D_PAD: tl.constexpr, KV_TILE: tl.constexpr, ROWS: tl.constexpr):
+    # Program (block, split, b*h) sums rows split*ROWS, (split+SPLIT)*ROWS, ... of the block's padded key
+    # range in ROWS-row chunks (whatever the key tile: a 96-token block in 32-row tiles is one chunk), pad
+    # rows masked by TILE_LEN, and stores its share of the mean: MEANS_T[b*h, split] (summed after if SPLIT > 1).
     blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    sp = tl.program_id(1)
+    bh = tl.program_id(2)
     b = bh // H
     h = bh % H
-    t0 = tl.load(TILE_START + blk)
-    tc = tl.load(TILE_COUNT + blk)
-    offs_r = tl.arange(0, KV_TILE)
+    r_begin = tl.load(TILE_START + blk) * KV_TILE
+    r_end = r_begin + tl.load(TILE_COUNT + blk) * KV_TILE
+    offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, D_PAD)
     acc = tl.zeros([D_PAD], dtype=tl.float32)
     base = K + b.to(tl.int64) * stride_kb + h * stride_kh
-    for t in range(t0, t0 + tc):
-        ln = tl.load(TILE_LEN + t)
-        rows = (offs_r + t * KV_TILE).to(tl.int64)
-        ptrs = base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd
-        x = tl.load(ptrs, mask=(offs_r[:, None] < ln) & (offs_d[None, :] < D), other=0.0)
+    for r0 in range(r_begin + sp * ROWS, r_end, SPLIT * ROWS):
+        rows = r0 + offs_r
+        in_blk = rows < r_end
+        tile = rows // KV_TILE
+        ok = in_blk & ((rows - tile * KV_TILE) < tl.load(TILE_LEN + tile, mask=in_blk, other=0))
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_ks + offs_d[None, :] * stride_kd
+        x = tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
     n = tl.load(BLOCK_SIZE + blk).to(tl.float32)
-    tl.store(MEANS_T + bh.to(tl.int64) * D_PAD * NB_PAD + offs_d * NB_PAD + blk, acc / n)
+    out = MEANS_T + (bh.to(tl.int64) * SPLIT + sp) * D_PAD * NB_PAD
+    tl.store(out + offs_d * NB_PAD + blk, acc / n)
 
 
 @triton.jit
@@ -221,31 +228,41 @@ class RouterOutput:
 
 def block_key_means(k: torch.Tensor, block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
                     kv_tile_len: torch.Tensor, block_size: torch.Tensor, kv_tile: int,
-                    nb_pad: int | None = None) -> torch.Tensor:
-    """Transposed fp32 block key means ``[B*H, D_PAD, NB_PAD]`` (zero padding) of padded ``k``."""
-    B, _, H, D = k.shape
+                    nb_pad: int | None = None, max_block_tiles: int | None = None) -> torch.Tensor:
+    """Transposed fp32 block key means ``[B*H, D_PAD, NB_PAD]`` (zero padding) of padded ``k``.
+
+    ``max_block_tiles`` (the largest ``block_tile_count``, known from the block shape: no host sync) lets
+    long blocks (1D layers: ~3,200 rows) be split over several programs; their partial means are summed
+    in a fixed order, so the result is deterministic."""
+    B, Sk, H, D = k.shape
+    if Sk != kv_tile_len.numel() * kv_tile:  # a layout built for another key tile would be read wrongly
+        raise ValueError(f"k has {Sk} rows but the layout has {kv_tile_len.numel()} key tiles of kv_tile={kv_tile}")
     NB = block_tile_start.numel()
     NB_PAD = nb_pad or max(32, _next_pow2(NB))
     D_PAD = max(16, _next_pow2(D))
-    means_t = torch.zeros(B * H, D_PAD, NB_PAD, device=k.device, dtype=torch.float32)
-    _block_means_kernel[(NB, B * H)](
+    rows = 128 if D_PAD <= 128 else 64
+    chunks = -(-int(max_block_tiles) * kv_tile // rows) if max_block_tiles else 1
+    split = max(1, min(16, -(-chunks // 4)))  # >= 4 chunks per program
+    means_t = torch.zeros(B * H, split, D_PAD, NB_PAD, device=k.device, dtype=torch.float32)
+    _block_means_kernel[(NB, split, B * H)](
         k, means_t, block_tile_start, block_tile_count, kv_tile_len, block_size,
-        k.stride(0), k.stride(1), k.stride(2), k.stride(3), H, NB_PAD,
-        D=D, D_PAD=D_PAD, KV_TILE=kv_tile, num_warps=4)
-    return means_t
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3), H, NB_PAD, split,
+        D=D, D_PAD=D_PAD, KV_TILE=kv_tile, ROWS=rows, num_warps=4)
+    return means_t[:, 0] if split == 1 else means_t.sum(1)
 
 
 def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, block_size: torch.Tensor,
                  block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                  kv_tile_group: torch.Tensor, selection: str = "threshold", threshold: float = 0.25,
                  topk: int = 3, q_tile: int = 128, kv_tile: int = 128, precision: str = "tf32x3",
-                 block_m: int | None = None) -> RouterOutput:
+                 block_m: int | None = None, max_block_tiles: int | None = None) -> RouterOutput:
     """Select VMoBA blocks for every query row and head; return the block-sparse layout.
 
     ``q`` ``[B, Sq, H, D]`` (block order), ``k`` ``[B, Sk_pad, H, D]`` (padded block layout).
     ``selection``: ``"threshold"`` (per query token and head), ``"topk"`` or ``"global"`` (per
     sample and head over all pairs). ``precision``: ``tl.dot`` input precision of the fp32 gate
     (``"ieee"`` exact, ``"tf32x3"`` ~fp32 on tensor cores, ``"tf32"`` fastest/least exact).
+    ``max_block_tiles``: optional, see :func:`block_key_means`.
     """
     B, Sq, H, D = q.shape
     NB = block_size.numel()
@@ -266,7 +283,8 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
     # tau >= 1 means "cover the whole mass": every block. (With the reference's +1e-6 in fp32 the
     # share of the others can round onto the target and drop the minimum block; 2.0 avoids that.)
     threshold = 2.0 if threshold >= 1.0 else float(threshold)
-    means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD)
+    means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD,
+                              max_block_tiles)
 
     row_select = torch.empty(B, H, Sq, W, device=dev, dtype=torch.int32)
     union = torch.empty(B * H, n_rt, NB_PAD, device=dev, dtype=torch.int8)
@@ -577,7 +595,8 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
         precision = "ieee"
     threshold = 2.0 if threshold >= 1.0 else float(threshold)  # tau >= 1: every block (see route_blocks)
 
-    means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD)
+    means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD,
+                              max_block_tiles)
     qmean = torch.empty(BH, n_qt, D_PAD, device=dev, dtype=torch.float32)
     _tile_query_means_kernel[(n_qt, BH)](
         q, qmean, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, n_qt,

@@ -1,5 +1,6 @@
 """Fused VMoBA router (Triton; CPU interpreter here) vs the naive reference."""
 
+import math
 import os
 
 import torch
@@ -36,7 +37,7 @@ def _route(part, q, k, selection, threshold=0.25, topk=3):
     return route_blocks(qb, kb, q_block=part.q_block, block_size=part.block_size,
                         block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
                         kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, selection=selection,
-                        threshold=threshold, topk=topk, q_tile=CFG.q_tile, kv_tile=CFG.kv_tile,
+                        threshold=threshold, topk=topk, q_tile=CFG.q_tile, kv_tile=part.kv_tile,
                         precision="ieee")
 
 
@@ -154,7 +155,7 @@ def test_bf16_queries_and_bitmask_words():
     r = route_blocks(qb, kb, q_block=part.q_block, block_size=part.block_size,
                      block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
                      kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, selection="topk", topk=34,
-                     q_tile=64, kv_tile=16, precision="ieee")
+                     q_tile=64, kv_tile=part.kv_tile, precision="ieee")
     assert r.row_select.shape[-1] == 2
     got = rr.row_select_to_selection(r.row_select, 36).cpu()
     ref = rr.select_blocks_reference(qb.float().cpu(), k[:, part.q_perm].float().cpu(), part.q_block.cpu(),
@@ -167,3 +168,37 @@ def test_row_select_packing_roundtrip():
     sel = torch.rand(2, 3, 5, 70) < 0.5
     sel[..., 31] = True  # sign bit
     assert torch.equal(rr.row_select_to_selection(rr.selection_to_row_select(sel), 70), sel)
+
+
+@pytest.mark.parametrize("grid,layer_type,block,kv_tile", [
+    ((9, 12, 10), "temporal", (6, 12, 10), 32),      # long blocks (720 rows) split over 2 programs each
+    ((9, 6, 10), "temporal", (4, 6, 10), 16),        # 240 rows in 15 tiles of 16
+    ((9, 6, 10), "spatiotemporal", (4, 4, 4), 32),   # 64-token blocks, partial ones at every edge
+    ((9, 6, 10), "spatiotemporal", (3, 4, 4), 128),  # 48-token blocks padded to 128-row tiles
+    ((5, 7, 6), "spatial", (5, 3, 4), 32),           # non-dividing grid
+])
+def test_block_key_means_match_reference(grid, layer_type, block, kv_tile):
+    from mixdit.attention.vmoba import get_partition
+    from mixdit.kernels.block_router import block_key_means
+
+    part = get_partition(grid, layer_type, block, kv_tile, DEV)
+    B, H, D = 2, 3, 32
+    k = torch.randn(B, math.prod(grid), H, D, device=DEV, dtype=torch.bfloat16)
+    kb = k[:, part.kv_perm.long()].contiguous()
+    kb[:, _pad_rows(part)] = float("nan")  # pad rows must never be read into a mean
+    C = part.num_blocks
+    means_t = block_key_means(kb, part.block_tile_start, part.block_tile_count, part.kv_tile_len, part.block_size,
+                              kv_tile, max_block_tiles=part.max_block_tiles)
+    got = means_t.view(B, H, means_t.shape[1], means_t.shape[2])[:, :, :D, :C].permute(0, 1, 3, 2)
+    block_of_token = torch.empty(math.prod(grid), dtype=torch.long, device=DEV)
+    block_of_token[part.q_perm.long()] = part.q_block.long()
+    ref = rr.block_key_means_reference(k.float(), block_of_token, C)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert means_t[:, D:].abs().sum() == 0 and means_t[:, :, C:].abs().sum() == 0  # zero padding
+
+
+def _pad_rows(part):
+    tiles = part.kv_tile_len.long().cpu()
+    local = torch.arange(part.kv_tile).view(1, -1)
+    pad = local >= tiles.view(-1, 1)  # [n_kt, kv_tile]
+    return pad.reshape(-1).nonzero().view(-1).to(DEV)

@@ -1,0 +1,73 @@
+"""The attention kernels' default configs must fit a Hopper SM (compiled for sm_90 on the CPU, no GPU needed).
+
+Why: a one-line change inside the dQ loop (a tail-tile branch) once made Triton keep q and dO in shared
+memory, 256 KB at the default config against Hopper's 227 KB: every fwd+bwd on an H100/H200 failed with
+OutOfResources while the interpreter tests (CPU) passed. Compiling with Triton's own ptxas catches it here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+
+_SCRIPT = textwrap.dedent("""
+    import importlib, json
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+
+    FP32 = {"LSE", "DELTA", "DQACC"}
+    INT32 = {"KV_COUNT", "KV_INDEX", "KV_LEN", "ROW_SEL", "KV_GROUP", "QBUF"}
+
+    def compile_one(kernel, consts, warps, stages):
+        sig = {}
+        for p in kernel.params:
+            n = p.name
+            if p.is_constexpr:
+                sig[n] = "constexpr"
+            elif n.isupper() and n != "H":  # H: the head count
+                sig[n] = "*fp32" if n in FP32 else "*i32" if n in INT32 else "*bf16"
+            else:
+                sig[n] = "fp32" if "scale" in n else "i32"
+        names = [p.name for p in kernel.params]
+        src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        return ck.metadata.shared
+
+    out = []
+    for D in (64, 128):
+        for has_len, has_sel in ((False, False), (True, True)):
+            bm, bn, w, s = bsa._FWD_CONFIGS[D]
+            fwd = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
+                       EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True)
+            out.append(("fwd", D, has_len, compile_one(bsa._fwd_kernel, fwd, w, s)))
+            bm, bn, w, s = bsa._DKDV_CONFIGS[D]
+            dkdv = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
+                        F32_DOT=False, PADDED=True, USE_TMA=True, EVEN_Q=False, DQ_ATOMIC=False, DQ_TMA=False)
+            out.append(("dkdv", D, has_len, compile_one(bsa._bwd_dkdv_kernel, dkdv, w, s)))
+            bm, bn, w, s = bsa._DQ_CONFIGS[D]
+            dq = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
+                      F32_DOT=False, PADDED=True, USE_TMA=True, EVEN_K=False)
+            out.append(("dq", D, has_len, compile_one(bsa._bwd_dq_kernel, dq, w, s)))
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_default_configs_fit_hopper_shared_memory():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compilation, not the interpreter
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip("Triton's ptxas is not available here")
+    assert line is not None, proc.stderr[-3000:]
+    rows = json.loads(line[len("RESULT"):])
+    assert len(rows) == 12
+    over = [(k, D, masks, smem) for k, D, masks, smem in rows if smem > HOPPER_SMEM]
+    assert not over, f"kernels over Hopper's {HOPPER_SMEM} B of shared memory (kernel, D, masks, bytes): {over}"
