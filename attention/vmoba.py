@@ -423,8 +423,8 @@ def route_query_tiles_reference(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAP
     if _triton_usable(kb):
         from mixdit.kernels.block_router import block_key_means
 
-        means_t = block_key_means(kb, part.block_tile_start, part.block_tile_count, part.kv_tile_len,
-                                  part.block_size, part.kv_tile, max_block_tiles=part.max_block_tiles)  # [B*H, D_PAD, NB_PAD]
+        means_t = block_key_means(kb, part.block_tile_start, part.block_tile_count, part.kv_tile_len, part.block_size,
+                                  part.kv_tile, max_block_tiles=part.max_block_tiles)  # [B*H, D_PAD, NB_PAD]
         kmeans = means_t.view(B, H, means_t.shape[1], means_t.shape[2])[:, :, :D, :C].permute(0, 3, 1, 2)
     else:
         real = _real_key_rows(part, dev)

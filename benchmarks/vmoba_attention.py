@@ -70,7 +70,7 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
 
 def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None,
         granularity: str = "token"):
-    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention, partition_for_layer, route
+    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
     extra = {} if kv_tile_3d is None else dict(kv_tile_spatiotemporal=kv_tile_3d)  # None: the config's default
@@ -100,11 +100,10 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                 kb = k[:, part.kv_perm].contiguous()
                 vb = v[:, part.kv_perm].contiguous()
 
-                def permute():
-                    a = q[:, part.q_perm].contiguous()
-                    b = k[:, part.kv_perm].contiguous()
-                    c = v[:, part.kv_perm].contiguous()
-                    return a, b, c, a[:, part.q_inv].contiguous()  # last: output un-permute cost
+                def permute():  # what vmoba_attention does (last: the output's way back)
+                    a = _gather_tokens(q, part.q_perm)
+                    b, c = _gather_tokens(k, part.kv_perm), _gather_tokens(v, part.kv_perm)
+                    return a, b, c, _gather_tokens(a, part.q_inv)
 
                 r = route(qb, kb, part, cfg)
                 router_ms = _bench(lambda: route(qb, kb, part, cfg))
@@ -231,6 +230,33 @@ def router_times(batch: int = 2, reps: int = 50, grid=(21, 30, 52), heads: int =
     return rows
 
 
+def time_gathers(reps: int = 200) -> list[dict]:
+    """Block-order gathers at Wan2.1-1.3B 480p (q, k, v in and the output back, per layer): ``x[:, idx]``,
+    ``index_select(1, idx)`` and mixdit's ``_gather_tokens`` (one row gather over the flattened batch), B = 1 and 2."""
+    import triton
+
+    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer
+
+    grid, H, D = (21, 30, 52), 12, 128
+    ways = {
+        "x[:, idx]": lambda x, i: x[:, i].contiguous(),
+        "index_select": lambda x, i: x.index_select(1, i),
+        "_gather_tokens": _gather_tokens,
+    }
+    rows = []
+    for B in (1, 2):
+        x = torch.randn(B, math.prod(grid), H, D, device="cuda", dtype=torch.bfloat16)
+        for layer in (1, 2):
+            part = partition_for_layer(grid, layer, VMoBAConfig(), "cuda")
+            for name, g in ways.items():
+                assert torch.equal(g(x, part.kv_perm), x[:, part.kv_perm])
+                ms = triton.testing.do_bench(lambda: (g(x, part.q_perm), g(x, part.kv_perm), g(x, part.kv_perm),
+                                                      g(x, part.q_inv)), warmup=50, rep=reps)
+                rows.append(dict(B=B, layer_type=part.layer_type, way=name, ms=ms))
+                print(f"gathers B={B} {part.layer_type:14s} {name:15s} {ms:.3f} ms", flush=True)
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Wan2.1-1.3B B=1 only")
@@ -240,8 +266,11 @@ if __name__ == "__main__":
     ap.add_argument("--route-query-tiles", action="store_true",
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")
+    ap.add_argument("--gathers", action="store_true", help="only time the block-order gathers (B = 1 and 2)")
     a = ap.parse_args()
-    if a.route_query_tiles:
+    if a.gathers:
+        time_gathers()
+    elif a.route_query_tiles:
         time_query_tile_router(selection=a.selection, batch=a.batch)
     else:
         run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d, granularity=a.granularity)
