@@ -257,6 +257,38 @@ def time_gathers(reps: int = 200) -> list[dict]:
     return rows
 
 
+def router_profile(batch: int = 2, reps: int = 20) -> dict:
+    """CUDA time per kernel of the fused ``query_tile`` router at Wan2.1-1.3B 480p (smooth q/k), per layer type (µs)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from mixdit.attention.vmoba import VMoBAConfig, partition_for_layer, route
+
+    grid, H, D = (21, 30, 52), 12, 128
+    q, k = _smooth(batch, grid, H, D, "cuda", torch.bfloat16, 1), _smooth(batch, grid, H, D, "cuda", torch.bfloat16, 2)
+    cfg = VMoBAConfig(granularity="query_tile", min_tokens=0, dense_layers=())
+    out = {}
+    for layer in (3, 1, 2):  # temporal, spatial, spatiotemporal
+        part = partition_for_layer(grid, layer, cfg, "cuda")
+        qb, kb = q[:, part.q_perm].contiguous(), k[:, part.kv_perm].contiguous()
+        for _ in range(5):
+            route(qb, kb, part, cfg)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                route(qb, kb, part, cfg)
+            torch.cuda.synchronize()
+        per_kernel = collections.defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[e.name[:60]] += e.device_time / reps
+        out[part.layer_type] = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+        print(f"router B={batch} {part.layer_type:14s} blocks={part.num_blocks:4d} "
+              + ", ".join(f"{name} {us:.1f}" for name, us in out[part.layer_type].items()) + " (us)", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Wan2.1-1.3B B=1 only")
@@ -267,9 +299,13 @@ if __name__ == "__main__":
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")
     ap.add_argument("--gathers", action="store_true", help="only time the block-order gathers (B = 1 and 2)")
+    ap.add_argument("--profile-router", action="store_true",
+                    help="only profile the fused query_tile router's kernels per layer type (B = 2)")
     a = ap.parse_args()
     if a.gathers:
         time_gathers()
+    elif a.profile_router:
+        router_profile()
     elif a.route_query_tiles:
         time_query_tile_router(selection=a.selection, batch=a.batch)
     else:
