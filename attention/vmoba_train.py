@@ -173,6 +173,11 @@ class TrainConfig:
         self.vmoba = resolve_vmoba_config(self.vmoba)
 
 
+# what training changes in VMoBAConfig's defaults: every layer stays sparse (the inference-speed
+# dense-fallback rule is off) unless the user sets the field
+TRAINING_VMOBA_DEFAULTS = {"max_tile_density": 1.0}
+
+
 def resolve_vmoba_config(vmoba):
     """``True`` -> default ``VMoBAConfig``; dict -> ``VMoBAConfig(**dict)``; None/False -> None.
 
@@ -183,9 +188,9 @@ def resolve_vmoba_config(vmoba):
     from mixdit.attention.vmoba import VMoBAConfig
 
     if vmoba is True:
-        return VMoBAConfig(max_tile_density=1.0)
+        return VMoBAConfig(**TRAINING_VMOBA_DEFAULTS)
     if isinstance(vmoba, dict):
-        vmoba = {"max_tile_density": 1.0, **vmoba}
+        vmoba = {**TRAINING_VMOBA_DEFAULTS, **vmoba}
         known = {f.name for f in dataclasses.fields(VMoBAConfig)}
         unknown = sorted(set(vmoba) - known)
         if unknown:
@@ -916,8 +921,8 @@ def register_commands(subparsers) -> None:
     for f in _vmoba_fields():
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        if f.name == "max_tile_density":
-            shown = "1.0 in training: the dense-fallback rule is off"
+        if f.name in TRAINING_VMOBA_DEFAULTS:
+            shown = f"{TRAINING_VMOBA_DEFAULTS[f.name]} in training: the dense-fallback rule is off"
         extra = dict(nargs="*", metavar="N") if isinstance(default, tuple) else dict(metavar="V")
         group.add_argument(f"--vmoba-{f.name.replace('_', '-')}", dest=f"vmoba_{f.name}", default=None,
                            help=f"(default: {shown})", **extra)

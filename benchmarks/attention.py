@@ -337,6 +337,23 @@ def run_benchmark(shapes, densities, directions, rep_ms, flex_on):
     return rows
 
 
+def _small_fwd_error(bsa, D):
+    """A function giving the forward's max error (out and lse) against the fp32 reference on a small ragged
+    shape, so a sweep checks each code path with the current options before timing it."""
+    from mixdit.kernels.reference import block_sparse_attention_reference as ref_fn
+    from mixdit.kernels.reference import random_layout
+
+    qs, ks, vs = make_inputs(1, 2, 1000, D, False)
+    small = random_layout(1, 2, 1000, 1000, 0.5, TILE, TILE, device="cuda")
+    r_out, r_lse = ref_fn(qs, ks, vs, *small, q_tile=TILE, kv_tile=TILE)
+
+    def error():
+        o, lse = bsa.block_sparse_attention_forward(qs, ks, vs, *small, TILE, TILE)
+        return max((o.float() - r_out.float()).abs().max().item(), (lse - r_lse).abs().max().item())
+
+    return error
+
+
 def sweep(rep_ms):
     """Time kernel configs at the Wan-1.3B shape (d=0.25 and 1.0) via the launcher's override hook."""
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
@@ -349,11 +366,7 @@ def sweep(rep_ms):
     variants = [{}, {"tail_only_mask": True}, {"tma": True}, {"tma": True, "tail_only_mask": True},
                 {"tma": True, "warp_specialize": True}, {"warp_specialize": True}]
     defaults = dict(bsa._FWD_OPTS)
-    from mixdit.kernels.reference import block_sparse_attention_reference as ref_fn
-    # correctness of each code path on a small ragged shape before timing it
-    qs, ks, vs = make_inputs(1, 2, 1000, D, False)
-    small = random_layout(1, 2, 1000, 1000, 0.5, TILE, TILE, device="cuda")
-    r_out, r_lse = ref_fn(qs, ks, vs, *small, q_tile=TILE, kv_tile=TILE)
+    fwd_error = _small_fwd_error(bsa, D)
     for density in (1.0, 0.25):
         layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
         frac = layout[0].sum().item() / layout[1].numel()
@@ -365,8 +378,7 @@ def sweep(rep_ms):
                 bsa._CONFIG_OVERRIDE.clear()
                 bsa._CONFIG_OVERRIDE["fwd"] = cfg
                 try:
-                    o, l = bsa.block_sparse_attention_forward(qs, ks, vs, *small, TILE, TILE)
-                    err = max((o.float() - r_out.float()).abs().max().item(), (l - r_lse).abs().max().item())
+                    err = fwd_error()
                     ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
                 except Exception as e:
                     print("fwd", var, cfg, "FAILED", str(e)[:300], flush=True)
@@ -407,14 +419,11 @@ FWD_SWEEP = [((128, 128, 8, 3), {}), ((128, 128, 8, 2), {}), ((128, 64, 8, 3), {
 def fwd_sweep(rep_ms):
     """Forward configs at the Wan-1.3B shape, d = 0.25 and 1.0, next to Flex with the same layout (same run)."""
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
-    from mixdit.kernels.reference import block_sparse_attention_reference as ref_fn
     from mixdit.kernels.reference import random_layout
 
     B, H, S, D = 2, 12, 32760, 128
     q, k, v = make_inputs(B, H, S, D, False)
-    qs, ks, vs = make_inputs(1, 2, 1000, D, False)
-    small = random_layout(1, 2, 1000, 1000, 0.5, TILE, TILE, device="cuda")
-    r_out, r_lse = ref_fn(qs, ks, vs, *small, q_tile=TILE, kv_tile=TILE)
+    fwd_error = _small_fwd_error(bsa, D)
     rows = []
     for density in (0.25, 1.0):
         layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
@@ -427,8 +436,7 @@ def fwd_sweep(rep_ms):
                 bsa._CONFIG_OVERRIDE["fwd"] = cfg
                 bsa._FWD_LAUNCH_EXTRA.update(extra)
                 try:
-                    o, l = bsa.block_sparse_attention_forward(qs, ks, vs, *small, TILE, TILE)
-                    err = max((o.float() - r_out.float()).abs().max().item(), (l - r_lse).abs().max().item())
+                    err = fwd_error()
                     ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
                 except Exception as e:
                     print("fwd-sweep", cfg, extra, var, "FAILED", str(e)[:200], flush=True)

@@ -81,13 +81,14 @@ def register_commands(subparsers) -> None:
 
 
 def _cmd_search(args, modules=None) -> int:
+    from mixdit.batch import prompt_text_lines
     from mixdit.guidance.objectives import get_objective
     from mixdit.guidance.search import SearchConfig, head_hunter, write_preset
     from mixdit.pipelines.zoo import load_pipeline
 
     try:
         with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+            prompts = [prompt for _, prompt in prompt_text_lines(f.read())]
     except OSError as e:
         raise ConfigError("prompts", args.prompts, f"a readable text file with one prompt per line ({e})") from e
     cache_dir = args.cache_dir or (args.out + ".cache" if args.resume else None)

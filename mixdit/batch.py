@@ -89,6 +89,14 @@ def _check_field(source, line: int, key: str, value) -> None:
         raise _line_error(source, line, key, value, JSONL_FIELDS[key])
 
 
+def prompt_text_lines(text: str):
+    """``(line number, prompt)`` for each line of a prompts text; blank lines and ``#`` comments skipped."""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if stripped and not stripped.startswith("#"):
+            yield number, stripped
+
+
 def read_prompts(path) -> list[PromptLine]:
     """Read and check a ``.txt`` or ``.jsonl`` prompts file (see the module docstring).
 
@@ -106,10 +114,7 @@ def read_prompts(path) -> list[PromptLine]:
         raise ConfigError("prompts_file", source,
                           f"a readable UTF-8 .txt or .jsonl file ({type(e).__name__}: {e})") from None
     lines: list[PromptLine] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
+    for number, stripped in prompt_text_lines(text):
         if suffix not in JSONL_SUFFIXES:
             lines.append(PromptLine(number, stripped, {}))
             continue

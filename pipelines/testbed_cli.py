@@ -27,7 +27,7 @@ def _train_subparsers(subparsers) -> argparse._SubParsersAction:
 
 
 def register_commands(subparsers) -> None:
-    from mixdit.pipelines.testbed.models import PRESETS
+    from mixdit.pipelines.testbed.models import PRESETS, TestbedConfig
 
     p = _train_subparsers(subparsers).add_parser(
         "testbed", help="train a synthetic-shapes testbed model (Wan video / SD3 image)",
@@ -45,7 +45,8 @@ def register_commands(subparsers) -> None:
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--high-noise-fraction", type=float, default=None,
-                   help="share of each batch trained at noise levels drawn uniformly from [0.96, 1), where "
+                   help=f"share of each batch trained at noise levels drawn uniformly from "
+                        f"[{TestbedConfig.high_noise_min}, 1), where "
                         "sampling decides layout and motion (default: the preset's; video 0.25, image 0)")
     p.add_argument("--sample-flow-shift", type=float, default=None,
                    help="noise-level shift of the saved scheduler (default: the preset's)")

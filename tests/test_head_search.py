@@ -143,7 +143,7 @@ def test_cli_flags_and_errors(tmp_path):
 def test_cli_search_end_to_end(tmp_path, monkeypatch, target):
     from mixdit.cli import main
 
-    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "prompts.txt").write_text("# prompts of the search\n\na cat\n")  # comments and blanks skipped
     import sys
     import types
 
@@ -157,6 +157,7 @@ def test_cli_search_end_to_end(tmp_path, monkeypatch, target):
     assert rc == 0
     preset = json.loads(out.read_text())
     assert preset["heads"] == PLANTED and preset["model"] == "tiny-sd3" and preset["objective"] == "toy_objective_mod:score"
+    assert preset["search"]["prompts"] == ["a cat"]
     assert main(["heads", "search", "--model", "tiny-sd3", "--prompts", str(tmp_path / "none.txt"), "--out",
                  str(out)]) == 2
 
