@@ -202,3 +202,13 @@ def _pad_rows(part):
     local = torch.arange(part.kv_tile).view(1, -1)
     pad = local >= tiles.view(-1, 1)  # [n_kt, kv_tile]
     return pad.reshape(-1).nonzero().view(-1).to(DEV)
+
+
+def test_block_key_means_rejects_a_layout_of_another_key_tile():
+    from mixdit.attention.vmoba import get_partition
+    from mixdit.kernels.block_router import block_key_means
+
+    part = get_partition((4, 6, 8), "spatiotemporal", (2, 3, 4), 32, DEV)
+    k = torch.randn(1, part.num_kv_tiles * 32, 2, 32, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="kv_tile=16"):
+        block_key_means(k, part.block_tile_start, part.block_tile_count, part.kv_tile_len, part.block_size, 16)
