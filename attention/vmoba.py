@@ -26,6 +26,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,9 @@ class VMoBAConfig:
     q_tile / kv_tile: tile sizes of the block-sparse kernel; every block is padded to whole
         key tiles.
     router_precision: ``tl.dot`` precision of the fp32 gate on GPU (``"tf32x3"`` ≈ fp32 on
-        tensor cores; ``"ieee"`` exact and slower; ``"tf32"`` fastest, ~1e-3 relative error).
+        tensor cores; ``"ieee"`` exact and slower; ``"tf32"`` fastest, ~1e-3 relative error). None (default):
+        each router's own choice, ``"tf32x3"`` for the per-token router (its gate is [tokens x blocks]) and
+        ``"ieee"`` for ``query_tile`` (its gate is [query tiles x blocks]: tiny, and exact costs nothing).
     kv_tile_spatiotemporal: key tile for 3D layers only (None: ``kv_tile``). Default 32: 3D blocks are
         small (4x6x4 = 96 tokens), so 128-row tiles carry 33-60% padding; 32-row tiles carry almost none
         and made the 3D layers' kernel 1.4x faster (H200, Wan 1.3B and 14B, benchmarks/NOTES.md).
@@ -99,7 +102,7 @@ class VMoBAConfig:
     layer_cycle_start: int = 0
     q_tile: int = 128
     kv_tile: int = 128
-    router_precision: str = "tf32x3"
+    router_precision: Optional[str] = None
     tile_union_only: bool = False
     granularity: str = "token"
     max_tile_density: float = 0.5
@@ -133,7 +136,7 @@ class VMoBAConfig:
         check_number("vmoba.layer_cycle_start", self.layer_cycle_start, 0, integer=True)
         check_choice("vmoba.q_tile", self.q_tile, (64, 128))
         check_choice("vmoba.kv_tile", self.kv_tile, (16, 32, 64, 128))
-        check_choice("vmoba.router_precision", self.router_precision, ROUTER_PRECISIONS)
+        check_choice("vmoba.router_precision", self.router_precision, (None,) + ROUTER_PRECISIONS)
         check_choice("vmoba.kv_tile_spatiotemporal", self.kv_tile_spatiotemporal, (None, 16, 32, 64, 128))
         check_choice("vmoba.tile_union_only", self.tile_union_only, (False, True))
         check_choice("vmoba.granularity", self.granularity, GRANULARITIES)

@@ -416,9 +416,16 @@ FWD_SWEEP = [((128, 128, 8, 3), {}), ((128, 128, 8, 2), {}), ((128, 64, 8, 3), {
              ((64, 128, 4, 2), {})]
 
 
-def fwd_sweep(rep_ms):
-    """Forward configs at the Wan-1.3B shape, d = 0.25 and 1.0, next to Flex with the same layout (same run)."""
+# --fwd-ab: the default config with forward code-path switches flipped, each timed twice in A B A B order
+FWD_AB_VARIANTS = ({}, {"lazy_rescale": False}, {"warp_specialize": True})
+
+
+def fwd_sweep(rep_ms, configs=None, variants=({}, {"warp_specialize": True}), repeats=1):
+    """Forward configs at the Wan-1.3B shape, d = 0.25 and 1.0, next to Flex with the same layout (same run).
+    ``variants``: dicts of ``_FWD_OPTS`` switches applied over the defaults, one at a time."""
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    configs = FWD_SWEEP if configs is None else configs
+    defaults = dict(bsa._FWD_OPTS)
     from mixdit.kernels.reference import random_layout
 
     B, H, S, D = 2, 12, 32760, 128
@@ -430,8 +437,8 @@ def fwd_sweep(rep_ms):
         flops = 4 * B * H * S * S * D * layout[0].sum().item() / layout[1].numel()
         flex_ms = bench(flex_fn(q, k, v, layout, "fwd", S), rep_ms)
         print(f"fwd-sweep d={density} flex {flex_ms:.3f} ms", flush=True)
-        for var in ({}, {"warp_specialize": True}):
-            for cfg, extra in FWD_SWEEP:
+        for var in [v for _ in range(repeats) for v in variants]:
+            for cfg, extra in configs:
                 bsa._FWD_OPTS.update(var)
                 bsa._CONFIG_OVERRIDE["fwd"] = cfg
                 bsa._FWD_LAUNCH_EXTRA.update(extra)
@@ -442,7 +449,7 @@ def fwd_sweep(rep_ms):
                     print("fwd-sweep", cfg, extra, var, "FAILED", str(e)[:200], flush=True)
                     ms, err = None, None
                 finally:
-                    bsa._FWD_OPTS.update({"warp_specialize": False})
+                    bsa._FWD_OPTS.update(defaults)
                     bsa._CONFIG_OVERRIDE.clear()
                     bsa._FWD_LAUNCH_EXTRA.clear()
                 if ms is None:
@@ -729,6 +736,8 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time kernel configs instead of the comparison")
     ap.add_argument("--fwd-sweep", action="store_true", help="only the forward configs of FWD_SWEEP, next to Flex")
+    ap.add_argument("--fwd-ab", action="store_true",
+                    help="the default forward config with each FWD_AB_VARIANTS switch, twice in A B A B order, next to Flex")
     ap.add_argument("--bwd-ab", action="store_true",
                     help="backward: old / split / atomic-dQ kernels vs Flex (Wan-1.3B), FLUX/SD3.5 vs cuDNN")
     ap.add_argument("--bwd-sweep", action="store_true",
@@ -774,10 +783,13 @@ def main(argv=None):
     if a.router:
         router_benchmark(a.out_dir, gpu)
         return
-    if a.fwd_sweep:
-        res = fwd_sweep(a.rep_ms)
+    if a.fwd_sweep or a.fwd_ab:
+        if a.fwd_ab:
+            res, name = fwd_sweep(a.rep_ms, FWD_SWEEP[:1], FWD_AB_VARIANTS, repeats=2), "fwd-ab"
+        else:
+            res, name = fwd_sweep(a.rep_ms), "fwd-sweep"
         os.makedirs(a.out_dir, exist_ok=True)
-        with open(os.path.join(a.out_dir, f"attention-fwd-sweep-{gpu_slug()}.json"), "w") as f:
+        with open(os.path.join(a.out_dir, f"attention-{name}-{gpu_slug()}.json"), "w") as f:
             json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=res), f, indent=1)
         print(f"fwd sweep took {time.time() - t0:.0f} s")
         return

@@ -22,6 +22,7 @@ call, tiles whose selection differs). Writes ``benchmarks/results/vmoba-query-ti
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -68,8 +69,13 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
     return out.reshape(B, Fg * Hg * Wg, H, D).to(dtype)
 
 
+# --kernel-ab: the sparse kernel again with forward switches flipped back (what each one is worth on VMoBA layouts)
+KERNEL_AB = {"no-lazy-rescale": {"lazy_rescale": False},
+             "no-lazy-no-len-tail": {"lazy_rescale": False, "tail_only_mask": False}}
+
+
 def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None,
-        granularity: str = "token"):
+        granularity: str = "token", kernel_ab: bool = False):
     from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
@@ -96,9 +102,9 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                 dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
             for layer in (1, 2, 3):  # spatial, spatiotemporal, temporal
                 part = partition_for_layer(grid, layer, cfg, dev)
-                qb = q[:, part.q_perm].contiguous()
-                kb = k[:, part.kv_perm].contiguous()
-                vb = v[:, part.kv_perm].contiguous()
+                qb = _gather_tokens(q, part.q_perm).contiguous()
+                kb = _gather_tokens(k, part.kv_perm).contiguous()
+                vb = _gather_tokens(v, part.kv_perm).contiguous()
 
                 def permute():  # what vmoba_attention does (last: the output's way back)
                     a = _gather_tokens(q, part.q_perm)
@@ -116,17 +122,29 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                                              kv_tile_group=None if r.row_select is None else part.kv_tile_group)
 
                 sparse_ms = _bench(sparse)
+                sparse_ab = {}
+                if kernel_ab:
+                    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+                    keep = dict(bsa._FWD_OPTS)
+                    for tag, opts in KERNEL_AB.items():
+                        bsa._FWD_OPTS.update(opts)
+                        try:
+                            sparse_ab[tag] = _bench(sparse)
+                        finally:
+                            bsa._FWD_OPTS.update(keep)
                 total = router_ms + perm_ms + sparse_ms
                 row = dict(model=name, grid=list(grid), B=B, H=H, D=D, tokens=S, input=kind,
                            layer_type=part.layer_type, blocks=part.num_blocks, kv_tiles=part.num_kv_tiles,
                            selection=selection, router_ms=router_ms, permute_ms=perm_ms, sparse_ms=sparse_ms,
                            total_ms=total, density=float(r.density), tile_density=float(r.tile_density),
                            dense_cudnn_ms=dense_ms, speedup=dense_ms / total)
+                if sparse_ab:
+                    row["sparse_ab_ms"] = sparse_ab
                 rows.append(row)
                 print(f"{name:13s} B={B} {kind:6s} {part.layer_type:14s} blocks={part.num_blocks:4d} "
                       f"router {router_ms:6.2f}  perm {perm_ms:6.2f}  sparse {sparse_ms:7.2f}  total {total:7.2f} ms"
                       f"  density {row['density']:.3f} (tiles {row['tile_density']:.3f})  dense {dense_ms:7.2f} ms"
-                      f"  x{row['speedup']:.2f}", flush=True)
+                      f"  x{row['speedup']:.2f}" + "".join(f"  [{t} {ms:.2f}]" for t, ms in sparse_ab.items()), flush=True)
             del q, k, v, qh, kh, vh
             torch.cuda.empty_cache()
     out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -295,6 +313,8 @@ if __name__ == "__main__":
     ap.add_argument("--selection", default="threshold", choices=["threshold", "global", "topk"])
     ap.add_argument("--kv-tile-3d", type=int, default=None, help="key tile of 3D layers (default: VMoBAConfig's, 32)")
     ap.add_argument("--granularity", default="token", choices=["token", "query_tile"])
+    ap.add_argument("--kernel-ab", action="store_true",
+                    help="also time the sparse kernel with the KERNEL_AB forward switches flipped back")
     ap.add_argument("--route-query-tiles", action="store_true",
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")
@@ -309,4 +329,5 @@ if __name__ == "__main__":
     elif a.route_query_tiles:
         time_query_tile_router(selection=a.selection, batch=a.batch)
     else:
-        run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d, granularity=a.granularity)
+        run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d, granularity=a.granularity,
+            kernel_ab=a.kernel_ab)

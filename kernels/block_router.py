@@ -34,10 +34,10 @@ Kernels
 
 3. ``_tile_query_means_kernel`` + ``_tile_route_kernel`` (:func:`route_query_tiles_fused`): VMoBA's
    approximate ``granularity="query_tile"`` router, one selection per (sample, head, query tile) from
-   the tile's mean query. ``TILE_M`` tiles per program: gate ``[TILE_M, NB_PAD]`` by ``tl.dot``, the
+   the tile's mean query. Up to 16 tiles per program (:func:`_tile_route_shape`): gate ``[TM, NB_PAD]`` by ``tl.dot``, the
    rule on chip (threshold: the reference's cut value found exactly, bit by bit on the fp32
-   patterns of the normalised gates; top-k: iterated arg-max), and the full ``kv_index`` written
-   directly from per-block tile ranges (exclusive cumsum over blocks; no gather, no sort).
+   patterns of the normalised gates; top-k: iterated arg-max), and the visited part of ``kv_index``
+   written directly from per-block tile ranges (exclusive cumsum over blocks; no gather, no sort).
 
 Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependent Python branch.
 ``max_tiles`` of ``kv_index`` is the static number of key tiles.
@@ -46,6 +46,7 @@ Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependen
 from __future__ import annotations
 
 import os
+from typing import Optional
 from dataclasses import dataclass
 
 import torch
@@ -254,14 +255,14 @@ def block_key_means(k: torch.Tensor, block_tile_start: torch.Tensor, block_tile_
 def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, block_size: torch.Tensor,
                  block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                  kv_tile_group: torch.Tensor, selection: str = "threshold", threshold: float = 0.25,
-                 topk: int = 3, q_tile: int = 128, kv_tile: int = 128, precision: str = "tf32x3",
+                 topk: int = 3, q_tile: int = 128, kv_tile: int = 128, precision: Optional[str] = "tf32x3",
                  block_m: int | None = None, max_block_tiles: int | None = None) -> RouterOutput:
     """Select VMoBA blocks for every query row and head; return the block-sparse layout.
 
     ``q`` ``[B, Sq, H, D]`` (block order), ``k`` ``[B, Sk_pad, H, D]`` (padded block layout).
     ``selection``: ``"threshold"`` (per query token and head), ``"topk"`` or ``"global"`` (per
     sample and head over all pairs). ``precision``: ``tl.dot`` input precision of the fp32 gate
-    (``"ieee"`` exact, ``"tf32x3"`` ~fp32 on tensor cores, ``"tf32"`` fastest/least exact).
+    (``"ieee"`` exact, ``"tf32x3"`` ~fp32 on tensor cores (None: this), ``"tf32"`` fastest/least exact).
     ``max_block_tiles``: optional, see :func:`block_key_means`.
     """
     B, Sq, H, D = q.shape
@@ -276,7 +277,8 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
         block_m = 16
     assert q_tile % block_m == 0, "q_tile must be a multiple of 16"
     D_CHUNK = min(D_PAD, max(16, 8192 // NB_PAD))
-    if precision == "ieee" or os.environ.get("TRITON_INTERPRET") == "1":
+    precision = precision or "tf32x3"
+    if os.environ.get("TRITON_INTERPRET") == "1":
         precision = "ieee"
     n_rt = triton.cdiv(Sq, block_m)
     dev = q.device
@@ -376,7 +378,18 @@ TILE_GATE = 2
 TILE_PASS = 3
 TILE_SELECT = 4
 
-TILE_M = 16  # query tiles per program (tl.dot needs >= 16 rows); the block means are read once per 16 tiles
+
+
+def _tile_route_shape(nb_pad: int):
+    """(query tiles per program, warps, head-dim chunk of the gate) for the tile route kernel.
+
+    At most 16 elements of a [tiles, NB_PAD] tensor per thread and a gate chunk of the same size: compiled
+    for sm_90 (Triton 3.9's ptxas) the threshold rule then needs <= 128 registers and spills nothing up to
+    1024 blocks, where 16 tiles x 8 warps spilled 272 B per thread at 512 blocks (2D layers: 104 B at 256).
+    More tiles per program read the block means fewer times; 16 is plenty (they come from L2)."""
+    tiles = max(4, min(16, 8192 // nb_pad))
+    warps = max(4, min(16, tiles * nb_pad // 512))
+    return tiles, warps, max(16, warps * 512 // nb_pad)
 TILE_DIGIT = 5  # bits of the global cut decided per pass (32 candidate cuts)
 TILE_NCAND = 1 << TILE_DIGIT
 TILE_CUT_BITS = 30  # min-max normalised gates lie in [0, 1] (< 2.0): their fp32 bit patterns use bits 29..0
@@ -402,14 +415,6 @@ def _tile_query_means_kernel(Q, QMEAN, stride_qb, stride_qs, stride_qh, stride_q
         acc += tl.sum(x.to(tl.float32), axis=0)
     n = tl.minimum(Sq - qt * Q_TILE, Q_TILE).to(tl.float32)
     tl.store(QMEAN + (bh.to(tl.int64) * n_qt + qt) * D_PAD + offs_d, tl.math.div_rn(acc, n + tl.zeros_like(acc)))
-
-
-@triton.jit
-def _tile_share_ok(norm, oth, bits, cut, te, remain, top_bits):
-    # reference rule's test at a candidate cut: share of the others >= cut reaches `remain`, and at
-    # least one other value is >= cut (cut <= the largest other: the rule takes >= 1 other). cut: [M]
-    s = tl.sum(tl.where(oth & (bits >= cut[:, None]), norm, 0.0), axis=1)
-    return (tl.math.div_rn(s, te) >= remain) & (cut <= top_bits)
 
 
 @triton.jit
@@ -505,8 +510,11 @@ def _tile_route_kernel(QMEAN, MEANS_T, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COU
         norm = tl.where(valid, tl.math.div_rn(s - mn[:, None], den[:, None] + tl.zeros_like(s)), 0.0)
         te = tl.sum(norm, axis=1) + 1e-6
         remain = tl.maximum(threshold - tl.math.div_rn(tl.sum(tl.where(is_own, norm, 0.0), axis=1), te), 0.0)
-        bits = norm.to(tl.int32, bitcast=True)  # norm >= 0: int order == float order
-        top_bits = tl.max(tl.where(oth, bits, -1), axis=1)
+        # one live [TM, NB_PAD] tensor through the search (fewer registers: no spills on sm_90 at 512
+        # blocks): the others' fp32 bit patterns (norm >= 0: int order == float order), -1 elsewhere,
+        # so "bits >= cut" (cut >= 0) picks others only and the values come back by a bitcast
+        bits = tl.where(oth, norm.to(tl.int32, bitcast=True), -1)
+        top_bits = tl.max(bits, axis=1)
         # the reference's cut value = the largest other value v whose "others >= v" share reaches
         # remain: found bit by bit (exact, no sort; ties with v are all taken, as in the reference)
         # (if even all others miss the share, no candidate passes, the cut stays 0 and every other
@@ -514,8 +522,11 @@ def _tile_route_kernel(QMEAN, MEANS_T, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COU
         prefix = tl.zeros([TM], dtype=tl.int32)
         for b in tl.static_range(29, -1, -1):  # bits 29..0 (TILE_CUT_BITS)
             cand = prefix | (1 << b)
-            prefix = tl.where(_tile_share_ok(norm, oth, bits, cand, te, remain, top_bits), cand, prefix)
-        sel = is_own | (oth & (bits >= prefix[:, None]))
+            take = bits >= cand[:, None]
+            share = tl.sum(tl.where(take, bits.to(tl.float32, bitcast=True), 0.0), axis=1)
+            ok = (tl.math.div_rn(share, te) >= remain) & (cand <= top_bits)
+            prefix = tl.where(ok, cand, prefix)
+        sel = is_own | (bits >= prefix[:, None])
     else:  # global (MODE 3: partial sums at the next candidates; MODE 4: select)
         mn, den, te, remain, prefix = _tile_global_state(PART, bh, BH, n_grp, npass, threshold,
                                                          GRP_PAD, NCAND, DIGIT, REC)
@@ -535,18 +546,18 @@ def _tile_route_kernel(QMEAN, MEANS_T, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COU
             return
         sel = is_own | (oth & (bits >= prefix))
 
-    # ---- layout: the tiles of the selected blocks in increasing order, then the others (the
-    # reference's stable argsort); blocks own contiguous tile ranges in block order ----
+    # ---- layout: the tiles of the selected blocks in increasing order (the first kv_count entries of
+    # the reference's stable argsort; the entries past the count are not written: the kernels never
+    # read them); blocks own contiguous tile ranges in block order ----
     sel = sel & valid
     tc = tl.load(TILE_COUNT + cols, mask=c_ok, other=0)
     start = tl.load(TILE_START + cols, mask=c_ok, other=0)
     ntile = tl.where(sel, tc[None, :], 0)
     count = tl.sum(ntile, axis=1)
-    before = tl.cumsum(ntile, axis=1) - ntile  # selected tiles of lower blocks
-    dst = tl.where(sel, before, count[:, None] + start[None, :] - before)  # first slot of each block
+    dst = tl.cumsum(ntile, axis=1) - ntile  # first slot of each selected block: selected tiles of lower blocks
     idx_base = KV_INDEX + row_off[:, None] * n_kt
     for l in range(0, max_tc):
-        tl.store(idx_base + dst + l, start[None, :] + l, mask=valid & (l < tc[None, :]))
+        tl.store(idx_base + dst + l, start[None, :] + l, mask=sel & (l < tc[None, :]))
     tl.store(KV_COUNT + row_off, count, mask=t_ok)
     # statistics per tile: selected keys x query rows, and visited tiles, pre-scaled (summed by the launcher)
     bsize = tl.load(BLOCK_SIZE + cols, mask=c_ok, other=0)
@@ -560,20 +571,24 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
                             block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
                             kv_tile_len: torch.Tensor, max_block_tiles: int, selection: str = "threshold",
                             threshold: float = 0.25, topk: int = 3, q_tile: int = 128, kv_tile: int = 128,
-                            precision: str = "tf32x3") -> RouterOutput:
+                            precision: Optional[str] = None) -> RouterOutput:
     """VMoBA ``granularity="query_tile"`` router: one block selection per (sample, head, query tile)
     from the tile's mean query, own blocks (every block the tile overlaps) always kept.
 
     Same inputs as :func:`route_blocks` (``q_block`` must be non-decreasing with no gaps, as VMoBA's
     block order gives); ``max_block_tiles`` = the largest ``block_tile_count`` (static, from the
     block shape: no host sync). Returns ``row_select=None`` and the layout of
-    :func:`mixdit.attention.vmoba.route_query_tiles_reference` (identical ``kv_count`` and, in
-    full, ``kv_index``: selected tiles ascending, then the others ascending).
+    :func:`mixdit.attention.vmoba.route_query_tiles_reference`: identical ``kv_count`` and
+    ``kv_index[..., :kv_count]`` (the selected tiles ascending); entries past the count are left
+    unwritten, as the layout contract allows (the kernels never read them).
 
     CUDA kernels per call (threshold / top-k: 5): the zero fill and kernel of
     :func:`block_key_means`, tile mean queries, one route kernel (global: a gate launch,
     ``TILE_GLOBAL_PASSES`` search launches and a select launch instead, 12 in all), one ``sum``
     for the statistics.
+
+    ``precision``: ``tl.dot`` input precision of the gate; None = ``"ieee"`` (exact fp32: the gate is
+    [query tiles x blocks], tiny, so the FMA path costs nothing and needs fewer registers than tf32x3).
 
     Ties (scores are fp32): threshold / global take every other block (pair) equal to the cut
     value, like the reference's ``flat >= cut_value``; top-k keeps the lower block index among
@@ -588,10 +603,11 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     dev = q.device
     NB_PAD = max(16, _next_pow2(NB))
     D_PAD = max(16, _next_pow2(D))
-    D_CHUNK = min(D_PAD, max(16, 8192 // NB_PAD))
+    TM, num_warps, D_CHUNK = _tile_route_shape(NB_PAD)
+    D_CHUNK = min(D_PAD, D_CHUNK)
     n_qt = triton.cdiv(Sq, q_tile)
-    n_grp = triton.cdiv(n_qt, TILE_M)
-    if precision == "ieee" or os.environ.get("TRITON_INTERPRET") == "1":
+    n_grp = triton.cdiv(n_qt, TM)
+    if precision is None or os.environ.get("TRITON_INTERPRET") == "1":
         precision = "ieee"
     threshold = 2.0 if threshold >= 1.0 else float(threshold)  # tau >= 1: every block (see route_blocks)
 
@@ -612,14 +628,13 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     if selection == "global":
         gate = torch.empty(BH, n_qt, NB_PAD, device=dev, dtype=torch.float32)
         part = torch.empty(TILE_GLOBAL_PASSES + 1, BH, n_grp, TILE_REC, device=dev, dtype=torch.float32)
-    num_warps = 8 if TILE_M * NB_PAD >= 8192 else 4
 
     def launch(mode, npass=0):
         _tile_route_kernel[(n_grp, BH)](
             qmean, means_t, q_block, block_size, block_tile_start, block_tile_count, gate, part,
             kv_count, kv_index, stats,
             Sq, NB, n_qt, n_kt, n_grp, BH, int(max_block_tiles), npass, threshold, inv_keys, inv_tiles,
-            MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, D_PAD=D_PAD, D_CHUNK=D_CHUNK, TM=TILE_M,
+            MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, D_PAD=D_PAD, D_CHUNK=D_CHUNK, TM=TM,
             Q_TILE=q_tile, GRP_PAD=max(2, _next_pow2(n_grp)), NCAND=TILE_NCAND, DIGIT=TILE_DIGIT, REC=TILE_REC,
             PRECISION=precision, num_warps=num_warps)
 

@@ -151,13 +151,15 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device):
     assert torch.isinf(lse[0, 0, T:2 * T]).all()
 
 
-def test_kv_tile_len_only(bwd_path, assert_close, device):
-    """kv_tile_len padding without row_select (the atomic dQ masks padding keys out of p on its own)."""
-    B, H, S, D, T = 1, 2, 200, 64, 64
-    n_t = (S + T - 1) // T
+@pytest.mark.parametrize("T,S,lens", [(64, 200, [64, 1, 37, 8]), (128, 300, [128, 40, 100])])
+def test_kv_tile_len_only(bwd_path, assert_close, device, T, S, lens):
+    """kv_tile_len padding without row_select (the atomic dQ masks padding keys out of p on its own; the
+    forward masks only partial tiles). 128-key tiles: two 64-key sub-blocks in the interpreter, one of
+    them all padding (40) or partial (100)."""
+    B, H, D = 1, 2, 64
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
     layout = random_layout(B, H, S, S, 0.7, T, T, device=device)
-    kv_tile_len = torch.tensor([T, 1, 37, 8][:n_t], dtype=torch.int32, device=device)
+    kv_tile_len = torch.tensor(lens, dtype=torch.int32, device=device)
     _check_all(assert_close, q, k, v, layout, q_tile=T, kv_tile=T, kv_tile_len=kv_tile_len, lse_grad=True)
 
 
@@ -274,6 +276,28 @@ def test_ragged_keys_with_very_negative_lse(bwd_path, assert_close, device):
     layout = dense_layout(B, H, Sq, Sk, 64, 64, device=device)
     _, lse = _check_all(assert_close, q, k, v, layout, q_tile=64, kv_tile=64, lse_grad=True)
     assert float(lse.detach().max()) < -15
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_forward_rescale_paths_with_rising_logits(monkeypatch, assert_close, device, lazy):
+    """The forward keeps a stale row max until some row's max grows by > 2^8 (lazy_rescale). Keys here get
+    larger tile by tile (in a shuffled visiting order, with masked rows and a ragged tail), so the max
+    jumps several times per row: both code paths must match the reference."""
+    monkeypatch.setitem(bsa._FWD_OPTS, "lazy_rescale", lazy)
+    B, H, Sq, Sk, D, T = 1, 2, 128, 300, 32, 64
+    q = torch.randn(B, Sq, H, D, device=device)
+    growth = torch.linspace(0.2, 8.0, Sk, device=device)[None, :, None, None]
+    k = (torch.randn(B, Sk, H, D, device=device) * growth).half()
+    q, v = q.half(), torch.randn(B, Sk, H, D, device=device).half()
+    kv_count, kv_index = dense_layout(B, H, Sq, Sk, T, T, device=device)
+    kv_index = kv_index[..., torch.randperm(kv_index.shape[-1], device=device)].contiguous()
+    _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=T, kv_tile=T, grad=False)
+    # per-row masks: some rows see a key group late (their max starts at -inf on earlier tiles)
+    n_kt = kv_index.shape[-1]
+    grp = torch.arange(n_kt, device=device, dtype=torch.int32)
+    sel = torch.randint(0, 2 ** n_kt, (B, H, Sq, 1), device=device, dtype=torch.int32)
+    _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=T, kv_tile=T, grad=False,
+               row_select=sel, kv_tile_group=grp)
 
 
 def test_layout_shape_is_checked(device):

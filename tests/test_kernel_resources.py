@@ -45,7 +45,8 @@ _SCRIPT = textwrap.dedent("""
         for has_len, has_sel in ((False, False), (True, True)):
             bm, bn, w, s = bsa._FWD_CONFIGS[D]
             fwd = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
-                       EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True)
+                       EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True,
+                       LAZY_RESCALE=True)
             out.append(("fwd", D, has_len, compile_one(bsa._fwd_kernel, fwd, w, s)))
             bm, bn, w, s = bsa._DKDV_CONFIGS[D]
             dkdv = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,

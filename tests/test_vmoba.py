@@ -282,10 +282,16 @@ def _qt_near_tie(part, qb, kb_unpadded, cfg, gaps=True):
     return amb if nd == 1 else amb.unsqueeze(-1).expand(B, H, n_qt)
 
 
+def _visited(r):
+    """kv_index with the entries past kv_count set to -1 (the layout leaves them unspecified)."""
+    slot = torch.arange(r.kv_index.shape[-1], device=r.kv_index.device)
+    return torch.where(slot < r.kv_count.unsqueeze(-1), r.kv_index, -1)
+
+
 def _qt_assert_same(part, qb, kb_unpadded, cfg, r, ref, seed, gaps=True):
     assert r.row_select is None and ref.row_select is None
     assert r.kv_count.shape == ref.kv_count.shape and r.kv_index.shape == ref.kv_index.shape
-    diff = (r.kv_count != ref.kv_count) | (r.kv_index != ref.kv_index).any(-1)
+    diff = (r.kv_count != ref.kv_count) | (_visited(r) != _visited(ref)).any(-1)
     if diff.any():  # only where the reference's own fp32 decision is a coin flip
         amb = _qt_near_tie(part, qb, kb_unpadded, cfg, gaps).to(diff.device)
         bad = diff & ~amb
@@ -299,8 +305,8 @@ def _qt_assert_same(part, qb, kb_unpadded, cfg, r, ref, seed, gaps=True):
 @pytest.mark.parametrize("selection", ["threshold", "topk", "global"])
 @pytest.mark.parametrize("layer", [0, 1, 2], ids=["1d", "2d", "3d"])
 def test_query_tile_router_fused_matches_reference(layer, selection):
-    """Fresh random bf16 inputs, B=2 different samples: identical kv_count and kv_index (all of it:
-    selected tiles ascending, then the rest) on every (sample, head, query tile). The grid rotates
+    """Fresh random bf16 inputs, B=2 different samples: identical kv_count and visited kv_index (the
+    selected tiles ascending) on every (sample, head, query tile). The grid rotates
     (a Latin square: every grid meets every layer type and every rule once) to keep the
     interpreter time down."""
     cfg = VMoBAConfig(selection=selection, **QT)
@@ -312,14 +318,13 @@ def test_query_tile_router_fused_matches_reference(layer, selection):
     part, qb, ku, r, ref = _qt_route_both(grid, layer, cfg, q, k)
     _qt_assert_same(part, qb, ku, cfg, r, ref, seed)
     assert 0 < float(r.tile_density) <= 1
-    # own blocks always visited; kv_index is a permutation of the key tiles
+    # own blocks always visited; no key tile visited twice
     kvg = part.kv_tile_group.long()
     for b, h, t in [(0, 0, 0), (1, 1, r.kv_count.shape[-1] - 1)]:
         vis = r.kv_index[b, h, t, :int(r.kv_count[b, h, t])].long()
         own = set(part.q_block[t * cfg.q_tile:(t + 1) * cfg.q_tile].tolist())
         assert own <= set(kvg[vis].tolist())
-        assert torch.equal(torch.sort(r.kv_index[b, h, t]).values.cpu(), torch.arange(part.num_kv_tiles,
-                                                                                     dtype=torch.int32))
+        assert vis.unique().numel() == vis.numel()
 
 
 @pytest.mark.parametrize("selection", ["threshold", "topk", "global"])
@@ -348,7 +353,7 @@ def test_query_tile_router_exact_ties(selection):
     # top-k the lowest-index others
     k_eq = torch.full_like(k, 0.5)
     part, qb, ku, r, ref = _qt_route_both(grid, layer, cfg, q, k_eq)
-    assert torch.equal(r.kv_count, ref.kv_count) and torch.equal(r.kv_index, ref.kv_index)
+    assert torch.equal(r.kv_count, ref.kv_count) and torch.equal(_visited(r), _visited(ref))
     if selection == "topk":
         n_qt = r.kv_count.shape[-1]
         kvg = part.kv_tile_group.long()
@@ -375,7 +380,7 @@ def test_query_tile_router_fused_tau_one_and_per_sample(selection):
     q, k = _qkv(2, S, 2, 32, seed=seed)[:2]
     cfg1 = VMoBAConfig(selection=selection, **dict(QT, threshold=1.0))
     _, _, _, r, ref = _qt_route_both(grid, layer, cfg1, q, k)
-    assert (r.kv_count == r.kv_index.shape[-1]).all() and torch.equal(r.kv_index, ref.kv_index)
+    assert (r.kv_count == r.kv_index.shape[-1]).all() and torch.equal(_visited(r), _visited(ref))
     assert abs(float(r.density) - 1.0) < 1e-6
     cfg = VMoBAConfig(selection=selection, **QT)
     _, _, _, r, _ = _qt_route_both(grid, layer, cfg, q, k)
@@ -383,4 +388,4 @@ def test_query_tile_router_fused_tau_one_and_per_sample(selection):
     q2[1] = q2[1] * 3.0 + 1.0
     k2[1] = torch.randn_like(k2[1])
     _, _, _, r2, _ = _qt_route_both(grid, layer, cfg, q2, k2)
-    assert torch.equal(r.kv_count[0], r2.kv_count[0]) and torch.equal(r.kv_index[0], r2.kv_index[0])
+    assert torch.equal(r.kv_count[0], r2.kv_count[0]) and torch.equal(_visited(r)[0], _visited(r2)[0])
