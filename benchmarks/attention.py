@@ -417,7 +417,7 @@ FWD_SWEEP = [((128, 128, 8, 3), {}), ((128, 128, 8, 2), {}), ((128, 64, 8, 3), {
 
 
 # --fwd-ab: the default config with forward code-path switches flipped, each timed twice in A B A B order
-FWD_AB_VARIANTS = ({}, {"lazy_rescale": False}, {"warp_specialize": True})
+FWD_AB_VARIANTS = ({}, {"warp_specialize": True})
 
 
 def fwd_sweep(rep_ms, configs=None, variants=({}, {"warp_specialize": True}), repeats=1):

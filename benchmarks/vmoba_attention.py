@@ -70,8 +70,7 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
 
 
 # --kernel-ab: the sparse kernel again with forward switches flipped back (what each one is worth on VMoBA layouts)
-KERNEL_AB = {"no-lazy-rescale": {"lazy_rescale": False},
-             "no-lazy-no-len-tail": {"lazy_rescale": False, "tail_only_mask": False}}
+KERNEL_AB = {"no-len-tail": {"tail_only_mask": False}}
 
 
 def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None,

@@ -278,12 +278,10 @@ def test_ragged_keys_with_very_negative_lse(bwd_path, assert_close, device):
     assert float(lse.detach().max()) < -15
 
 
-@pytest.mark.parametrize("lazy", [True, False])
-def test_forward_rescale_paths_with_rising_logits(monkeypatch, assert_close, device, lazy):
-    """The forward keeps a stale row max until some row's max grows by > 2^8 (lazy_rescale). Keys here get
-    larger tile by tile (in a shuffled visiting order, with masked rows and a ragged tail), so the max
-    jumps several times per row: both code paths must match the reference."""
-    monkeypatch.setitem(bsa._FWD_OPTS, "lazy_rescale", lazy)
+def test_forward_rescale_with_rising_logits(assert_close, device):
+    """Keys get larger tile by tile (in a shuffled visiting order, with masked rows and a ragged tail), so the
+    row max jumps by up to ~2^29 several times per row: a skipped or stale rescale overflows fp16 p (a
+    variant that rescaled only on > 2^8 growth passed, one that never rescaled after the first tile failed)."""
     B, H, Sq, Sk, D, T = 1, 2, 128, 300, 32, 64
     q = torch.randn(B, Sq, H, D, device=device)
     growth = torch.linspace(0.2, 8.0, Sk, device=device)[None, :, None, None]
