@@ -64,9 +64,8 @@ class VMoBAConfig:
     q_tile / kv_tile: tile sizes of the block-sparse kernel; every block is padded to whole
         key tiles.
     router_precision: ``tl.dot`` precision of the fp32 gate on GPU (``"tf32x3"`` ≈ fp32 on
-        tensor cores; ``"ieee"`` exact and slower; ``"tf32"`` fastest, ~1e-3 relative error). None (default):
-        each router's own choice, ``"tf32x3"`` for the per-token router (its gate is [tokens x blocks]) and
-        ``"ieee"`` for ``query_tile`` (its gate is [query tiles x blocks]: tiny, and exact costs nothing).
+        tensor cores; ``"ieee"`` exact and slower; ``"tf32"`` fastest, ~1e-3 relative error); None = ``"tf32x3"``.
+        The per-token router only: ``query_tile``'s gate is [query tiles x blocks], one fp32 batched matmul.
     kv_tile_spatiotemporal: key tile for 3D layers only (None: ``kv_tile``). Default 32: 3D blocks are
         small (4x6x4 = 96 tokens), so 128-row tiles carry 33-60% padding; 32-row tiles carry almost none
         and made the 3D layers' kernel 1.4x faster (H200, Wan 1.3B and 14B, benchmarks/NOTES.md).
@@ -397,7 +396,7 @@ def route_query_tiles(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, 
             block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len,
             max_block_tiles=part.max_block_tiles,
             selection=config.selection, threshold=config.threshold, topk=config.topk_for(part.layer_type),
-            q_tile=config.q_tile, kv_tile=part.kv_tile, precision=config.router_precision)
+            q_tile=config.q_tile, kv_tile=part.kv_tile)
     return route_query_tiles_reference(qb, kb, part, config)
 
 

@@ -34,8 +34,8 @@ Kernels
 
 3. ``_tile_query_means_kernel`` + ``_tile_route_kernel`` (:func:`route_query_tiles_fused`): VMoBA's
    approximate ``granularity="query_tile"`` router, one selection per (sample, head, query tile) from
-   the tile's mean query. Up to 16 tiles per program (:func:`_tile_route_shape`): gate ``[TM, NB_PAD]`` by ``tl.dot``, the
-   rule on chip (threshold: the reference's cut value found exactly, bit by bit on the fp32
+   the tile's mean query. The gate ``[B*H, query tiles, NB_PAD]`` is one fp32 ``torch.bmm``; the route
+   kernel takes up to 16 tiles per program (:func:`_tile_route_shape`) and applies the rule on chip (threshold: the reference's cut value found exactly, bit by bit on the fp32
    patterns of the normalised gates; top-k: iterated arg-max), and the visited part of ``kv_index``
    written directly from per-block tile ranges (exclusive cumsum over blocks; no gather, no sort).
 
@@ -70,12 +70,12 @@ BISECT_STEPS = 26  # threshold bisection steps on [0, top] (2**-26 < fp32 resolu
 def _block_means_kernel(K, MEANS_T, TILE_START, TILE_COUNT, TILE_LEN, BLOCK_SIZE,
                         stride_kb, stride_ks, stride_kh, stride_kd, H, NB_PAD, SPLIT,
                         D: tl.constexpr, D_PAD: tl.constexpr, KV_TILE: tl.constexpr, ROWS: tl.constexpr):
-    # Program (block, split, b*h) sums rows split*ROWS, (split+SPLIT)*ROWS, ... of the block's padded key
+    # Program (b*h, block, split) sums rows split*ROWS, (split+SPLIT)*ROWS, ... of the block's padded key
     # range in ROWS-row chunks (whatever the key tile: a 96-token block in 32-row tiles is one chunk), pad
     # rows masked by TILE_LEN, and stores its share of the mean: MEANS_T[b*h, split] (summed after if SPLIT > 1).
-    blk = tl.program_id(0)
-    sp = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(0)  # heads fastest: programs running together read whole [rows, H*D] spans
+    blk = tl.program_id(1)
+    sp = tl.program_id(2)
     b = bh // H
     h = bh % H
     r_begin = tl.load(TILE_START + blk) * KV_TILE
@@ -245,7 +245,7 @@ def block_key_means(k: torch.Tensor, block_tile_start: torch.Tensor, block_tile_
     chunks = -(-int(max_block_tiles) * kv_tile // rows) if max_block_tiles else 1
     split = max(1, min(16, -(-chunks // 4)))  # >= 4 chunks per program
     means_t = torch.zeros(B * H, split, D_PAD, NB_PAD, device=k.device, dtype=torch.float32)
-    _block_means_kernel[(NB, split, B * H)](
+    _block_means_kernel[(B * H, NB, split)](
         k, means_t, block_tile_start, block_tile_count, kv_tile_len, block_size,
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), H, NB_PAD, split,
         D=D, D_PAD=D_PAD, KV_TILE=kv_tile, ROWS=rows, num_warps=4)
@@ -381,15 +381,12 @@ TILE_SELECT = 4
 
 
 def _tile_route_shape(nb_pad: int):
-    """(query tiles per program, warps, head-dim chunk of the gate) for the tile route kernel.
-
-    At most 16 elements of a [tiles, NB_PAD] tensor per thread and a gate chunk of the same size: compiled
-    for sm_90 (Triton 3.9's ptxas) the threshold rule then needs <= 128 registers and spills nothing up to
-    1024 blocks, where 16 tiles x 8 warps spilled 272 B per thread at 512 blocks (2D layers: 104 B at 256).
-    More tiles per program read the block means fewer times; 16 is plenty (they come from L2)."""
-    tiles = max(4, min(16, 8192 // nb_pad))
-    warps = max(4, min(16, tiles * nb_pad // 512))
-    return tiles, warps, max(16, warps * 512 // nb_pad)
+    """(query tiles per program, warps) for the tile route kernel: about 8 elements of a [tiles, NB_PAD]
+    tensor per thread. Compiled for sm_90 (Triton 3.9's ptxas) that needs 50-135 registers and spills
+    nothing from 16 to 1024 blocks, where 16 elements per thread took 250+ registers or spilled (e.g. 512
+    blocks: 4 tiles x 8 warps 79 registers; 16 x 16 spilled 240 B; 16 x 8 with the old on-chip gate 272 B)."""
+    tiles = max(2, min(16, 2048 // nb_pad))
+    return tiles, 8 if tiles * nb_pad >= 2048 else 4
 TILE_DIGIT = 5  # bits of the global cut decided per pass (32 candidate cuts)
 TILE_NCAND = 1 << TILE_DIGIT
 TILE_CUT_BITS = 30  # min-max normalised gates lie in [0, 1] (< 2.0): their fp32 bit patterns use bits 29..0
@@ -400,9 +397,10 @@ TILE_REC = TILE_NCAND + 3  # per-program partial record: [total, own, top, sums 
 @triton.jit
 def _tile_query_means_kernel(Q, QMEAN, stride_qb, stride_qs, stride_qh, stride_qd, Sq, H, n_qt,
                              D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, ROWS: tl.constexpr):
-    # fp32 mean query of one (sample, head, query tile): QMEAN [B*H, n_qt, D_PAD] (zeros past D)
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    # fp32 mean query of one (sample, head, query tile): QMEAN [B*H, n_qt, D_PAD] (zeros past D).
+    # Heads vary fastest across programs, so programs running together read whole [rows, H*D] spans.
+    bh = tl.program_id(0)
+    qt = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D_PAD)
@@ -453,12 +451,13 @@ def _tile_global_state(PART, bh, BH, n_grp, npass, threshold,
 
 
 @triton.jit
-def _tile_route_kernel(QMEAN, MEANS_T, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, GATE, PART,
+def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
                        KV_COUNT, KV_INDEX, STATS,
                        Sq, NB, n_qt, n_kt, n_grp, BH, max_tc, npass, threshold, inv_keys, inv_tiles,
-                       MODE: tl.constexpr, TOPK: tl.constexpr, NB_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                       D_CHUNK: tl.constexpr, TM: tl.constexpr, Q_TILE: tl.constexpr, GRP_PAD: tl.constexpr,
-                       NCAND: tl.constexpr, DIGIT: tl.constexpr, REC: tl.constexpr, PRECISION: tl.constexpr):
+                       MODE: tl.constexpr, TOPK: tl.constexpr, NB_PAD: tl.constexpr, TM: tl.constexpr,
+                       Q_TILE: tl.constexpr, GRP_PAD: tl.constexpr, NCAND: tl.constexpr, DIGIT: tl.constexpr,
+                       REC: tl.constexpr):
+    # GATE [B*H, n_qt, NB_PAD] fp32: mean query . block key means (one batched matmul before this launch)
     grp = tl.program_id(0)
     bh = tl.program_id(1)
     tiles = grp * TM + tl.arange(0, TM)
@@ -476,20 +475,9 @@ def _tile_route_kernel(QMEAN, MEANS_T, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COU
     oth = valid & ~is_own
     row_off = (bh.to(tl.int64) * n_qt + tiles)  # [TM] row of (b, h, tile)
 
-    if MODE <= 2:  # gate = mean query . block key means (fp32, on chip)
-        q_base = QMEAN + row_off[:, None] * D_PAD
-        m_base = MEANS_T + bh.to(tl.int64) * D_PAD * NB_PAD
-        s = tl.zeros([TM, NB_PAD], dtype=tl.float32)
-        for d0 in tl.static_range(0, D_PAD, D_CHUNK):
-            dd = d0 + tl.arange(0, D_CHUNK)
-            qc = tl.load(q_base + dd[None, :], mask=t_ok[:, None], other=0.0)
-            mc = tl.load(m_base + dd[:, None] * NB_PAD + cols[None, :])
-            s = tl.dot(qc, mc, s, input_precision=PRECISION)
-    else:
-        s = tl.load(GATE + row_off[:, None] * NB_PAD + cols[None, :], mask=valid, other=0.0)
+    s = tl.load(GATE + row_off[:, None] * NB_PAD + cols[None, :], mask=valid, other=0.0)
 
-    if MODE == 2:  # global, launch 1: store the gate, partial min / max
-        tl.store(GATE + row_off[:, None] * NB_PAD + cols[None, :], s, mask=valid)
+    if MODE == 2:  # global, launch 1: partial min / max
         rec = PART + (bh * n_grp + grp) * REC
         tl.store(rec, tl.min(tl.min(tl.where(valid, s, float("inf")), axis=1), axis=0))
         tl.store(rec + 1, tl.max(tl.max(tl.where(valid, s, float("-inf")), axis=1), axis=0))
@@ -570,8 +558,8 @@ def _tile_route_kernel(QMEAN, MEANS_T, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COU
 def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, block_size: torch.Tensor,
                             block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
                             kv_tile_len: torch.Tensor, max_block_tiles: int, selection: str = "threshold",
-                            threshold: float = 0.25, topk: int = 3, q_tile: int = 128, kv_tile: int = 128,
-                            precision: Optional[str] = None) -> RouterOutput:
+                            threshold: float = 0.25, topk: int = 3, q_tile: int = 128,
+                            kv_tile: int = 128) -> RouterOutput:
     """VMoBA ``granularity="query_tile"`` router: one block selection per (sample, head, query tile)
     from the tile's mean query, own blocks (every block the tile overlaps) always kept.
 
@@ -587,8 +575,8 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     ``TILE_GLOBAL_PASSES`` search launches and a select launch instead, 12 in all), one ``sum``
     for the statistics.
 
-    ``precision``: ``tl.dot`` input precision of the gate; None = ``"ieee"`` (exact fp32: the gate is
-    [query tiles x blocks], tiny, so the FMA path costs nothing and needs fewer registers than tf32x3).
+    The gate (mean query . block key means, [B*H, query tiles, blocks]) is one fp32 batched matmul
+    (``torch.bmm``, like the reference's ``einsum``): on chip it cost the route kernel more than the rule.
 
     Ties (scores are fp32): threshold / global take every other block (pair) equal to the cut
     value, like the reference's ``flat >= cut_value``; top-k keeps the lower block index among
@@ -603,20 +591,18 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     dev = q.device
     NB_PAD = max(16, _next_pow2(NB))
     D_PAD = max(16, _next_pow2(D))
-    TM, num_warps, D_CHUNK = _tile_route_shape(NB_PAD)
-    D_CHUNK = min(D_PAD, D_CHUNK)
+    TM, num_warps = _tile_route_shape(NB_PAD)
     n_qt = triton.cdiv(Sq, q_tile)
     n_grp = triton.cdiv(n_qt, TM)
-    if precision is None or os.environ.get("TRITON_INTERPRET") == "1":
-        precision = "ieee"
     threshold = 2.0 if threshold >= 1.0 else float(threshold)  # tau >= 1: every block (see route_blocks)
 
     means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD,
                               max_block_tiles)
     qmean = torch.empty(BH, n_qt, D_PAD, device=dev, dtype=torch.float32)
-    _tile_query_means_kernel[(n_qt, BH)](
+    _tile_query_means_kernel[(BH, n_qt)](
         q, qmean, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, n_qt,
         D=D, D_PAD=D_PAD, Q_TILE=q_tile, ROWS=min(q_tile, max(16, 8192 // D_PAD)), num_warps=4)
+    gate = torch.bmm(qmean, means_t)  # [B*H, n_qt, NB_PAD]; zero past the real blocks
 
     kv_count = torch.empty(B, H, n_qt, device=dev, dtype=torch.int32)
     kv_index = torch.empty(B, H, n_qt, n_kt, device=dev, dtype=torch.int32)
@@ -624,19 +610,18 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     total_keys = float(Sq)  # every query is a key: the partition's blocks cover the sequence once
     inv_keys = 1.0 / (float(BH * Sq) * total_keys)
     inv_tiles = 1.0 / float(BH * n_qt * n_kt)
-    gate = part = stats  # placeholders when unused
+    part = stats  # placeholder when unused
     if selection == "global":
-        gate = torch.empty(BH, n_qt, NB_PAD, device=dev, dtype=torch.float32)
         part = torch.empty(TILE_GLOBAL_PASSES + 1, BH, n_grp, TILE_REC, device=dev, dtype=torch.float32)
 
     def launch(mode, npass=0):
         _tile_route_kernel[(n_grp, BH)](
-            qmean, means_t, q_block, block_size, block_tile_start, block_tile_count, gate, part,
+            gate, q_block, block_size, block_tile_start, block_tile_count, part,
             kv_count, kv_index, stats,
             Sq, NB, n_qt, n_kt, n_grp, BH, int(max_block_tiles), npass, threshold, inv_keys, inv_tiles,
-            MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, D_PAD=D_PAD, D_CHUNK=D_CHUNK, TM=TM,
-            Q_TILE=q_tile, GRP_PAD=max(2, _next_pow2(n_grp)), NCAND=TILE_NCAND, DIGIT=TILE_DIGIT, REC=TILE_REC,
-            PRECISION=precision, num_warps=num_warps)
+            MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, TM=TM, Q_TILE=q_tile,
+            GRP_PAD=max(2, _next_pow2(n_grp)), NCAND=TILE_NCAND, DIGIT=TILE_DIGIT, REC=TILE_REC,
+            num_warps=num_warps)
 
     if selection == "threshold":
         launch(TILE_THRESHOLD)

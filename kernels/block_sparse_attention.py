@@ -132,8 +132,9 @@ def _fwd_kernel(
             # only the last key tile is ragged: skip the per-element select on every other tile
             if kt == last_kt:
                 s = tl.where((offs_k < Sk)[None, :], s, float("-inf"))
-        elif TAIL_ONLY_MASK and HAS_LEN and not HAS_SEL:
+        elif TAIL_ONLY_MASK and HAS_LEN and not HAS_SEL and BLOCK_N >= 128:
             # VMoBA's padded blocks: only a block's last key tile is partial, mask just those sub-blocks
+            # (H200: 4-6% faster with 128-key tiles; with 32-key tiles the branch made the loop 1.3x slower)
             kl = tl.load(KV_LEN + kt)
             partial = sub * BLOCK_N + BLOCK_N > kl
             if not EVEN_K:
@@ -520,7 +521,8 @@ def _env_dq_mode() -> str:
 
 # forward code-path switches (measured in benchmarks/NOTES.md); the benchmark's sweep flips them
 # TMA + masking only the ragged last tile: 454 -> 548 TFLOP/s dense, 438 -> 526 at 25% (Wan-1.3B, H100).
-# tail_only_mask also covers kv_tile_len without row masks (VMoBA's padded blocks): only partial tiles masked.
+# tail_only_mask also covers kv_tile_len without row masks (VMoBA's padded blocks) at BLOCK_N >= 128: only the
+# partial tiles are masked (VMoBA 1D/2D layers 1-6% faster; at BLOCK_N = 32 it was 1.3x slower, so not there).
 # warp_specialize on Hopper (triton 3.6) measured slower: off.
 # A lazy rescale (acc rescaled only when a row max grows by > 2^8, FlashAttention-4's trick) as one branch per
 # tile was 8-10% slower (H200: 6.42 -> 6.93 ms at 25%): the branch breaks the loop's pipelining. Not kept.

@@ -151,11 +151,14 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device):
     assert torch.isinf(lse[0, 0, T:2 * T]).all()
 
 
-@pytest.mark.parametrize("T,S,lens", [(64, 200, [64, 1, 37, 8]), (128, 300, [128, 40, 100])])
-def test_kv_tile_len_only(bwd_path, assert_close, device, T, S, lens):
-    """kv_tile_len padding without row_select (the atomic dQ masks padding keys out of p on its own; the
-    forward masks only partial tiles). 128-key tiles: two 64-key sub-blocks in the interpreter, one of
-    them all padding (40) or partial (100)."""
+@pytest.mark.parametrize("T,S,lens,fwd_cfg", [(64, 200, [64, 1, 37, 8], None), (128, 300, [128, 40, 100], None),
+                                              (128, 300, [128, 40, 100], (64, 128, 4, 1))])
+def test_kv_tile_len_only(monkeypatch, bwd_path, assert_close, device, T, S, lens, fwd_cfg):
+    """kv_tile_len padding without row_select (the atomic dQ masks padding keys out of p on its own).
+    128-key tiles: two 64-key sub-blocks in the interpreter, one of them all padding (40) or partial (100);
+    with 128-key forward blocks (fwd_cfg) the forward masks only the partial tiles (its BLOCK_N >= 128 path)."""
+    if fwd_cfg is not None:
+        monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", fwd_cfg)
     B, H, D = 1, 2, 64
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
     layout = random_layout(B, H, S, S, 0.7, T, T, device=device)
