@@ -416,11 +416,12 @@ FWD_SWEEP = [((128, 128, 8, 3), {}), ((128, 128, 8, 2), {}), ((128, 64, 8, 3), {
              ((64, 128, 4, 2), {})]
 
 
-# --fwd-ab: the default config with forward code-path switches flipped, each timed twice in A B A B order
+# forward code-path switches over the defaults (--fwd-sweep: once per config; --fwd-ab: the default config only,
+# each timed twice in A B A B order)
 FWD_AB_VARIANTS = ({}, {"warp_specialize": True})
 
 
-def fwd_sweep(rep_ms, configs=None, variants=({}, {"warp_specialize": True}), repeats=1):
+def fwd_sweep(rep_ms, configs=None, variants=FWD_AB_VARIANTS, repeats=1):
     """Forward configs at the Wan-1.3B shape, d = 0.25 and 1.0, next to Flex with the same layout (same run).
     ``variants``: dicts of ``_FWD_OPTS`` switches applied over the defaults, one at a time."""
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")

@@ -35,9 +35,10 @@ Kernels
 3. ``_tile_query_means_kernel`` + ``_tile_route_kernel`` (:func:`route_query_tiles_fused`): VMoBA's
    approximate ``granularity="query_tile"`` router, one selection per (sample, head, query tile) from
    the tile's mean query. The gate ``[B*H, query tiles, NB_PAD]`` is one fp32 ``torch.bmm``; the route
-   kernel takes up to 16 tiles per program (:func:`_tile_route_shape`) and applies the rule on chip (threshold: the reference's cut value found exactly, bit by bit on the fp32
-   patterns of the normalised gates; top-k: iterated arg-max), and the visited part of ``kv_index``
-   written directly from per-block tile ranges (exclusive cumsum over blocks; no gather, no sort).
+   kernel takes up to 16 tiles per program (:func:`_tile_route_shape`) and applies the rule on chip
+   (threshold: the reference's cut value found exactly, bit by bit on the fp32 patterns of the
+   normalised gates; top-k: iterated arg-max), then writes the visited part of ``kv_index`` directly
+   from per-block tile ranges (exclusive cumsum over blocks; no gather, no sort).
 
 Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependent Python branch.
 ``max_tiles`` of ``kv_index`` is the static number of key tiles.
@@ -369,9 +370,9 @@ def _global_cut(launch, BH: int, n_rt: int, threshold: float, dev):
 # ----------------------------------------------------------------------------------------------
 # query-tile router (VMoBA granularity="query_tile"): one selection per (sample, head, query tile)
 # ----------------------------------------------------------------------------------------------
-# Modes of ``_tile_route_kernel``. THRESHOLD / TOPK: one launch does gate, rule and layout. The
-# global rule needs per-(sample, head) reductions over all (tile, block) pairs, so it runs as
-# GATE (store the gate, partial min/max), TILE_GLOBAL_PASSES x PASS (partial sums at candidate
+# Modes of ``_tile_route_kernel`` (the gate comes from one bmm before it). THRESHOLD / TOPK: one launch
+# does rule and layout. The global rule needs per-(sample, head) reductions over all (tile, block)
+# pairs, so it runs as GATE (partial min/max of the gate), TILE_GLOBAL_PASSES x PASS (partial sums at candidate
 # cuts) and SELECT (rule + layout); every launch re-derives the head's state from the stored
 # partials in a fixed order (deterministic, no torch glue, no host sync).
 TILE_THRESHOLD = 0
@@ -381,7 +382,6 @@ TILE_PASS = 3
 TILE_SELECT = 4
 
 
-
 def _tile_route_shape(nb_pad: int):
     """(query tiles per program, warps) for the tile route kernel: about 8 elements of a [tiles, NB_PAD]
     tensor per thread. Compiled for sm_90 (Triton 3.9's ptxas) that needs 50-135 registers and spills
@@ -389,6 +389,8 @@ def _tile_route_shape(nb_pad: int):
     blocks: 4 tiles x 8 warps 79 registers; 16 x 16 spilled 240 B; 16 x 8 with the old on-chip gate 272 B)."""
     tiles = max(2, min(16, 2048 // nb_pad))
     return tiles, 8 if tiles * nb_pad >= 2048 else 4
+
+
 TILE_DIGIT = 5  # bits of the global cut decided per pass (32 candidate cuts)
 TILE_NCAND = 1 << TILE_DIGIT
 TILE_CUT_BITS = 30  # min-max normalised gates lie in [0, 1] (< 2.0): their fp32 bit patterns use bits 29..0
@@ -572,10 +574,10 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     ``kv_index[..., :kv_count]`` (the selected tiles ascending); entries past the count are left
     unwritten, as the layout contract allows (the kernels never read them).
 
-    CUDA kernels per call (threshold / top-k: 5): the zero fill and kernel of
-    :func:`block_key_means`, tile mean queries, one route kernel (global: a gate launch,
-    ``TILE_GLOBAL_PASSES`` search launches and a select launch instead, 12 in all), one ``sum``
-    for the statistics.
+    CUDA kernels per call (threshold / top-k: 6): the zero fill and kernel of
+    :func:`block_key_means`, tile mean queries, the gate's ``bmm``, one route kernel (global: a
+    min/max launch, ``TILE_GLOBAL_PASSES`` search launches and a select launch instead, 13 in all),
+    one ``sum`` for the statistics.
 
     The gate (mean query . block key means, [B*H, query tiles, blocks]) is one fp32 batched matmul
     (``torch.bmm``, like the reference's ``einsum``): on chip it cost the route kernel more than the rule.
