@@ -105,10 +105,11 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                 kb = _gather_tokens(k, part.kv_perm).contiguous()
                 vb = _gather_tokens(v, part.kv_perm).contiguous()
 
-                def permute():  # what vmoba_attention does (last: the output's way back)
-                    a = _gather_tokens(q, part.q_perm)
-                    b, c = _gather_tokens(k, part.kv_perm), _gather_tokens(v, part.kv_perm)
-                    return a, b, c, _gather_tokens(a, part.q_inv)
+                def permute():  # the gathers vmoba_attention does (last: the output's way back), none for identities
+                    a = q if part.q_is_identity else _gather_tokens(q, part.q_perm)
+                    if not part.kv_is_identity:
+                        _gather_tokens(k, part.kv_perm), _gather_tokens(v, part.kv_perm)
+                    return a if part.q_is_identity else _gather_tokens(a, part.q_inv)
 
                 r = route(qb, kb, part, cfg)
                 router_ms = _bench(lambda: route(qb, kb, part, cfg))
