@@ -78,6 +78,13 @@ def block_sparse_attention_reference(q, k, v, kv_count, kv_index, *, q_tile: int
     return out.to(q.dtype), lse
 
 
+def visited_index(kv_count: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+    """``kv_index`` with the entries past ``kv_count`` set to -1: the part of a layout that means
+    something (routers may leave the rest unwritten), for comparing two layouts."""
+    slot = torch.arange(kv_index.shape[-1], device=kv_index.device)
+    return torch.where(slot < kv_count.unsqueeze(-1), kv_index, -1)
+
+
 def dense_layout(B: int, H: int, Sq: int, Sk: int, q_tile: int = 128, kv_tile: int = 128, device=None):
     """A layout that visits every key tile from every query tile (equals dense attention)."""
     n_qt, n_kt = (Sq + q_tile - 1) // q_tile, (Sk + kv_tile - 1) // kv_tile

@@ -15,6 +15,7 @@ from mixdit.attention.vmoba import (  # noqa: E402
     vmoba_should_run_dense)
 from mixdit.errors import ConfigError  # noqa: E402
 from mixdit.kernels import router_reference as rr  # noqa: E402
+from mixdit.kernels.reference import visited_index  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(temporal_block=2, spatial_block=(2, 3), spatiotemporal_block=(2, 2, 3), kv_tile=16, q_tile=64,
@@ -283,9 +284,7 @@ def _qt_near_tie(part, qb, kb_unpadded, cfg, gaps=True):
 
 
 def _visited(r):
-    """kv_index with the entries past kv_count set to -1 (the layout leaves them unspecified)."""
-    slot = torch.arange(r.kv_index.shape[-1], device=r.kv_index.device)
-    return torch.where(slot < r.kv_count.unsqueeze(-1), r.kv_index, -1)
+    return visited_index(r.kv_count, r.kv_index)
 
 
 def _qt_assert_same(part, qb, kb_unpadded, cfg, r, ref, seed, gaps=True):
