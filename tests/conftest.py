@@ -1,6 +1,9 @@
 """Shared test helpers. Without CUDA, Triton kernels run in its CPU interpreter (set before any import of triton)."""
 
 import os
+import socket
+import subprocess
+import sys
 
 import torch
 
@@ -61,3 +64,27 @@ def assert_close_rule(name: str, out: torch.Tensor, ref_same_dtype: torch.Tensor
 def assert_close():
     """Fixture form of :func:`assert_close_rule` (test modules can't import conftest under importlib mode)."""
     return assert_close_rule
+
+
+@pytest.fixture
+def run_two_cpu_ranks():
+    """``run(args, extra_env=None, timeout=300)``: ``python -m mixdit *args`` in two CPU ranks under
+    ``accelerate launch`` on a free local port, in a clean launcher environment (earlier in-process accelerate
+    use may have left its variables). Returns the CompletedProcess with ``.failure``: the head and the tail of
+    stderr (the rank that fails first prints near the top, the launcher's summary comes last)."""
+    def run(args, extra_env=None, timeout=300):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "mixdit", *args]
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
+               and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        err = proc.stderr
+        proc.failure = err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:]
+        return proc
+    return run

@@ -2,10 +2,6 @@
 seeds, feature flags, failed jobs, and a 2-process `accelerate launch --cpu` run (tiny models)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,10 +17,9 @@ FAST = ["--model", "tiny-sd3", "--steps", "2", "--no-progress"]
 
 
 @pytest.fixture
-def main(monkeypatch):
-    """`mixdit.cli.main` with `mixdit batch` registered (until the lead adds it to FEATURE_CLI_MODULES)."""
-    if "mixdit.batch" not in cli.FEATURE_CLI_MODULES:
-        monkeypatch.setattr(cli, "FEATURE_CLI_MODULES", cli.FEATURE_CLI_MODULES + ("mixdit.batch",))
+def main():
+    """`mixdit.cli.main` (`mixdit batch` is one of its FEATURE_CLI_MODULES)."""
+    assert "mixdit.batch" in cli.FEATURE_CLI_MODULES
     return cli.main
 
 
@@ -212,35 +207,17 @@ def test_failed_job_is_recorded_and_the_rest_runs(main, tmp_path, capsys, monkey
     assert sorted(p.name for p in out.iterdir()) == ["00000-good-one-s0.png", "00002-good-two-s0.png", "manifest.jsonl"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ~25 s on the 2-core box (launcher, CLI, torch.distributed.run, 2 ranks); not `slow`, like the other
 # two-process tests
-def test_two_processes_do_each_job_once(tmp_path):
+def test_two_processes_do_each_job_once(run_two_cpu_ranks, tmp_path):
     mixdit.load_pipeline("tiny-sd3")  # build the cached tiny model once, before two ranks race to it
     (tmp_path / "p.txt").write_text("a red square\na blue circle\na green triangle\n")
     out = tmp_path / "out"
     out.mkdir()
     (out / "00001-a-blue-circle-s1.png").write_bytes(b"user file")  # counts as done: skipped by every rank
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
-            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env = dict(base, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    if "mixdit.batch" not in cli.FEATURE_CLI_MODULES:  # not wired into the CLI yet: register it in every process
-        (tmp_path / "site").mkdir()
-        (tmp_path / "site" / "sitecustomize.py").write_text(
-            "import mixdit.cli as c\nc.FEATURE_CLI_MODULES = c.FEATURE_CLI_MODULES + ('mixdit.batch',)\n")
-        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "mixdit", "batch", str(tmp_path / "p.txt"), "--out", str(out), "--model", "tiny-sd3",
-           "--steps", "1", "--seeds", "3", "--device", "cpu", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_two_cpu_ranks(["batch", str(tmp_path / "p.txt"), "--out", str(out), "--model", "tiny-sd3",
+                              "--steps", "1", "--seeds", "3", "--device", "cpu", "--no-progress"])
+    assert proc.returncode == 0, proc.failure
     assert "8 done, 1 skipped, 0 failed (9 jobs, 2 processes, 2 used)" in proc.stdout, proc.stdout
     records = _manifest(out)
     files = [r["file"] for r in records]

@@ -3,9 +3,6 @@ split across the ranks; a resumed search computes nothing new (issue: multi-GPU 
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import mixdit
 
@@ -21,34 +18,21 @@ def score(images, prompts):
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _search(run_two_cpu_ranks, tmp_path, *extra):
+    args = ["heads", "search", "--model", "tiny-sd3", "--prompts", str(tmp_path / "prompts.txt"),
+            "--objective", "toy_objective_mp:score", "--candidates", "L0-1", "--top-k", "2", "--samples", "1",
+            "--steps", "2", "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "preset.json"), *extra]
+    return run_two_cpu_ranks(args, dict(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+                                        TOY_CALL_LOG=str(tmp_path / "calls.log")))
 
 
-def _search(tmp_path, *extra):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "mixdit", "heads", "search", "--model", "tiny-sd3", "--prompts", str(tmp_path / "prompts.txt"),
-           "--objective", "toy_objective_mp:score", "--candidates", "L0-1", "--top-k", "2", "--samples", "1",
-           "--steps", "2", "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-           "--out", str(tmp_path / "preset.json"), *extra]
-    # a clean launcher environment: earlier in-process accelerate use may have left its variables
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env = dict(base, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-               TOY_CALL_LOG=str(tmp_path / "calls.log"))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-
-
-def test_two_process_search_scores_each_head_once_and_resumes(tmp_path):
+def test_two_process_search_scores_each_head_once_and_resumes(run_two_cpu_ranks, tmp_path):
     mixdit.load_pipeline("tiny-sd3")  # build the cached tiny model once, before two ranks race to it
     (tmp_path / "toy_objective_mp.py").write_text(OBJECTIVE)
     (tmp_path / "prompts.txt").write_text("a red square\n")
-    proc = _search(tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _search(run_two_cpu_ranks, tmp_path)
+    assert proc.returncode == 0, proc.failure
     per_rank = []
     for r in range(2):
         lines = (tmp_path / "cache" / f"scores.rank{r}.jsonl").read_text().splitlines()
@@ -62,7 +46,7 @@ def test_two_process_search_scores_each_head_once_and_resumes(tmp_path):
     preset = json.loads((tmp_path / "preset.json").read_text())
     assert preset["model"] == "tiny-sd3" and len(preset["heads"].split(",")) >= 1
     calls_before = (tmp_path / "calls.log").read_text()
-    again = _search(tmp_path, "--resume")
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = _search(run_two_cpu_ranks, tmp_path, "--resume")
+    assert again.returncode == 0, again.failure
     assert (tmp_path / "calls.log").read_text() == calls_before  # resumed: nothing recomputed
     assert json.loads((tmp_path / "preset.json").read_text())["heads"] == preset["heads"]

@@ -3,10 +3,6 @@ arguments, gradient checkpointing keeps VMoBA, and a 2-process CPU run shards da
 identical weights on both ranks."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -226,25 +222,17 @@ def test_gradient_checkpointing_recomputes_with_vmoba(tmp_path):
     assert any(not torch.allclose(plain[n], dense[n], rtol=1e-4, atol=1e-6) for n in plain)  # VMoBA did change them
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ~40 s on the 2-core box (4 Python start-ups: launcher, CLI, 2 ranks); not `slow` (< 60 s), 80 s when heavily loaded
-def test_accelerate_launch_two_cpu_processes_shard_data_and_agree(tmp_path):
+def test_accelerate_launch_two_cpu_processes_shard_data_and_agree(run_two_cpu_ranks, tmp_path):
     _tiny_wan()  # build the cached tiny model once, before two ranks race to it
     record = tmp_path / "rec" / "samples.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "mixdit", "train", "vmoba", "--model", "tiny-wan", "--data", "synthetic:8", "--out",
-           str(tmp_path / "out"), "--steps", "4", "--lr", "1e-3", "--height", "64", "--width", "64", "--frames", "9",
-           "--vmoba-min-tokens", "0", "--vmoba-dense-layers", "--vmoba-temporal-block", "1", "--vmoba-spatial-block",
-           "2", "2", "--gradient-checkpointing", "--no-progress", "--record-samples", str(record)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_two_cpu_ranks(["train", "vmoba", "--model", "tiny-wan", "--data", "synthetic:8", "--out",
+                              str(tmp_path / "out"), "--steps", "4", "--lr", "1e-3", "--height", "64", "--width", "64",
+                              "--frames", "9", "--vmoba-min-tokens", "0", "--vmoba-dense-layers",
+                              "--vmoba-temporal-block", "1", "--vmoba-spatial-block", "2", "2",
+                              "--gradient-checkpointing", "--no-progress", "--record-samples", str(record)],
+                             timeout=240)
+    assert proc.returncode == 0, proc.failure
     ranks = [json.loads((record.parent / f"samples.rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     seen0, seen1 = ranks[0]["samples"], ranks[1]["samples"]
