@@ -462,6 +462,27 @@ def fwd_sweep(rep_ms, configs=None, variants=FWD_AB_VARIANTS, repeats=1):
     return rows
 
 
+def even_k_check(rep_ms, repeats=2):
+    """Forward at the Wan-1.3B shape, d = 0.25, at 32,760 tokens (the last key tile ragged) and 32,768 (every tile
+    full; same tile count and layout), next to Flex: a dividing length must not be slower (NOTES, session 6)."""
+    from mixdit.kernels.reference import random_layout
+
+    B, H, D = 2, 12, 128
+    rows = []
+    for _ in range(repeats):
+        for S in (32760, 32768):
+            q, k, v = make_inputs(B, H, S, D, False)
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            layout = random_layout(B, H, S, S, 0.25, TILE, TILE, device="cuda", generator=gen)
+            flops = 4 * B * H * S * S * D * layout[0].sum().item() / layout[1].numel()
+            flex_ms = bench(flex_fn(q, k, v, layout, "fwd", S), rep_ms)
+            ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
+            rows.append(dict(S=S, density=0.25, ms=ms, tflops=flops / ms / 1e9, flex_ms=flex_ms, vs_flex=flex_ms / ms))
+            print(f"even-k S={S}: mixdit {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s, flex {flex_ms:.3f} ms, "
+                  f"{flex_ms / ms:.3f}x", flush=True)
+    return rows
+
+
 # backward code paths compared by --bwd-ab: name -> _BWD_OPTS
 BWD_PATHS = {
     "mixdit-old": {"tma": False, "padded": False, "dq": "split", "dq_tma_reduce": False},  # MIXDIT_BWD_TMA=0 (v2)
@@ -739,6 +760,8 @@ def main(argv=None):
     ap.add_argument("--fwd-sweep", action="store_true", help="only the forward configs of FWD_SWEEP, next to Flex")
     ap.add_argument("--fwd-ab", action="store_true",
                     help="the default forward config with each FWD_AB_VARIANTS switch, twice in A B A B order, next to Flex")
+    ap.add_argument("--even-k", action="store_true",
+                    help="forward at 32,760 vs 32,768 tokens (ragged vs full last key tile), next to Flex")
     ap.add_argument("--bwd-ab", action="store_true",
                     help="backward: old / split / atomic-dQ kernels vs Flex (Wan-1.3B), FLUX/SD3.5 vs cuDNN")
     ap.add_argument("--bwd-sweep", action="store_true",
@@ -783,6 +806,12 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     if a.router:
         router_benchmark(a.out_dir, gpu)
+        return
+    if a.even_k:
+        res = even_k_check(a.rep_ms)
+        os.makedirs(a.out_dir, exist_ok=True)
+        with open(os.path.join(a.out_dir, f"attention-even-k-{gpu_slug()}.json"), "w") as f:
+            json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=res), f, indent=1)
         return
     if a.fwd_sweep or a.fwd_ab:
         if a.fwd_ab:
