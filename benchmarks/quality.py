@@ -52,7 +52,7 @@ def prompt_set(video: bool, limit: int | None = None) -> list[tuple[str, int]]:
 
 
 def load_model(name: str, device: str, dtype: str | None):
-    import mixdit.pipelines.testbed  # noqa: F401  (registers the codec class for from_pretrained)
+    import mixdit.pipelines.testbed.codec  # noqa: F401  (registers the codec class for from_pretrained)
     from mixdit.pipelines.testbed.load import TESTBED_MODELS, load_testbed, set_testbed_defaults
 
     if name in TESTBED_MODELS:

@@ -330,7 +330,7 @@ def load_pipeline(name: str, device="cpu", dtype=None, **kwargs):
 def _load_folder_or_hub(name: str, dtype: torch.dtype, kwargs: dict):
     from diffusers import DiffusionPipeline
 
-    import mixdit.pipelines.testbed  # noqa: F401  (registers mixdit's codec class for saved testbed folders)
+    import mixdit.pipelines.testbed.codec  # noqa: F401  (registers mixdit's codec class for saved testbed folders)
 
     local = Path(name).expanduser()
     if local.is_dir():

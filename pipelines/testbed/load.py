@@ -52,6 +52,7 @@ def load_testbed(name: str, device="cpu", dtype=None, **kwargs):
     Raises :class:`~mixdit.errors.ModelNotFoundError` (saying how to train it) when no folder exists."""
     from diffusers import DiffusionPipeline
 
+    import mixdit.pipelines.testbed.codec  # noqa: F401  (registers the codec class for from_pretrained)
     from mixdit.pipelines.zoo import resolve_device, resolve_dtype
 
     if name not in TESTBED_MODELS:

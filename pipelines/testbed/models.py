@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from mixdit.errors import ConfigError
-from mixdit.pipelines.testbed.codec import PixelShuffleAutoencoder
-from mixdit.pipelines.testbed.scenes import render, sample_scenes
-from mixdit.pipelines.testbed.text import make_clip_encoder, make_t5_encoder, make_umt5_encoder, make_word_tokenizer
+
+# The codec, scene renderer and text encoders (diffusers / transformers models) are imported where a
+# pipeline is built: `mixdit --help` reads PRESETS and TestbedConfig from here (6.6 -> ~2 s).
 
 TEXT_MAX_LENGTH = 32  # word tokens (captions use <= 12)
 SD3_T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length (T5 tokens, padded)
@@ -179,13 +179,17 @@ def validate(config: TestbedConfig) -> None:
 
 def latent_statistics(config: TestbedConfig, count: int = 256, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
     """Per-RGB-channel mean and std of rendered scenes in [-1, 1] (what the codec's channels carry)."""
+    from mixdit.pipelines.testbed.scenes import render, sample_scenes
+
     scenes = sample_scenes(seed, count, video=config.kind == "video")
     x = render(scenes, config.height, 1) * 2 - 1  # first frames: colours and layout are the same in time
     x = x.double()
     return x.mean(dim=(0, 2, 3)).numpy(), x.std(dim=(0, 2, 3)).numpy()
 
 
-def make_codec(config: TestbedConfig) -> PixelShuffleAutoencoder:
+def make_codec(config: TestbedConfig):
+    from mixdit.pipelines.testbed.codec import PixelShuffleAutoencoder
+
     mean, std = latent_statistics(config)
     s2 = config.spatial_factor ** 2
     # pixel_unshuffle orders channels c * s^2 + offset; time slots are outermost
@@ -198,6 +202,8 @@ def make_codec(config: TestbedConfig) -> PixelShuffleAutoencoder:
 
 
 def build_testbed_pipeline(config: TestbedConfig, seed: int | None = None):
+    from mixdit.pipelines.testbed.text import make_clip_encoder, make_t5_encoder, make_umt5_encoder, make_word_tokenizer
+
     """A freshly initialised (untrained) ``WanPipeline`` or ``StableDiffusion3Pipeline`` for ``config``."""
     validate(config)
     seed = config.seed if seed is None else seed

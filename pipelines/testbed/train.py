@@ -70,7 +70,7 @@ class _Trainer:
         if init_from is not None:  # continue from a saved testbed pipeline (its EMA weights)
             from diffusers import DiffusionPipeline
 
-            import mixdit.pipelines.testbed  # noqa: F401  (the codec class must be imported to load)
+            import mixdit.pipelines.testbed.codec  # noqa: F401  (the codec class must be imported to load)
 
             self.pipe = DiffusionPipeline.from_pretrained(str(init_from), dtype=torch.float32)
             self.pipe.scheduler = with_sampling_shift(self.pipe.scheduler, config.sampling_shift)
