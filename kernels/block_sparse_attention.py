@@ -605,6 +605,13 @@ def _check(q, k, v, q_tile, kv_tile):
         raise ValueError(f"q, k, v must share dtype float16 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q_tile < 16 or q_tile & (q_tile - 1) or kv_tile < 16 or kv_tile & (kv_tile - 1):
         raise ValueError(f"q_tile/kv_tile must be powers of two >= 16, got {q_tile}, {kv_tile}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # sample and head offsets are int64 in the kernels, row offsets (token x stride) int32
+        span = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3)) + 1
+        if span >= 2 ** 31:
+            raise ValueError(f"{name} {tuple(t.shape)}: one head of one sample spans {span} elements, over the kernels' "
+                             f"int32 row offsets (< 2^31); pass [B, S, H, D] views of [B, H, S, D] storage "
+                             f"(x.transpose(1, 2)), whose rows are D apart, or a shorter sequence")
 
 
 def _last_contig(t):

@@ -301,6 +301,20 @@ def test_forward_rescale_with_rising_logits(assert_close, device):
                row_select=sel, kv_tile_group=grp)
 
 
+def test_too_long_sequence_is_refused_not_miscomputed():
+    """Row offsets inside the kernels are int32: a [B, S, H, D] tensor whose one head spans >= 2^31 elements
+    gets a clear error before any launch (meta tensors: nothing is allocated)."""
+    S, H, D = 2 ** 31 // (16 * 128) + 1, 16, 128  # (S - 1) * H * D + D > 2^31
+    q = torch.empty(1, S, H, D, dtype=torch.bfloat16, device="meta")
+    layout = (torch.empty(1, H, 1, dtype=torch.int32, device="meta"), torch.empty(1, H, 1, 1, dtype=torch.int32, device="meta"))
+    with pytest.raises(ValueError, match="int32 row offsets"):
+        block_sparse_attention(q, q, q, *layout)
+    ok = torch.empty(1, S - 2, H, D, dtype=torch.bfloat16, device="meta")  # just under: accepted by the check
+    bsa._check(ok, ok, ok, 128, 128)
+    heads_major = torch.empty(1, H, S, D, dtype=torch.bfloat16, device="meta").transpose(1, 2)  # the advice given
+    bsa._check(heads_major, heads_major, heads_major, 128, 128)
+
+
 def test_layout_shape_is_checked(device):
     B, H, S, D = 1, 2, 200, 32
     q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
