@@ -807,22 +807,17 @@ def main(argv=None):
     if a.router:
         router_benchmark(a.out_dir, gpu)
         return
-    if a.even_k:
-        res = even_k_check(a.rep_ms)
-        os.makedirs(a.out_dir, exist_ok=True)
-        with open(os.path.join(a.out_dir, f"attention-even-k-{gpu_slug()}.json"), "w") as f:
-            json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=res), f, indent=1)
-        return
-    if a.fwd_sweep or a.fwd_ab:
-        if a.fwd_ab:
-            res, name = fwd_sweep(a.rep_ms, FWD_SWEEP[:1], FWD_AB_VARIANTS, repeats=2), "fwd-ab"
-        else:
-            res, name = fwd_sweep(a.rep_ms), "fwd-sweep"
-        os.makedirs(a.out_dir, exist_ok=True)
-        with open(os.path.join(a.out_dir, f"attention-{name}-{gpu_slug()}.json"), "w") as f:
-            json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=res), f, indent=1)
-        print(f"fwd sweep took {time.time() - t0:.0f} s")
-        return
+    forward_checks = {"even_k": ("even-k", lambda: even_k_check(a.rep_ms)),
+                      "fwd_ab": ("fwd-ab", lambda: fwd_sweep(a.rep_ms, FWD_SWEEP[:1], FWD_AB_VARIANTS, repeats=2)),
+                      "fwd_sweep": ("fwd-sweep", lambda: fwd_sweep(a.rep_ms))}
+    for flag, (name, run) in forward_checks.items():
+        if getattr(a, flag):
+            rows = run()
+            os.makedirs(a.out_dir, exist_ok=True)
+            with open(os.path.join(a.out_dir, f"attention-{name}-{gpu_slug()}.json"), "w") as f:
+                json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=rows), f, indent=1)
+            print(f"{name} took {time.time() - t0:.0f} s")
+            return
     if a.sweep:
         res = sweep(a.rep_ms)
         os.makedirs(a.out_dir, exist_ok=True)

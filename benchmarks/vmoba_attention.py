@@ -281,7 +281,7 @@ def router_profile(batch: int = 2, reps: int = 20) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from mixdit.attention.vmoba import VMoBAConfig, partition_for_layer, route
+    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer, route
 
     grid, H, D = (21, 30, 52), 12, 128
     q, k = _smooth(batch, grid, H, D, "cuda", torch.bfloat16, 1), _smooth(batch, grid, H, D, "cuda", torch.bfloat16, 2)
@@ -289,7 +289,7 @@ def router_profile(batch: int = 2, reps: int = 20) -> dict:
     out = {}
     for layer in (3, 1, 2):  # temporal, spatial, spatiotemporal
         part = partition_for_layer(grid, layer, cfg, "cuda")
-        qb, kb = q[:, part.q_perm].contiguous(), k[:, part.kv_perm].contiguous()
+        qb, kb = _gather_tokens(q, part.q_perm), _gather_tokens(k, part.kv_perm)
         for _ in range(5):
             route(qb, kb, part, cfg)
         torch.cuda.synchronize()

@@ -402,7 +402,8 @@ TILE_REC = TILE_NCAND + 3  # per-program partial record: [total, own, top, sums 
 def _tile_query_means_kernel(Q, QMEAN, stride_qb, stride_qs, stride_qh, stride_qd, Sq, H, n_qt,
                              D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, ROWS: tl.constexpr):
     # fp32 mean query of one (sample, head, query tile): QMEAN [B*H, n_qt, D_PAD] (zeros past D).
-    # Heads vary fastest across programs, so programs running together read whole [rows, H*D] spans.
+    # Heads vary fastest across programs (programs running together read whole [rows, H*D] spans); on the
+    # H200 it measured the same as tiles fastest (78 vs 79 us at Wan-1.3B, B = 2).
     bh = tl.program_id(0)
     qt = tl.program_id(1)
     b = bh // H

@@ -128,8 +128,11 @@ def _fwd_kernel(
                 k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
         s = _mm(q, tl.trans(k), F32_DOT)
-        if TAIL_ONLY_MASK and not (HAS_LEN or HAS_SEL) and not EVEN_K:
-            # only the last key tile is ragged: skip the per-element select on every other tile
+        if TAIL_ONLY_MASK and not (HAS_LEN or HAS_SEL) and (USE_TMA or not EVEN_K):
+            # only the last key tile is ragged: skip the per-element select on every other tile. On the TMA
+            # path the branch stays even when Sk divides (then the select is a no-op): with no branch in the
+            # loop Triton pipelines K/V with two buffers instead of three (164 vs 229 KB of shared memory on
+            # sm_90) and the forward was 9% slower (H200, Wan-1.3B shape at 32,768 tokens: 6.93 -> 6.31 ms).
             if kt == last_kt:
                 s = tl.where((offs_k < Sk)[None, :], s, float("-inf"))
         elif TAIL_ONLY_MASK and HAS_LEN and not HAS_SEL and BLOCK_N >= 128:
@@ -685,11 +688,6 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     bm, bn, warps, stages = _pick("fwd", _FWD_CONFIGS, D, q_tile, kv_tile)
     sq, sk, sv, so, sc, si = q.stride(), k.stride(), v.stride(), out.stride(), kv_count.stride(), kv_index.stride()
     srs = (0, 0, 0) if rs is None else rs.stride()
-    use_tma = _use_tma(k, v)
-    # With TMA the kernel keeps its tail-tile branch (a no-op select) even when Sk divides: without any branch
-    # in the loop Triton pipelines K/V with two buffers instead of three (164 vs 229 KB of shared memory on
-    # sm_90) and the forward was 9% slower (H200, Wan-1.3B shape at 32,768 tokens: 6.93-7.03 -> 6.31-6.41 ms).
-    even_k = Sk % kv_tile == 0 and not (use_tma and _FWD_OPTS["tail_only_mask"])
     _fwd_kernel[(_cdiv(Sq, bm), B * H)](
         q, k, v, out, lse, kv_count, kv_index, kv_count if kv_len is None else kv_len,
         q if rs is None else rs, q if grp is None else grp,  # dummies are never read (HAS_LEN/HAS_SEL False)
@@ -698,7 +696,7 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
         H, Sq, Sk, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
         HAS_LEN=kv_len is not None, HAS_SEL=rs is not None,
-        EVEN_M=Sq % bm == 0, EVEN_K=even_k, F32_DOT=_f32_dot(q), USE_TMA=use_tma,
+        EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=_use_tma(k, v),
         WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _INTERPRET, TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
         num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
     )

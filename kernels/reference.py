@@ -27,18 +27,23 @@ import math
 import torch
 
 
+def visited_index(kv_count: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+    """``kv_index`` with the entries past ``kv_count`` set to -1: the part of a layout that means
+    something (routers may leave the rest unwritten), for comparing two layouts."""
+    slot = torch.arange(kv_index.shape[-1], device=kv_index.device)
+    return torch.where(slot < kv_count.unsqueeze(-1), kv_index, -1)
+
+
 def tile_key_mask(Sq: int, Sk: int, kv_count, kv_index, q_tile: int, kv_tile: int,
                   kv_tile_len=None, row_select=None, kv_tile_group=None) -> torch.Tensor:
     """Boolean ``[B, H, Sq, Sk]`` mask of which keys each query row attends to under the layout."""
     B, H, n_qt = kv_count.shape
     device = kv_count.device
     n_kt = (Sk + kv_tile - 1) // kv_tile
-    # tile-level visit matrix [B, H, n_qt, n_kt]
-    slot = torch.arange(kv_index.shape[-1], device=device)
-    live = slot.view(1, 1, 1, -1) < kv_count.unsqueeze(-1).long()
+    # tile-level visit matrix [B, H, n_qt, n_kt]; slots past the count go to a spare column n_kt
+    idx = visited_index(kv_count, kv_index).long()
     visit = torch.zeros(B, H, n_qt, n_kt + 1, dtype=torch.bool, device=device)
-    idx = torch.where(live, kv_index.long(), torch.full_like(kv_index.long(), n_kt))
-    visit.scatter_(3, idx, True)
+    visit.scatter_(3, torch.where(idx < 0, n_kt, idx), True)
     visit = visit[..., :n_kt]
     q_tile_of_row = torch.arange(Sq, device=device) // q_tile
     k_tile_of_col = torch.arange(Sk, device=device) // kv_tile
@@ -76,13 +81,6 @@ def block_sparse_attention_reference(q, k, v, kv_count, kv_index, *, q_tile: int
     out = (p @ vh).transpose(1, 2)
     out = torch.where(torch.isinf(lse).transpose(1, 2).unsqueeze(-1), torch.zeros_like(out), out)
     return out.to(q.dtype), lse
-
-
-def visited_index(kv_count: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
-    """``kv_index`` with the entries past ``kv_count`` set to -1: the part of a layout that means
-    something (routers may leave the rest unwritten), for comparing two layouts."""
-    slot = torch.arange(kv_index.shape[-1], device=kv_index.device)
-    return torch.where(slot < kv_count.unsqueeze(-1), kv_index, -1)
 
 
 def dense_layout(B: int, H: int, Sq: int, Sk: int, q_tile: int = 128, kv_tile: int = 128, device=None):

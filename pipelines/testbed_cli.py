@@ -47,7 +47,8 @@ def register_commands(subparsers) -> None:
     p.add_argument("--high-noise-fraction", type=float, default=None,
                    help=f"share of each batch trained at noise levels drawn uniformly from "
                         f"[{TestbedConfig.high_noise_min}, 1), where "
-                        "sampling decides layout and motion (default: the preset's; video 0.25, image 0)")
+                        "sampling decides layout and motion (default: the preset's; "
+                        + ", ".join(f"{n} {c.high_noise_fraction:g}" for n, c in PRESETS.items()) + ")")
     p.add_argument("--sample-flow-shift", type=float, default=None,
                    help="noise-level shift of the saved scheduler (default: the preset's)")
     p.add_argument("--save-every", type=int, default=1000, help="save the pipeline every N steps (0: at the end only)")

@@ -202,9 +202,9 @@ def make_codec(config: TestbedConfig):
 
 
 def build_testbed_pipeline(config: TestbedConfig, seed: int | None = None):
+    """A freshly initialised (untrained) ``WanPipeline`` or ``StableDiffusion3Pipeline`` for ``config``."""
     from mixdit.pipelines.testbed.text import make_clip_encoder, make_t5_encoder, make_umt5_encoder, make_word_tokenizer
 
-    """A freshly initialised (untrained) ``WanPipeline`` or ``StableDiffusion3Pipeline`` for ``config``."""
     validate(config)
     seed = config.seed if seed is None else seed
     vae = make_codec(config)
