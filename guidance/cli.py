@@ -104,13 +104,13 @@ def _cmd_search(args, modules=None) -> int:
     n = requested_cpu_processes()
     if n > 1:  # `accelerate launch --cpu --num_processes N` without MPI starts one process
         return relaunch_cpu_processes(n)
-    state, device = process_state(args.device)
-    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    objective = get_objective(args.objective, model=args.objective_model, device=pipe.device)
-    preset = head_hunter(pipe, config, objective, model_name=args.model, state=state)
-    preset["objective"] = args.objective
-    if state.is_main_process:
-        write_preset(preset, args.out)
-        print(args.out)
-        print(f"heads: {preset['heads']}")
+    with process_state(args.device) as (state, device):
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+        objective = get_objective(args.objective, model=args.objective_model, device=pipe.device)
+        preset = head_hunter(pipe, config, objective, model_name=args.model, state=state)
+        preset["objective"] = args.objective
+        if state.is_main_process:
+            write_preset(preset, args.out)
+            print(args.out)
+            print(f"heads: {preset['heads']}")
     return 0

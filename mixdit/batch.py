@@ -185,10 +185,8 @@ def make_jobs(lines: list[PromptLine], base, seeds: int = 1, source="prompts") -
 class Ranks:
     """Rank, world size, device and the three collectives the batch needs (no-ops in one process)."""
 
-    def __init__(self, device: str = "auto"):
-        from mixdit.distributed import process_state
-
-        self._state, self.device = process_state(device)
+    def __init__(self, state, device: str):
+        self._state, self.device = state, device
         self.rank, self.world = self._state.process_index, self._state.num_processes
 
     def barrier(self) -> None:
@@ -321,13 +319,13 @@ def cmd_batch(args, modules=None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError("out", args.out, "a folder (this is a file)")
 
-    from mixdit.distributed import relaunch_cpu_processes, requested_cpu_processes
+    from mixdit.distributed import process_state, relaunch_cpu_processes, requested_cpu_processes
 
     n = requested_cpu_processes()
     if n > 1:  # `accelerate launch --cpu --num_processes N` without MPI starts one process
         return relaunch_cpu_processes(n)
-    ranks = Ranks(args.device)
-    return run_batch(jobs, out_dir, args, base.features, ranks)
+    with process_state(args.device) as (state, device):
+        return run_batch(jobs, out_dir, args, base.features, Ranks(state, device))
 
 
 def _check_jobs_for_model(pipe, jobs: list[Job], features: dict, source) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 _MPI_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
@@ -36,17 +37,30 @@ def requested_cpu_processes() -> int:
     return 1
 
 
+@contextmanager
 def process_state(device: str = "auto"):
-    """``(accelerate PartialState, device for this process's work)``. CPU ranks (tests, ``accelerate
-    launch --cpu``) need ``cpu=True`` to join the gloo process group; with several processes and
-    ``device`` auto/cuda each rank works on its own GPU."""
+    """Context giving ``(accelerate PartialState, device for this process's work)``. CPU ranks (tests,
+    ``accelerate launch --cpu``) need ``cpu=True`` to join the gloo process group; with several
+    processes and ``device`` auto/cuda each rank works on its own GPU.
+
+    On leaving, a multi-process run meets at a barrier (success only: a failed rank must not hang the
+    others) and destroys its process group: a gloo group left to the interpreter's teardown can abort
+    the rank ("terminate called without an active exception", seen in CI)."""
     from accelerate import PartialState
 
     use_cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     state = PartialState(cpu=use_cpu)
     if state.num_processes > 1 and device in ("auto", "cuda"):
         device = str(state.device)
-    return state, device
+    ok = False
+    try:
+        yield state, device
+        ok = True
+    finally:
+        if state.num_processes > 1:
+            if ok:
+                state.wait_for_everyone()
+            state.destroy_process_group()
 
 
 def relaunch_cpu_processes(n: int) -> int:
