@@ -418,7 +418,7 @@ FWD_SWEEP = [((128, 128, 8, 3), {}), ((128, 128, 8, 2), {}), ((128, 64, 8, 3), {
 
 # forward code-path switches over the defaults (--fwd-sweep: once per config; --fwd-ab: the default config only,
 # each timed twice in A B A B order)
-FWD_AB_VARIANTS = ({}, {"warp_specialize": True})
+FWD_AB_VARIANTS = ({}, {"exp2_group": 4}, {"exp2_group": 8})
 
 
 def fwd_sweep(rep_ms, configs=None, variants=FWD_AB_VARIANTS, repeats=1):
@@ -760,6 +760,9 @@ def main(argv=None):
     ap.add_argument("--fwd-sweep", action="store_true", help="only the forward configs of FWD_SWEEP, next to Flex")
     ap.add_argument("--fwd-ab", action="store_true",
                     help="the default forward config with each FWD_AB_VARIANTS switch, twice in A B A B order, next to Flex")
+    ap.add_argument("--fwd-configs", default=None, metavar="BM,BN,W,S;...",
+                    help="with --fwd-sweep/--fwd-ab: these forward configs instead of FWD_SWEEP (resp. its first)")
+    ap.add_argument("--tag", default="", help="with --fwd-sweep/--fwd-ab/--even-k: suffix of the result file's name")
     ap.add_argument("--even-k", action="store_true",
                     help="forward at 32,760 vs 32,768 tokens (ragged vs full last key tile), next to Flex")
     ap.add_argument("--bwd-ab", action="store_true",
@@ -807,14 +810,18 @@ def main(argv=None):
     if a.router:
         router_benchmark(a.out_dir, gpu)
         return
+    configs = None if a.fwd_configs is None else [(tuple(int(x) for x in c.split(",")), {})
+                                                  for c in a.fwd_configs.split(";")]
     forward_checks = {"even_k": ("even-k", lambda: even_k_check(a.rep_ms)),
-                      "fwd_ab": ("fwd-ab", lambda: fwd_sweep(a.rep_ms, FWD_SWEEP[:1], FWD_AB_VARIANTS, repeats=2)),
-                      "fwd_sweep": ("fwd-sweep", lambda: fwd_sweep(a.rep_ms))}
+                      "fwd_ab": ("fwd-ab", lambda: fwd_sweep(a.rep_ms, configs or FWD_SWEEP[:1], FWD_AB_VARIANTS,
+                                                              repeats=2)),
+                      "fwd_sweep": ("fwd-sweep", lambda: fwd_sweep(a.rep_ms, configs))}
     for flag, (name, run) in forward_checks.items():
         if getattr(a, flag):
             rows = run()
             os.makedirs(a.out_dir, exist_ok=True)
-            with open(os.path.join(a.out_dir, f"attention-{name}-{gpu_slug()}.json"), "w") as f:
+            tag = f"-{a.tag}" if a.tag else ""
+            with open(os.path.join(a.out_dir, f"attention-{name}{tag}-{gpu_slug()}.json"), "w") as f:
                 json.dump(dict(gpu=gpu, torch=torch.__version__, triton=_triton_version(), rows=rows), f, indent=1)
             print(f"{name} took {time.time() - t0:.0f} s")
             return

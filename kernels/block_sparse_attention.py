@@ -62,6 +62,43 @@ def _mm(a, b, F32_DOT: tl.constexpr):
         return tl.dot(a, b)
 
 
+# exp2 of GROUP fp32 values: GROUP - 1 on the MUFU unit (ex2.approx), the last on the FMA pipe as 2^n * p(f),
+# n = round(x), f = x - n in [-0.5, 0.5], p a degree-3 polynomial with p(0) = 1 (max relative error 1.0e-4, below the
+# bf16/fp16 rounding of p). Why: per score the softmax issues one MUFU op, at 1/8 the FMA pipe's rate; moving some of
+# them to the FMA pipe shortens the softmax (FlashAttention-4's trick). x is clamped at -127, so -inf gives exactly
+# +0.0 (1.0 * 2^-127 has an all-zero bit pattern) and no exponent wraps; 2^n is added to p's exponent bits:
+# bits(x + 1.5*2^23) << 23 is n << 23 because 1.5*2^23's low 9 bits are zero.
+def _exp2_mixed_asm(group: int) -> str:
+    mufu = "".join(f"ex2.approx.ftz.f32 ${i}, ${group + i};\n" for i in range(group - 1))
+    return ("{\n.reg .f32 xc, t, j, f, p;\n.reg .b32 tb, pb;\n" + mufu +
+            f"max.ftz.f32 xc, ${2 * group - 1}, 0fC2FE0000;\n"
+            "add.rn.ftz.f32 t, xc, 0f4B400000;\n"
+            "sub.rn.ftz.f32 j, t, 0f4B400000;\n"
+            "sub.rn.ftz.f32 f, xc, j;\n"
+            "fma.rn.ftz.f32 p, f, 0f3D6150AE, 0f3E7805FF;\n"
+            "fma.rn.ftz.f32 p, p, f, 0f3F317AFD;\n"
+            "fma.rn.ftz.f32 p, p, f, 0f3F800000;\n"
+            "mov.b32 tb, t;\nmov.b32 pb, p;\nshl.b32 tb, tb, 23;\nadd.s32 pb, pb, tb;\n"
+            f"mov.b32 ${group - 1}, pb;\n}}\n")
+
+
+_EXP2_ASM_4 = tl.constexpr(_exp2_mixed_asm(4))
+_EXP2_ASM_8 = tl.constexpr(_exp2_mixed_asm(8))
+_EXP2_CONSTRAINTS_4 = tl.constexpr(",".join(["=f"] * 4 + ["f"] * 4))
+_EXP2_CONSTRAINTS_8 = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 8))
+
+
+@triton.jit
+def _exp2(x, GROUP: tl.constexpr):
+    """exp2; with GROUP (4 or 8) one value in GROUP is computed on the FMA pipe (see _exp2_mixed_asm)."""
+    if GROUP == 4:
+        return tl.inline_asm_elementwise(_EXP2_ASM_4, _EXP2_CONSTRAINTS_4, [x], dtype=tl.float32, is_pure=True, pack=4)
+    elif GROUP == 8:
+        return tl.inline_asm_elementwise(_EXP2_ASM_8, _EXP2_CONSTRAINTS_8, [x], dtype=tl.float32, is_pure=True, pack=8)
+    else:
+        return tl.exp2(x)
+
+
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
@@ -72,6 +109,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     F32_DOT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TAIL_ONLY_MASK: tl.constexpr,
+    EXP2_GROUP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -162,7 +200,7 @@ def _fwd_kernel(
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
-        p = tl.exp2(s * qk_scale - m_use[:, None])
+        p = _exp2(s * qk_scale - m_use[:, None], EXP2_GROUP)
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT)
@@ -529,7 +567,9 @@ def _env_dq_mode() -> str:
 # warp_specialize on Hopper (triton 3.6) measured slower: off.
 # A lazy rescale (acc rescaled only when a row max grows by > 2^8, FlashAttention-4's trick) as one branch per
 # tile was 8-10% slower (H200: 6.42 -> 6.93 ms at 25%): the branch breaks the loop's pipelining. Not kept.
-_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True}
+# exp2_group 4 / 8: one softmax exp2 in 4 / 8 on the FMA pipe (CUDA only; compiled for sm_90 without spills, not yet
+# timed or run on a GPU: off until an A/B (`attention.py --fwd-ab`) shows it faster).
+_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "exp2_group": 0}
 # backward switches: "tma" = descriptors for the gathered Q/dO (dK/dV) and K/V (dQ) tiles; "padded" = lse/delta
 # padded to whole query tiles so the loops carry no row masks. MIXDIT_BWD_TMA=0 selects the old kernels (A/B).
 # "dq": "split" = FA2-style dK/dV kernel + dQ kernel; "atomic" = dQ accumulated by fp32 atomics inside the dK/dV
@@ -698,7 +738,7 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
         HAS_LEN=kv_len is not None, HAS_SEL=rs is not None,
         EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=_use_tma(k, v),
         WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _INTERPRET, TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
-        num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
+        EXP2_GROUP=_FWD_OPTS["exp2_group"] if q.is_cuda and not _INTERPRET else 0, num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
     )
     return out, lse
 

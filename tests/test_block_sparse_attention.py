@@ -382,18 +382,23 @@ def test_torch_compile_fullgraph(bwd_path, device):
         (torch.bfloat16, 64, 128, 128, 1024, 1.0),
     ],
 )
+@pytest.mark.parametrize("exp2_group", [0, 4, 8])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_large(bwd_path, assert_close, dtype, D, q_tile, kv_tile, S, density):
+def test_gpu_large(monkeypatch, bwd_path, assert_close, dtype, D, q_tile, kv_tile, S, density, exp2_group):
+    # exp2_group: the forward's softmax with one exp2 in 4 / 8 on the FMA pipe (inline PTX, GPU only)
+    monkeypatch.setitem(bsa._FWD_OPTS, "exp2_group", exp2_group)
     B, H = 2, 3
     q, k, v = _inputs(B, S, S, H, D, dtype, "cuda")
     layout = random_layout(B, H, S, S, density, q_tile, kv_tile, device="cuda")
     _check_all(assert_close, q, k, v, layout, q_tile=q_tile, kv_tile=kv_tile, lse_grad=True)
 
 
+@pytest.mark.parametrize("exp2_group", [0, 4])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_masks_large(bwd_path, assert_close):
+def test_gpu_masks_large(monkeypatch, bwd_path, assert_close, exp2_group):
+    monkeypatch.setitem(bsa._FWD_OPTS, "exp2_group", exp2_group)  # masked keys: exp2(-inf) must give exactly 0
     B, H, S, D, T = 1, 4, 1000, 128, 128
     n_t = (S + T - 1) // T
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, "cuda")

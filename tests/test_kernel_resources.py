@@ -13,43 +13,30 @@ import textwrap
 
 import pytest
 
-HOPPER_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+from mixdit.kernels.sm90 import HOPPER_SMEM_PER_BLOCK
 
 _SCRIPT = textwrap.dedent("""
     import importlib, json
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from mixdit.kernels.sm90 import compile_sm90
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
 
-    FP32 = {"LSE", "DELTA", "DQACC"}
-    INT32 = {"KV_COUNT", "KV_INDEX", "KV_LEN", "ROW_SEL", "KV_GROUP", "QBUF"}
-
     def compile_one(kernel, consts, warps, stages):
-        sig = {}
-        for p in kernel.params:
-            n = p.name
-            if p.is_constexpr:
-                sig[n] = "constexpr"
-            elif n.isupper() and n != "H":  # H: the head count
-                sig[n] = "*fp32" if n in FP32 else "*i32" if n in INT32 else "*bf16"
-            else:
-                sig[n] = "fp32" if "scale" in n else "i32"
-        names = [p.name for p in kernel.params]
-        src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-        return ck.metadata.shared
+        return compile_sm90(kernel, consts, warps, stages).shared
 
     out = []
     for D in (64, 128):
         for has_len, has_sel in ((False, False), (True, False), (True, True)):
             bm, bn, w, s = bsa._FWD_CONFIGS[D]
             fwd = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
-                       EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True)
+                       EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True,
+                       EXP2_GROUP=0)
             out.append(("fwd", D, has_len, compile_one(bsa._fwd_kernel, fwd, w, s)))
             if not has_len:  # a key length that divides: no mask needed, same pipeline wanted
                 fwd_even = dict(fwd, EVEN_M=True, EVEN_K=True)
                 out.append(("fwd-even", D, has_len, compile_one(bsa._fwd_kernel, fwd_even, w, s)))
+                for group in (4, 8):  # the softmax's exp2 partly on the FMA pipe (inline PTX: ptxas checks it here)
+                    out.append((f"fwd-exp2-{group}", D, has_len,
+                                compile_one(bsa._fwd_kernel, dict(fwd, EXP2_GROUP=group), w, s)))
             bm, bn, w, s = bsa._DKDV_CONFIGS[D]
             dkdv = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
                         F32_DOT=False, PADDED=True, USE_TMA=True, EVEN_Q=False, DQ_ATOMIC=False, DQ_TMA=False)
@@ -71,11 +58,25 @@ def test_default_configs_fit_hopper_shared_memory():
         pytest.skip("Triton's ptxas is not available here")
     assert line is not None, proc.stderr[-3000:]
     rows = json.loads(line[len("RESULT"):])
-    assert len(rows) == 20
-    over = [(k, D, masks, smem) for k, D, masks, smem in rows if smem > HOPPER_SMEM]
-    assert not over, f"kernels over Hopper's {HOPPER_SMEM} B of shared memory (kernel, D, masks, bytes): {over}"
+    assert len(rows) == 24
+    over = [(k, D, masks, smem) for k, D, masks, smem in rows if smem > HOPPER_SMEM_PER_BLOCK]
+    assert not over, f"kernels over Hopper's {HOPPER_SMEM_PER_BLOCK} B of shared memory (kernel, D, masks, bytes): {over}"
     # A mask-free forward loop once got two K/V buffers instead of three (164 vs 229 KB at D = 128) and ran 9%
     # slower on an H200: a dividing key length must be pipelined like a ragged one.
     smem = {(k, D): b for k, D, masks, b in rows if not masks}
     for D in (64, 128):
         assert smem[("fwd-even", D)] == smem[("fwd", D)], f"D={D}: {smem[('fwd-even', D)]} vs {smem[('fwd', D)]} B"
+        for group in (4, 8):
+            assert smem[(f"fwd-exp2-{group}", D)] == smem[("fwd", D)], (D, group)
+
+
+def test_blocks_per_sm_counts_shared_memory_registers_and_warps():
+    from mixdit.kernels.sm90 import Compiled
+
+    # two 4-warp blocks of 112 KB fit an SM's 228 KB with the 1 KB reserved per block; the 8-warp default does not
+    assert Compiled(shared=114712, registers=167, spill_bytes=0, warps=4, sass="").blocks_per_sm == 2
+    assert Compiled(shared=229400, registers=254, spill_bytes=0, warps=8, sass="").blocks_per_sm == 1
+    assert Compiled(shared=131096, registers=231, spill_bytes=0, warps=8, sass="").blocks_per_sm == 1
+    # registers bind first: 255 per thread x 8 warps is half the register file
+    assert Compiled(shared=16384, registers=255, spill_bytes=0, warps=8, sass="").blocks_per_sm == 1
+    assert Compiled(shared=16384, registers=64, spill_bytes=0, warps=4, sass="").blocks_per_sm == 8
