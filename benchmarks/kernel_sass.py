@@ -25,33 +25,39 @@ def main(argv=None):
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="BLOCK_M,BLOCK_N,warps,stages;...")
     ap.add_argument("--exp2-groups", default="0,4", help="EXP2_GROUP values (0: all exp2 on the MUFU unit)")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--masks", default="none", help="comma list of none | len (VMoBA's kv_tile_len) | len+sel "
+                                                     "(+ per-row selection bits) | even (a dividing key length)")
+    ap.add_argument("--tile-group", type=int, default=1,
+                    help="visited key tiles per loop step (2 or 4: needs BLOCK_N = 128 / group and --kv-tile BLOCK_N)")
+    ap.add_argument("--kv-tile", type=int, default=128, help="the layout's key tile (VMoBA 3D layers: 32)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
     from mixdit.kernels.sm90 import compile_sm90
 
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
     rows = []
-    print("| BM, BN, warps, stages | exp2 group | smem B | regs | spill B | blocks/SM | scores/thread/iter | "
+    print("| BM, BN, warps, stages | masks | exp2 group | smem B | regs | spill B | blocks/SM | scores/thread/iter | "
           + " | ".join(OPS) + " |")
-    print("|---" * (7 + len(OPS)) + "|")
+    print("|---" * (8 + len(OPS)) + "|")
     for cfg in a.configs.split(";"):
         bm, bn, warps, stages = (int(x) for x in cfg.split(","))
-        for group in (int(g) for g in a.exp2_groups.split(",")):
-            consts = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=a.head_dim, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=False,
-                          HAS_SEL=False, EVEN_M=True, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False,
-                          TAIL_ONLY_MASK=True, EXP2_GROUP=group)
+        for masks, group in ((m, int(g)) for m in a.masks.split(",") for g in a.exp2_groups.split(",")):
+            consts = dict(Q_TILE=128, KV_TILE=a.kv_tile, HEAD_DIM=a.head_dim, BLOCK_M=bm, BLOCK_N=bn,
+                          HAS_LEN=masks.startswith("len"), HAS_SEL=masks == "len+sel", EVEN_M=True,
+                          EVEN_K=masks == "even", F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True,
+                          EXP2_GROUP=group, TILE_GROUP=a.tile_group)
             try:
                 c = compile_sm90(bsa._fwd_kernel, consts, warps, stages, sass=True)
             except Exception as e:  # e.g. out of shared memory
-                print(f"| {cfg} | {group} | failed: {str(e).splitlines()[0][:80]} |")
+                print(f"| {cfg} | {masks} | {group} | failed: {str(e).splitlines()[0][:80]} |")
                 continue
             mix = c.loop_mix()
             per_thread = bm * bn // (32 * warps)
-            row = dict(config=[bm, bn, warps, stages], exp2_group=group, shared=c.shared, registers=c.registers,
+            row = dict(config=[bm, bn, warps, stages], masks=masks, exp2_group=group, shared=c.shared, registers=c.registers,
                        spill_bytes=c.spill_bytes, blocks_per_sm=c.blocks_per_sm, scores_per_thread=per_thread,
                        loop_mix=mix)
             rows.append(row)
-            print(f"| {cfg} | {group} | {c.shared} | {c.registers} | {c.spill_bytes} | {c.blocks_per_sm} | "
+            print(f"| {cfg} | {masks} | {group} | {c.shared} | {c.registers} | {c.spill_bytes} | {c.blocks_per_sm} | "
                   f"{per_thread} | " + " | ".join(str(mix.get(op, 0)) for op in OPS) + " |", flush=True)
     if a.json:
         import triton

@@ -69,8 +69,10 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
     return out.reshape(B, Fg * Hg * Wg, H, D).to(dtype)
 
 
-# --kernel-ab: the sparse kernel again with forward switches flipped back (what each one is worth on VMoBA layouts)
-KERNEL_AB = {"no-len-tail": {"tail_only_mask": False}}
+# --kernel-ab: the sparse kernel again with forward switches flipped (what each is worth on VMoBA layouts): a default
+# turned off, and the candidates not yet on by default (group_small_tiles acts on 3D layers' 32-key tiles only)
+KERNEL_AB = {"no-len-tail": {"tail_only_mask": False}, "group-tiles": {"group_small_tiles": True},
+             "exp2-8": {"exp2_group": 8}, "group-tiles+exp2-8": {"group_small_tiles": True, "exp2_group": 8}}
 
 
 def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None,
@@ -314,7 +316,7 @@ if __name__ == "__main__":
     ap.add_argument("--kv-tile-3d", type=int, default=None, help="key tile of 3D layers (default: VMoBAConfig's, 32)")
     ap.add_argument("--granularity", default="token", choices=["token", "query_tile"])
     ap.add_argument("--kernel-ab", action="store_true",
-                    help="also time the sparse kernel with the KERNEL_AB forward switches flipped back")
+                    help="also time the sparse kernel with each KERNEL_AB set of forward switches")
     ap.add_argument("--route-query-tiles", action="store_true",
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")

@@ -100,6 +100,48 @@ def _exp2(x, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _masked_scores(s, key_ok, kt, KV_GROUP, sel_base, row_ok, HAS_SEL: tl.constexpr):
+    """Scores of keys that do not exist (``key_ok`` false) or that a row does not select (its bit for key tile
+    ``kt``'s group in ``row_select``) -> -inf."""
+    if HAS_SEL:
+        g = tl.load(KV_GROUP + kt)
+        word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
+        bit = ((word >> (g % 32)) & 1) != 0
+        return tl.where(key_ok[None, :] & bit[:, None], s, float("-inf"))
+    else:
+        return tl.where(key_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _group_scores(q, k_base, k_desc, idx_base, slot, count, offs_n, offs_d, Sk, KV_LEN, KV_GROUP, sel_base, row_ok,
+                  s_ks, s_ii, KV_TILE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
+                  HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr, USE_TMA: tl.constexpr):
+    """Masked scores of visited slot ``slot`` (one whole key tile) for the grouped loop; a slot past ``count``
+    re-reads the last visited tile and masks all of it (kept branch-free: the select runs anyway)."""
+    valid = slot < count
+    kt = tl.load(idx_base + tl.minimum(slot, count - 1) * s_ii)
+    offs_k = kt * KV_TILE + offs_n
+    if USE_TMA:
+        k = k_desc.load([kt * KV_TILE, 0])
+    else:
+        k = tl.load(k_base + offs_k[:, None] * s_ks + offs_d[None, :], mask=(offs_k < Sk)[:, None], other=0.0)
+    s = _mm(q, tl.trans(k), F32_DOT)
+    key_ok = (offs_k < Sk) & valid
+    if HAS_LEN:
+        key_ok = key_ok & (offs_n < tl.load(KV_LEN + kt))
+    return _masked_scores(s, key_ok, kt, KV_GROUP, sel_base, row_ok, HAS_SEL), kt
+
+
+@triton.jit
+def _group_values(v_base, v_desc, kt, offs_n, offs_d, Sk, s_vs, KV_TILE: tl.constexpr, USE_TMA: tl.constexpr):
+    if USE_TMA:
+        return v_desc.load([kt * KV_TILE, 0])
+    else:
+        offs_k = kt * KV_TILE + offs_n
+        return tl.load(v_base + offs_k[:, None] * s_vs + offs_d[None, :], mask=(offs_k < Sk)[:, None], other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
@@ -109,7 +151,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     F32_DOT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TAIL_ONLY_MASK: tl.constexpr,
-    EXP2_GROUP: tl.constexpr,
+    EXP2_GROUP: tl.constexpr, TILE_GROUP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -120,6 +162,7 @@ def _fwd_kernel(
     NEED_MASK: tl.constexpr = HAS_LEN or HAS_SEL or (not EVEN_K)
     # rows can stay at m = -inf after a block only with per-row/per-key masks or an all-padding sub-block
     SAFE_MAX: tl.constexpr = HAS_LEN or HAS_SEL or ((not EVEN_K) and SUB > 1)
+    tl.static_assert(TILE_GROUP == 1 or (SUB == 1 and (TILE_GROUP == 2 or TILE_GROUP == 4)), "TILE_GROUP: 1, 2 or 4")
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -136,75 +179,112 @@ def _fwd_kernel(
     if USE_TMA:  # Hopper bulk copies of each gathered [BLOCK_N, D] tile; rows past Sk read as zeros
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_desc = k_base  # unused: the helpers take pointers then
+        v_desc = v_base
     last_kt = (Sk - 1) // KV_TILE
 
     count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
     idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
-    if HAS_SEL:
-        sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs
+    sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs  # read only when HAS_SEL
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
-    for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
-        slot = it // SUB
-        sub = it % SUB
-        kt = tl.load(idx_base + slot * s_ii)
-        offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
-        if USE_TMA:
-            k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
-            v = v_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
-        else:
-            k_ptrs = k_base + offs_k[:, None] * s_ks + offs_d[None, :]
-            v_ptrs = v_base + offs_k[:, None] * s_vs + offs_d[None, :]
-            if EVEN_K:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+    if TILE_GROUP > 1:
+        # small key tiles (VMoBA's 3D layers: 32 keys): TILE_GROUP visited tiles per step share one online-softmax
+        # update, so the [BLOCK_M, D] accumulator is rescaled once per 128 keys instead of once per tile (at 32-key
+        # tiles that rescale was 64 FMUL per thread against 16 scores). Slots past the count are masked.
+        for it in tl.range(0, tl.cdiv(count, TILE_GROUP), warp_specialize=WARP_SPEC):
+            s0, kt0 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP, count, offs_n, offs_d, Sk, KV_LEN,
+                                    KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN, HAS_SEL,
+                                    F32_DOT, USE_TMA)
+            s1, kt1 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP + 1, count, offs_n, offs_d, Sk,
+                                    KV_LEN, KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN, HAS_SEL,
+                                    F32_DOT, USE_TMA)
+            row_max = tl.maximum(tl.max(s0, 1), tl.max(s1, 1))
+            if TILE_GROUP == 4:
+                s2, kt2 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP + 2, count, offs_n, offs_d, Sk,
+                                        KV_LEN, KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN,
+                                        HAS_SEL, F32_DOT, USE_TMA)
+                s3, kt3 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP + 3, count, offs_n, offs_d, Sk,
+                                        KV_LEN, KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN,
+                                        HAS_SEL, F32_DOT, USE_TMA)
+                row_max = tl.maximum(row_max, tl.maximum(tl.max(s2, 1), tl.max(s3, 1)))
+            m_new = tl.maximum(m_i, row_max * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key of the group masked for a row
+            alpha = tl.exp2(m_i - m_use)
+            p0 = _exp2(s0 * qk_scale - m_use[:, None], EXP2_GROUP)
+            p1 = _exp2(s1 * qk_scale - m_use[:, None], EXP2_GROUP)
+            v0 = _group_values(v_base, v_desc, kt0, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
+            v1 = _group_values(v_base, v_desc, kt1, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
+            l_sum = tl.sum(p0, 1) + tl.sum(p1, 1)
+            acc = acc * alpha[:, None] + _mm(p0.to(v0.dtype), v0, F32_DOT)
+            acc += _mm(p1.to(v1.dtype), v1, F32_DOT)
+            if TILE_GROUP == 4:
+                p2 = _exp2(s2 * qk_scale - m_use[:, None], EXP2_GROUP)
+                p3 = _exp2(s3 * qk_scale - m_use[:, None], EXP2_GROUP)
+                v2 = _group_values(v_base, v_desc, kt2, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
+                v3 = _group_values(v_base, v_desc, kt3, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
+                l_sum += tl.sum(p2, 1) + tl.sum(p3, 1)
+                acc += _mm(p2.to(v2.dtype), v2, F32_DOT)
+                acc += _mm(p3.to(v3.dtype), v3, F32_DOT)
+            l_i = l_i * alpha + l_sum
+            m_i = m_new
+    else:
+        # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
+        for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
+            slot = it // SUB
+            sub = it % SUB
+            kt = tl.load(idx_base + slot * s_ii)
+            offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
+            if USE_TMA:
+                k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
+                v = v_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
             else:
-                k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
-        s = _mm(q, tl.trans(k), F32_DOT)
-        if TAIL_ONLY_MASK and not (HAS_LEN or HAS_SEL) and (USE_TMA or not EVEN_K):
-            # only the last key tile is ragged: skip the per-element select on every other tile. On the TMA
-            # path the branch stays even when Sk divides (then the select is a no-op): with no branch in the
-            # loop Triton pipelines K/V with two buffers instead of three (164 vs 229 KB of shared memory on
-            # sm_90) and the forward was 9% slower (H200, Wan-1.3B shape at 32,768 tokens: 6.93 -> 6.31 ms).
-            if kt == last_kt:
-                s = tl.where((offs_k < Sk)[None, :], s, float("-inf"))
-        elif TAIL_ONLY_MASK and HAS_LEN and not HAS_SEL and BLOCK_N >= 128:
-            # VMoBA's padded blocks: only a block's last key tile is partial, mask just those sub-blocks
-            # (H200: 4-6% faster with 128-key tiles; with 32-key tiles the branch made the loop 1.3x slower)
-            kl = tl.load(KV_LEN + kt)
-            partial = sub * BLOCK_N + BLOCK_N > kl
-            if not EVEN_K:
-                partial = partial | (kt == last_kt)
-            if partial:
-                key_ok = (offs_k < Sk) & ((sub * BLOCK_N + offs_n) < kl)
-                s = tl.where(key_ok[None, :], s, float("-inf"))
-        elif NEED_MASK:
-            key_ok = offs_k < Sk
-            if HAS_LEN:
-                key_ok = key_ok & ((sub * BLOCK_N + offs_n) < tl.load(KV_LEN + kt))
-            if HAS_SEL:
-                g = tl.load(KV_GROUP + kt)
-                word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
-                bit = ((word >> (g % 32)) & 1) != 0
-                s = tl.where(key_ok[None, :] & bit[:, None], s, float("-inf"))
+                k_ptrs = k_base + offs_k[:, None] * s_ks + offs_d[None, :]
+                v_ptrs = v_base + offs_k[:, None] * s_vs + offs_d[None, :]
+                if EVEN_K:
+                    k = tl.load(k_ptrs)
+                    v = tl.load(v_ptrs)
+                else:
+                    k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+                    v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+            s = _mm(q, tl.trans(k), F32_DOT)
+            if TAIL_ONLY_MASK and not (HAS_LEN or HAS_SEL) and (USE_TMA or not EVEN_K):
+                # only the last key tile is ragged: skip the per-element select on every other tile. On the TMA
+                # path the branch stays even when Sk divides (then the select is a no-op): with no branch in the
+                # loop Triton pipelines K/V with two buffers instead of three (164 vs 229 KB of shared memory on
+                # sm_90) and the forward was 9% slower (H200, Wan-1.3B shape at 32,768 tokens: 6.93 -> 6.31 ms).
+                if kt == last_kt:
+                    s = tl.where((offs_k < Sk)[None, :], s, float("-inf"))
+            elif TAIL_ONLY_MASK and HAS_LEN and not HAS_SEL and BLOCK_N >= 128:
+                # VMoBA's padded blocks: only a block's last key tile is partial, mask just those sub-blocks
+                # (H200: 4-6% faster with 128-key tiles; with 32-key tiles the branch made the loop 1.3x slower)
+                kl = tl.load(KV_LEN + kt)
+                partial = sub * BLOCK_N + BLOCK_N > kl
+                if not EVEN_K:
+                    partial = partial | (kt == last_kt)
+                if partial:
+                    key_ok = (offs_k < Sk) & ((sub * BLOCK_N + offs_n) < kl)
+                    s = tl.where(key_ok[None, :], s, float("-inf"))
+            elif NEED_MASK:
+                key_ok = offs_k < Sk
+                if HAS_LEN:
+                    key_ok = key_ok & ((sub * BLOCK_N + offs_n) < tl.load(KV_LEN + kt))
+                s = _masked_scores(s, key_ok, kt, KV_GROUP, sel_base, row_ok, HAS_SEL)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            if SAFE_MAX:
+                # a row that has seen only masked keys keeps m = -inf; use 0 so no (-inf) - (-inf)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
-                s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        if SAFE_MAX:
-            # a row that has seen only masked keys keeps m = -inf; use 0 so no (-inf) - (-inf)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = _exp2(s * qk_scale - m_use[:, None], EXP2_GROUP)
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT)
-        m_i = m_new
+                m_use = m_new
+            p = _exp2(s * qk_scale - m_use[:, None], EXP2_GROUP)
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT)
+            m_i = m_new
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -490,8 +570,7 @@ def _bwd_dq_kernel(
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
     count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
     idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
-    if HAS_SEL:
-        sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs
+    sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs  # read only when HAS_SEL
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for it in range(0, count * SUB):
@@ -569,7 +648,11 @@ def _env_dq_mode() -> str:
 # tile was 8-10% slower (H200: 6.42 -> 6.93 ms at 25%): the branch breaks the loop's pipelining. Not kept.
 # exp2_group 4 / 8: one softmax exp2 in 4 / 8 on the FMA pipe (CUDA only; compiled for sm_90 without spills, not yet
 # timed or run on a GPU: off until an A/B (`attention.py --fwd-ab`) shows it faster).
-_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "exp2_group": 0}
+# group_small_tiles: whole key tiles of <= 64 keys (VMoBA's 3D layers: 32) taken 128 keys per online-softmax step,
+# one accumulator rescale per group instead of per tile (sm_90 loop: ~30% fewer instructions per score; not yet timed:
+# off until `vmoba_attention.py --kernel-ab` shows it faster).
+_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "exp2_group": 0,
+             "group_small_tiles": False}
 # backward switches: "tma" = descriptors for the gathered Q/dO (dK/dV) and K/V (dQ) tiles; "padded" = lse/delta
 # padded to whole query tiles so the loops carry no row masks. MIXDIT_BWD_TMA=0 selects the old kernels (A/B).
 # "dq": "split" = FA2-style dK/dV kernel + dQ kernel; "atomic" = dQ accumulated by fp32 atomics inside the dK/dV
@@ -627,6 +710,14 @@ def _pick(kind: str, table: dict, D: int, q_tile: int, kv_tile: int):
     if D > 128:  # keep registers in check for large heads
         bm, bn = min(bm, 64), min(bn, 64)
     return bm, bn, warps, stages
+
+
+def _tile_group(block_n: int, kv_tile: int) -> int:
+    """Visited key tiles per step of the forward's loop: 1, or with ``_FWD_OPTS["group_small_tiles"]`` and whole
+    tiles of <= 64 keys, enough tiles for 128 keys (at most 4)."""
+    if not _FWD_OPTS["group_small_tiles"] or block_n != kv_tile or kv_tile > 64:
+        return 1
+    return min(4, 128 // kv_tile)
 
 
 def _dq_mode(mode) -> str:
@@ -738,7 +829,8 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
         HAS_LEN=kv_len is not None, HAS_SEL=rs is not None,
         EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=_use_tma(k, v),
         WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _INTERPRET, TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
-        EXP2_GROUP=_FWD_OPTS["exp2_group"] if q.is_cuda and not _INTERPRET else 0, num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
+        EXP2_GROUP=_FWD_OPTS["exp2_group"] if q.is_cuda and not _INTERPRET else 0, TILE_GROUP=_tile_group(bn, kv_tile),
+        num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
     )
     return out, lse
 

@@ -3,7 +3,7 @@
     mixdit generate "a red square moving right" --model tiny-wan --out clip.mp4
     mixdit models
     mixdit heads search ...        (guidance/cli.py)
-    mixdit train vmoba ...         (attention/vmoba_train.py)
+    mixdit train vmoba ...         (attention/vmoba_train_cli.py)
 
 Feature modules plug in their own flags: each module in ``FEATURE_CLI_MODULES`` may define
 ``add_generate_arguments(parser)``, ``features_from_args(args) -> dict`` and
@@ -20,7 +20,7 @@ import sys
 from mixdit.errors import MixditError
 
 # order matters where two modules add subcommands under one command (`train vmoba`, then `train testbed`)
-FEATURE_CLI_MODULES = ("mixdit.attention.vmoba_cli", "mixdit.guidance.cli", "mixdit.attention.vmoba_train",
+FEATURE_CLI_MODULES = ("mixdit.attention.vmoba_cli", "mixdit.guidance.cli", "mixdit.attention.vmoba_train_cli",
                        "mixdit.pipelines.testbed_cli", "mixdit.batch", "mixdit.ui.cli")
 DEFAULT_MODEL = "mixdit-shapes-video"  # offline, trained by mixdit, under a minute on a CPU
 

@@ -27,7 +27,7 @@ def _train_subparsers(subparsers) -> argparse._SubParsersAction:
 
 
 def register_commands(subparsers) -> None:
-    from mixdit.pipelines.testbed.models import PRESETS, TestbedConfig
+    from mixdit.pipelines.testbed.config import PRESETS, TestbedConfig
 
     p = _train_subparsers(subparsers).add_parser(
         "testbed", help="train a synthetic-shapes testbed model (Wan video / SD3 image)",
@@ -66,7 +66,7 @@ def register_commands(subparsers) -> None:
 
 
 def _cmd_train_testbed(args, modules=None) -> int:
-    from mixdit.pipelines.testbed.models import preset
+    from mixdit.pipelines.testbed.config import preset
     from mixdit.pipelines.testbed.train import train_testbed
 
     if args.steps < 1:

@@ -123,9 +123,12 @@ def test_diagonal_only_and_all_tiles(bwd_path, assert_close, device):
     _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=64, kv_tile=64)
 
 
-def test_masks_len_rowselect_empty(bwd_path, assert_close, device):
-    """kv_tile_len padding, row_select bitmasks (incl. a fully masked first visited tile) and empty rows."""
-    B, H, S, D, T = 2, 2, 256, 64, 64
+@pytest.mark.parametrize("T,grouped", [(64, False), (64, True), (32, True)])
+def test_masks_len_rowselect_empty(monkeypatch, bwd_path, assert_close, device, T, grouped):
+    """kv_tile_len padding, row_select bitmasks (incl. a fully masked first visited tile) and empty rows;
+    grouped: small key tiles taken 128 keys per online-softmax step (2 or 4 tiles, group_small_tiles)."""
+    monkeypatch.setitem(bsa._FWD_OPTS, "group_small_tiles", grouped)
+    B, H, S, D = 2, 2, 256, 64
     n_t = S // T
     q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
     kv_count, kv_index = random_layout(B, H, S, S, 0.6, T, T, device=device)
@@ -149,6 +152,26 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device):
                           kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group)
     assert torch.isinf(lse[1, 1, 5:9]).all() and (out[1, 5:9, 1] == 0).all()
     assert torch.isinf(lse[0, 0, T:2 * T]).all()
+
+
+@pytest.mark.parametrize("T", [32, 64])
+def test_small_tiles_grouped(monkeypatch, bwd_path, assert_close, device, T):
+    """Whole key tiles of <= 64 keys taken 128 keys per online-softmax step (group_small_tiles: one accumulator
+    rescale per group): ragged key length, padded tiles, counts below and not a multiple of the group, an empty
+    query tile."""
+    monkeypatch.setitem(bsa._FWD_OPTS, "group_small_tiles", True)
+    assert bsa._tile_group(T, T) == 128 // T
+    B, H, S, D = 2, 2, 300, 64
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
+    kv_count, kv_index = random_layout(B, H, S, S, 0.5, T, T, device=device)
+    kv_count[1, 0, 2] = 0
+    kv_count[0, 1, 0] = 1
+    kv_count[0, 1, 1] = min(3, int(kv_count[0, 1, 1]))
+    n_t = -(-S // T)
+    kv_tile_len = torch.randint(1, T + 1, (n_t,), dtype=torch.int32, device=device)
+    out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=T, kv_tile=T, kv_tile_len=kv_tile_len,
+                          lse_grad=True)
+    assert torch.isinf(lse[1, 0, 2 * T:3 * T]).all() and (out[1, 2 * T:3 * T, 0] == 0).all()
 
 
 @pytest.mark.parametrize("T,S,lens,fwd_cfg", [(64, 200, [64, 1, 37, 8], None), (128, 300, [128, 40, 100], None),

@@ -258,7 +258,7 @@ def test_gradient_accumulation_consumes_micro_batches(tmp_path):
 
 
 def test_cli_vmoba_flags_follow_the_config_fields():
-    from mixdit.attention.vmoba_train import config_from_args
+    from mixdit.attention.vmoba_train_cli import config_from_args
     from mixdit.cli import build_parser
 
     args = build_parser().parse_args(

@@ -82,7 +82,7 @@ def generation_defaults(config: dict) -> dict:
 def folder_defaults(folder) -> dict:
     """Steps, guidance scale, size (and frames) from a trained folder's ``testbed_config.json``; {} for
     other folders. Reads one small file: nothing is loaded."""
-    from mixdit.pipelines.testbed.models import TestbedConfig
+    from mixdit.pipelines.testbed.config import TestbedConfig
     from mixdit.pipelines.testbed.train import read_testbed_config
 
     config = read_testbed_config(folder).get("config", {})
@@ -102,6 +102,6 @@ TESTBED_BUILDERS = {name: functools.partial(load_testbed, name) for name in TEST
 
 def testbed_generation_defaults() -> dict[str, dict]:
     """For ``zoo.GENERATION_DEFAULTS``: each testbed model's defaults, from its preset."""
-    from mixdit.pipelines.testbed.models import PRESETS
+    from mixdit.pipelines.testbed.config import PRESETS
 
     return {name: generation_defaults(PRESETS[kind].to_dict()) for name, kind in TESTBED_MODELS.items()}
