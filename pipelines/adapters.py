@@ -112,6 +112,20 @@ def _pipeline_call_locals(pipe) -> dict:
     return {}
 
 
+def _true_cfg_row_roles(pipe, batch_size: int, call_name: str | None) -> tuple[tuple[str, ...], float]:
+    """Guidance-distilled pipelines (FluxPipeline, HunyuanVideoPipeline) call the transformer for "cond", then,
+    with true CFG only (``true_cfg_scale > 1`` and a negative prompt), again for "uncond"; they keep
+    ``do_true_cfg`` and ``true_cfg_scale`` as locals of ``__call__``."""
+    if call_name == "uncond":
+        return ("uncond",) * batch_size, 1.0
+    scale = 1.0
+    if pipe is not None:
+        local = _pipeline_call_locals(pipe)
+        if local.get("do_true_cfg"):
+            scale = float(local.get("true_cfg_scale", 1.0))
+    return ("cond",) * batch_size, scale
+
+
 def _dual_then_single_sites(model) -> list[AttentionSite]:
     """FLUX / HunyuanVideo numbering: the dual-stream blocks, then the single-stream blocks, as one index."""
     double = list(_sites(model.transformer_blocks, "attn", "joint", "transformer_blocks"))
@@ -167,15 +181,7 @@ class FluxAdapter(FamilyAdapter):
         return (1, h, w) if h * w == x.shape[1] else (1, 1, x.shape[1])
 
     def row_roles(self, pipe, denoiser_name, batch_size, call_name):
-        # FluxPipeline calls the transformer for "cond", then (true CFG only) for "uncond"
-        if call_name == "uncond":
-            return ("uncond",) * batch_size, 1.0
-        scale = 1.0
-        if pipe is not None:
-            local = _pipeline_call_locals(pipe)
-            if local.get("do_true_cfg"):
-                scale = float(local.get("true_cfg_scale", 1.0))
-        return ("cond",) * batch_size, scale
+        return _true_cfg_row_roles(pipe, batch_size, call_name)
 
 
 class WanAdapter(FamilyAdapter):
@@ -209,6 +215,11 @@ class HunyuanVideoAdapter(FamilyAdapter):
 
     family, transformer_class, text_position, is_video = "hunyuan_video", "HunyuanVideoTransformer3DModel", "after", True
     _ehs_pos = 2
+    # its blocks also take the per-row text mask the forward builds from encoder_attention_mask
+    block_row_args = FamilyAdapter.block_row_args + ("attention_mask",)
+
+    def row_roles(self, pipe, denoiser_name, batch_size, call_name):
+        return _true_cfg_row_roles(pipe, batch_size, call_name)
 
     def attention_sites(self, model):
         return _dual_then_single_sites(model)
@@ -226,6 +237,17 @@ class CogVideoXAdapter(FamilyAdapter):
 
     def attention_sites(self, model):
         return list(_sites(model.transformer_blocks, "attn1", "joint", "transformer_blocks"))
+
+    def row_roles(self, pipe, denoiser_name, batch_size, call_name):
+        # CogVideoXPipeline batches [uncond, cond] when it applies CFG (a local: guidance_scale > 1). With
+        # use_dynamic_cfg it sets this step's scale only after the transformer call, so the fold uses the
+        # previous step's scale (the perturbation term then scales by their ratio, close to 1 between steps).
+        if pipe is not None and batch_size % 2 == 0:
+            local = _pipeline_call_locals(pipe)
+            if local.get("do_classifier_free_guidance"):
+                half = batch_size // 2
+                return ("uncond",) * half + ("cond",) * half, float(getattr(pipe, "_guidance_scale", 1.0))
+        return ("cond",) * batch_size, 1.0
 
     def grid(self, model, args, kwargs):
         x = _arg(args, kwargs, "hidden_states", 0)  # [B, F, C, H, W]

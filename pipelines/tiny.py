@@ -207,6 +207,69 @@ TINY_WAN_TRANSFORMER = dict(
     qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
 )
 
+# the two video families without a built-in tiny pipeline: their transformers alone (tests of the attention features)
+TINY_HUNYUAN_VIDEO_TRANSFORMER = dict(
+    in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_single_layers=1,
+    num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+    pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+)
+TINY_COGVIDEOX_TRANSFORMER = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=8,
+    num_layers=3, sample_width=16, sample_height=16, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+    max_text_seq_length=8,
+)
+
+
+def denoiser_inputs(model, batch: int, *, seed: int = 0, latent=None, text_len: int | None = None,
+                    random_timesteps: bool = False) -> dict:
+    """Random keyword inputs for one call of a diffusers DiT of any supported family (``model(**inputs)``,
+    ``return_dict=False``): latents, text states (and pooled / ids / guidance where the family takes them) at
+    the model's widths. ``latent``: the latent grid ((frames,) height, width; FLUX: tokens per side) before
+    patchify, default a small one; ``random_timesteps``: one timestep per row instead of the middle of the
+    schedule. HunyuanVideo gets a text mask with its last two tokens padded (keys the attention must skip)."""
+    from mixdit.pipelines.adapters import detect_family
+
+    family = detect_family(model)
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(batch, generator=g) if random_timesteps else torch.full((batch,), 0.5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if family == "sd3":
+        h, w = latent or (8, 8)
+        return dict(hidden_states=randn(batch, cfg.in_channels, h, w),
+                    encoder_hidden_states=randn(batch, text_len or 7, cfg.joint_attention_dim),
+                    pooled_projections=randn(batch, cfg.pooled_projection_dim), timestep=1000 * t, return_dict=False)
+    if family == "flux":
+        side = (latent or (4,))[0]
+        n_text = text_len or 6
+        ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+        return dict(hidden_states=randn(batch, side * side, cfg.in_channels),
+                    encoder_hidden_states=randn(batch, n_text, cfg.joint_attention_dim),
+                    pooled_projections=randn(batch, cfg.pooled_projection_dim), timestep=t,
+                    guidance=torch.full((batch,), 3.5), txt_ids=torch.zeros(n_text, 3),
+                    img_ids=torch.cat([torch.zeros(side * side, 1), ids.float()], 1), return_dict=False)
+    if family == "wan":
+        f, h, w = latent or (3, 8, 8)
+        return dict(hidden_states=randn(batch, cfg.in_channels, f, h, w), timestep=1000 * t,
+                    encoder_hidden_states=randn(batch, text_len or 7, cfg.text_dim), return_dict=False)
+    if family == "hunyuan_video":
+        f, h, w = latent or (3, 4, 6)
+        n_text = text_len or 6
+        mask = torch.ones(batch, n_text, dtype=torch.bool)
+        mask[:, n_text - 2:] = False
+        return dict(hidden_states=randn(batch, cfg.in_channels, f, h, w), timestep=1000 * t,
+                    encoder_hidden_states=randn(batch, n_text, cfg.text_embed_dim), encoder_attention_mask=mask,
+                    pooled_projections=randn(batch, cfg.pooled_projection_dim),
+                    guidance=torch.full((batch,), 3000.0), return_dict=False)
+    # cogvideox: [B, frames, C, H, W]; its text length is fixed by max_text_seq_length
+    f, h, w = latent or (3, 16, 16)
+    return dict(hidden_states=randn(batch, f, cfg.in_channels, h, w),
+                encoder_hidden_states=randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim),
+                timestep=(1000 * t).long(), return_dict=False)
+
 
 def _seeded(seed: int):
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Head perturbation guidance on tiny SD3 / FLUX / Wan pipelines (CPU, float32)."""
+"""Head perturbation guidance on tiny SD3 / FLUX / Wan pipelines, and on tiny HunyuanVideo / CogVideoX
+transformers (CPU, float32)."""
 
 import copy
 
@@ -9,6 +10,7 @@ import mixdit
 from mixdit.errors import ConfigError
 from mixdit.guidance.perturbation import (GuidanceConfig, blend_perturbation, explicit_perturbed_attention,
                                           guidance_feature, row_layout)
+from mixdit.pipelines.tiny import TINY_COGVIDEOX_TRANSFORMER, TINY_HUNYUAN_VIDEO_TRANSFORMER, denoiser_inputs
 
 STEPS = 2
 CALL_KW = {
@@ -73,33 +75,29 @@ def test_shared_prefix_equals_naive_in_pipeline(pipes, name):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-def _bare_inputs(name, pipe, batch):
-    g = torch.Generator().manual_seed(1)
-    cfg = pipe.transformer.config
-    if name == "tiny-sd3":
-        return dict(hidden_states=torch.randn(batch, cfg.in_channels, 8, 8, generator=g),
-                    encoder_hidden_states=torch.randn(batch, 7, cfg.joint_attention_dim, generator=g),
-                    pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-                    timestep=torch.full((batch,), 500.0), return_dict=False)
-    if name == "tiny-flux":
-        ids = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
-        img_ids = torch.cat([torch.zeros(16, 1), ids.float()], 1)
-        return dict(hidden_states=torch.randn(batch, 16, cfg.in_channels, generator=g),
-                    encoder_hidden_states=torch.randn(batch, 6, cfg.joint_attention_dim, generator=g),
-                    pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-                    timestep=torch.full((batch,), 0.5), guidance=torch.full((batch,), 3.5),
-                    txt_ids=torch.zeros(6, 3), img_ids=img_ids, return_dict=False)
-    return dict(hidden_states=torch.randn(batch, 16, 3, 8, 8, generator=g), timestep=torch.full((batch,), 500.0),
-                encoder_hidden_states=torch.randn(batch, 7, cfg.text_dim, generator=g), return_dict=False)
+# the video families without a tiny pipeline: their tiny transformers alone
+BARE_ONLY = {"hunyuan_video": ("HunyuanVideoTransformer3DModel", TINY_HUNYUAN_VIDEO_TRANSFORMER),
+             "cogvideox": ("CogVideoXTransformer3DModel", TINY_COGVIDEOX_TRANSFORMER)}
 
 
-@pytest.mark.parametrize("name", list(CALL_KW))
+def _bare_model(pipes, name):
+    """A private copy of the named pipeline's transformer, or a tiny transformer of a BARE_ONLY family."""
+    if name in BARE_ONLY:
+        import diffusers
+
+        cls, config = BARE_ONLY[name]
+        torch.manual_seed(0)
+        return getattr(diffusers, cls)(**config).eval()
+    return copy.deepcopy(pipes[name].transformer)
+
+
+@pytest.mark.parametrize("name", list(CALL_KW) + list(BARE_ONLY))
 @pytest.mark.parametrize("mode", ["identity", "identity_image", "uniform", "mean_query"])
 def test_shared_prefix_equals_three_pass(pipes, name, mode):
     """[uncond, cond] + perturbed rows, forked at the first perturbed layer == three separate passes."""
-    model = copy.deepcopy(pipes[name].transformer)
+    model = _bare_model(pipes, name)
     last = mixdit.api.adapter_for(model).num_layers(model) - 1
-    x = _bare_inputs(name, pipes[name], 2)
+    x = denoiser_inputs(model, 2, seed=1)
     s, w, u = 2.5, 4.0, 0.7
     cfg = GuidanceConfig(heads=f"L{last}H1,L{last - 1}H0", scale=s, softpag=u, mode=mode)
     with torch.no_grad():
@@ -236,7 +234,7 @@ def test_guider_matches_formula(pipes):
     from mixdit.guidance.guider import HeadPerturbationGuidance
 
     model = copy.deepcopy(pipes["tiny-sd3"].transformer)
-    x = _bare_inputs("tiny-sd3", pipes["tiny-sd3"], 2)
+    x = denoiser_inputs(pipes["tiny-sd3"].transformer, 2, seed=1)
     guider = HeadPerturbationGuidance(guidance_scale=4.0, perturbed_guidance_scale=2.0, heads="L1H0", softpag=0.8)
     guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(500))
     assert guider.num_conditions == 3
@@ -256,3 +254,36 @@ def test_guider_matches_formula(pipes):
     eps_u = fused[:1]
     torch.testing.assert_close(out, eps_u + 4.0 * (fused[1:] - eps_u), atol=2e-5, rtol=1e-4)
     assert ref is not None
+
+
+def test_cogvideox_pipeline_perturbs_cond_rows_only():
+    """CogVideoXPipeline batches [uncond, cond] under CFG (a local of its __call__): only the cond row of each
+    step gets a perturbed copy; without CFG every row is cond. remove() restores the output bitwise."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+
+    from mixdit.pipelines.tiny import make_t5_encoder, make_t5_tokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4).eval()
+    pipe = CogVideoXPipeline(tokenizer=make_t5_tokenizer(8), text_encoder=make_t5_encoder(8), vae=vae,
+                             transformer=CogVideoXTransformer3DModel(**TINY_COGVIDEOX_TRANSFORMER).eval(),
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(w):
+        return pipe("a red cat", guidance_scale=w, num_inference_steps=STEPS, height=32, width=32, num_frames=9,
+                    max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    for w in (6.0, 1.0):
+        ref = run(w)
+        mixdit.apply(pipe, guidance=GuidanceConfig(heads="L2", scale=3.0))
+        out = run(w)
+        stats = mixdit.summary(pipe)["features"]["guidance"]
+        mixdit.remove(pipe)
+        assert stats["perturbed_calls"] == STEPS and stats["perturbed_rows"] == STEPS, (w, stats)
+        assert not torch.allclose(out, ref)
+        assert torch.equal(run(w), ref)

@@ -1,18 +1,20 @@
-"""The HeadHunter search's batched call (K candidate rows, one head set per row) on bare tiny SD3 / FLUX /
-Wan transformers (CPU, float32): each row equals that candidate's own single call, and the call computes
-exactly the rows of the fork rule (K rows before the first perturbed layer, 2K from it on)."""
+"""The HeadHunter search's batched call (K candidate rows, one head set per row) on bare tiny SD3 / FLUX / Wan /
+HunyuanVideo / CogVideoX transformers (CPU, float32): each row equals that candidate's own single call, and the call
+computes exactly the rows of the fork rule (K rows before the first perturbed layer, 2K from it on)."""
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideoTransformer3DModel,
+                       SD3Transformer2DModel, WanTransformer3DModel)
 
 import mixdit
 import mixdit.guidance.perturbation as perturbation
 from mixdit.guidance.perturbation import GuidanceConfig, guidance_feature
 from mixdit.pipelines.context import current_context
-from mixdit.pipelines.tiny import TINY_FLUX_TRANSFORMER, TINY_SD3_TRANSFORMER, TINY_WAN_TRANSFORMER
+from mixdit.pipelines.tiny import (TINY_COGVIDEOX_TRANSFORMER, TINY_FLUX_TRANSFORMER, TINY_HUNYUAN_VIDEO_TRANSFORMER,
+                                   TINY_SD3_TRANSFORMER, TINY_WAN_TRANSFORMER, denoiser_inputs)
 
-FAMILIES = ("sd3", "flux", "wan")
+FAMILIES = ("sd3", "flux", "wan", "hunyuan_video", "cogvideox")
 # K = 5 candidates, 4-layer models: late, late, middle, a two-layer set (fork at 0), middle
 HEAD_SETS = [{(3, 0)}, {(3, 1)}, {(1, 0)}, {(0, 1), (3, 0)}, {(2, 1)}]
 
@@ -20,32 +22,18 @@ HEAD_SETS = [{(3, 0)}, {(3, 1)}, {(1, 0)}, {(0, 1), (3, 0)}, {(2, 1)}]
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return {
+    return {  # four attention layers each (FLUX and HunyuanVideo: 2 double-stream + 2 single-stream blocks)
         "sd3": SD3Transformer2DModel(**dict(TINY_SD3_TRANSFORMER, num_layers=4)).eval(),
-        "flux": FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER).eval(),  # 2 double + 2 single = layers 0..3
+        "flux": FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER).eval(),
         "wan": WanTransformer3DModel(**dict(TINY_WAN_TRANSFORMER, num_layers=4)).eval(),
+        "hunyuan_video": HunyuanVideoTransformer3DModel(**dict(TINY_HUNYUAN_VIDEO_TRANSFORMER, num_single_layers=2)).eval(),
+        "cogvideox": CogVideoXTransformer3DModel(**dict(TINY_COGVIDEOX_TRANSFORMER, num_layers=4)).eval(),
     }
 
 
 def _inputs(family, model, batch, seed):
-    """Fresh random rows: every candidate on its own trajectory (own latent, own text)."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    t = torch.rand(batch, generator=g)
-    if family == "sd3":
-        return dict(hidden_states=torch.randn(batch, cfg.in_channels, 8, 8, generator=g),
-                    encoder_hidden_states=torch.randn(batch, 7, cfg.joint_attention_dim, generator=g),
-                    pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-                    timestep=1000 * t, return_dict=False)
-    if family == "flux":
-        ids = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
-        return dict(hidden_states=torch.randn(batch, 16, cfg.in_channels, generator=g),
-                    encoder_hidden_states=torch.randn(batch, 6, cfg.joint_attention_dim, generator=g),
-                    pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-                    timestep=t, guidance=torch.full((batch,), 3.5), txt_ids=torch.zeros(6, 3),
-                    img_ids=torch.cat([torch.zeros(16, 1), ids.float()], 1), return_dict=False)
-    return dict(hidden_states=torch.randn(batch, 16, 3, 8, 8, generator=g), timestep=1000 * t,
-                encoder_hidden_states=torch.randn(batch, 7, cfg.text_dim, generator=g), return_dict=False)
+    """Fresh random rows: every candidate on its own trajectory (own latent, own text, own timestep)."""
+    return denoiser_inputs(model, batch, seed=seed, random_timesteps=True)
 
 
 def _rows(x, i):

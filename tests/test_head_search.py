@@ -57,6 +57,24 @@ def test_search_finds_planted_head_batched_and_single(pipe, target):
     assert mixdit.summary(pipe) == {"features": {}}
 
 
+def test_search_finds_planted_head_in_a_video_model():
+    """The search on a video pipeline (tiny-wan): candidates scored on each video's middle frame, batched."""
+    video = mixdit.load_pipeline("tiny-wan")
+    video.set_progress_bar_config(disable=True)
+    size = dict(height=64, width=64, num_frames=9)
+    planted = "L1H0"
+    mixdit.apply(video, guidance=GuidanceConfig(heads=planted, scale=3.0))
+    frames = video("a cat", num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                   output_type="np", **size).frames[0]
+    mixdit.remove(video)
+    toy = Toy(np.asarray(frames[len(frames) // 2], dtype=np.float32))
+    preset = head_hunter(video, SearchConfig(prompts=["a cat"], objective=toy, top_k=1, samples=1, steps=3,
+                                             batch_size=4, pipeline_kwargs=dict(size, output_type="np")),
+                         progress=False)
+    assert preset["heads"] == planted and preset["family"] == "wan"
+    assert toy.images == 4 and toy.calls == 1  # 2 layers x 2 heads, one batched call
+
+
 def test_two_rounds_and_preset_roundtrip(pipe, target, tmp_path):
     preset = head_hunter(pipe, SearchConfig(prompts=["a cat"], objective=Toy(target), rounds=2, top_k=1, samples=1,
                                             steps=3, candidates="L0"), progress=False)

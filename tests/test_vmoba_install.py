@@ -6,6 +6,8 @@ import torch
 import mixdit
 from mixdit.errors import UnsupportedModelError
 from mixdit.kernels.reference import visited_index
+from mixdit.pipelines.tiny import (TINY_COGVIDEOX_TRANSFORMER, TINY_HUNYUAN_VIDEO_TRANSFORMER, TINY_WAN_TRANSFORMER,
+                                   denoiser_inputs)
 
 # tiny grids: every layer type must still cut the grid into several blocks
 SMALL = dict(temporal_block=1, spatial_block=(2, 2), spatiotemporal_block=(1, 2, 2), dense_steps=0,
@@ -13,61 +15,38 @@ SMALL = dict(temporal_block=1, spatial_block=(2, 2), spatiotemporal_block=(1, 2,
 ALL_BLOCKS = dict(SMALL, selection="topk", topk_temporal=1000, topk_spatial=1000, topk_spatiotemporal=1000)
 
 
-def tiny_wan():
-    from diffusers import WanTransformer3DModel
+def _tiny(cls_name, config, **overrides):
+    import diffusers
 
     torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                                 out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
-                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    return getattr(diffusers, cls_name)(**dict(config, **overrides)).eval()
 
 
-def wan_inputs(batch):
-    return dict(hidden_states=torch.randn(batch, 16, 3, 8, 12), timestep=torch.tensor([500.0] * batch),
-                encoder_hidden_states=torch.randn(batch, 7, 32), return_dict=False)
+def tiny_wan():
+    return _tiny("WanTransformer3DModel", TINY_WAN_TRANSFORMER, num_layers=3)
+
+
+WAN_LATENT = (3, 8, 12)  # 3 x 4 x 6 tokens after the (1, 2, 2) patch
 
 
 def tiny_hunyuan():
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                          num_layers=2, num_single_layers=1, num_refiner_layers=1, patch_size=1,
-                                          patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
-                                          pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)).eval()
-
-
-def hunyuan_inputs(batch):
-    mask = torch.ones(batch, 6, dtype=torch.bool)
-    mask[:, 4:] = False  # padded text tokens: keys masked
-    return dict(hidden_states=torch.randn(batch, 4, 3, 4, 6), timestep=torch.tensor([500.0] * batch),
-                encoder_hidden_states=torch.randn(batch, 6, 16), encoder_attention_mask=mask,
-                pooled_projections=torch.randn(batch, 8), guidance=torch.tensor([3000.0] * batch), return_dict=False)
+    return _tiny("HunyuanVideoTransformer3DModel", TINY_HUNYUAN_VIDEO_TRANSFORMER)
 
 
 def tiny_cogvideox():
-    from diffusers import CogVideoXTransformer3DModel
-
-    torch.manual_seed(0)
-    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                       time_embed_dim=2, text_embed_dim=8, num_layers=3, sample_width=16,
-                                       sample_height=16, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
-                                       max_text_seq_length=8).eval()
+    return _tiny("CogVideoXTransformer3DModel", TINY_COGVIDEOX_TRANSFORMER)
 
 
-def cogvideox_inputs(batch):
-    return dict(hidden_states=torch.randn(batch, 3, 4, 16, 16), encoder_hidden_states=torch.randn(batch, 8, 8),
-                timestep=torch.tensor([500] * batch), return_dict=False)
-
-
-MODELS = [(tiny_wan, wan_inputs), (tiny_hunyuan, hunyuan_inputs), (tiny_cogvideox, cogvideox_inputs)]
+# (model builder, denoiser_inputs options); HunyuanVideo's inputs pad its last two text tokens (keys masked)
+MODELS = [(tiny_wan, dict(latent=WAN_LATENT)), (tiny_hunyuan, {}), (tiny_cogvideox, {})]
 
 
 @pytest.mark.parametrize("make,inputs", MODELS, ids=["wan", "hunyuan_video", "cogvideox"])
 def test_all_blocks_equals_dense_and_remove_is_bitwise(make, inputs):
     from mixdit.attention.vmoba import VMoBAConfig
 
-    model, x = make(), inputs(2)
+    model = make()
+    x = denoiser_inputs(model, 2, **inputs)
     with torch.no_grad():
         ref = model(**x)[0]
         mixdit.apply(model, vmoba=VMoBAConfig(**ALL_BLOCKS))
@@ -89,7 +68,7 @@ def test_cfg_batch_selects_per_sample():
 
     model = tiny_wan()
     mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25)))
-    x = wan_inputs(2)
+    x = denoiser_inputs(model, 2, latent=WAN_LATENT)
     with torch.no_grad():
         both = model(**x)[0]
         alone = model(**{k: (v[:1] if torch.is_tensor(v) else v) for k, v in x.items()})[0]
@@ -153,7 +132,8 @@ def test_dense_fallback_rule_when_sparsity_cannot_pay():
     key tiles runs dense (the original processor) until the next measurement."""
     from mixdit.attention.vmoba import VMoBAConfig
 
-    model, x = tiny_wan(), wan_inputs(2)
+    model = tiny_wan()
+    x = denoiser_inputs(model, 2, latent=WAN_LATENT)
     with torch.no_grad():
         ref = model(**x)[0]
         mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25, max_tile_density=0.0)))
@@ -200,7 +180,9 @@ def test_dense_fallback_rule_keeps_layers_that_measured_slower_than_dense():
 def test_gpu_measuring_call_times_sparse_and_dense():
     from mixdit.attention.vmoba import VMoBAConfig
 
-    model, x = tiny_wan().cuda(), {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in wan_inputs(2).items()}
+    model = tiny_wan()
+    x = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in denoiser_inputs(model, 2, latent=WAN_LATENT).items()}
+    model = model.cuda()
     with torch.no_grad():
         mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25, max_tile_density=0.99)))
         model(**x)  # warm-up call: tile share only
