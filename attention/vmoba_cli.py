@@ -22,7 +22,7 @@ def add_generate_arguments(parser) -> None:
 def features_from_args(args) -> dict:
     if not getattr(args, "vmoba", False):
         return {}
-    from mixdit.attention.vmoba import VMoBAConfig
+    from mixdit.attention.vmoba_config import VMoBAConfig
 
     fields = {}
     if args.vmoba_selection is not None:

@@ -26,7 +26,7 @@ def _is_preset(value: str) -> bool:
 
 
 def features_from_args(args) -> dict:
-    from mixdit.guidance.perturbation import GuidanceConfig, config_from_preset
+    from mixdit.guidance.config import GuidanceConfig, config_from_preset
 
     heads = getattr(args, "heads", None)
     extras = {"scale": getattr(args, "perturb_scale", None), "softpag": getattr(args, "softpag", None),
@@ -82,9 +82,7 @@ def register_commands(subparsers) -> None:
 
 def _cmd_search(args, modules=None) -> int:
     from mixdit.batch import prompt_text_lines
-    from mixdit.guidance.objectives import get_objective
-    from mixdit.guidance.search import SearchConfig, head_hunter, write_preset
-    from mixdit.pipelines.zoo import load_pipeline
+    from mixdit.guidance.config import SearchConfig
 
     try:
         with open(args.prompts) as f:
@@ -98,8 +96,11 @@ def _cmd_search(args, modules=None) -> int:
                           samples=args.samples, steps=args.steps, seed=args.seed, scale=args.perturb_scale,
                           softpag=args.softpag, mode=args.perturb_mode, batch_size=args.batch_size,
                           candidates=args.candidates, height=args.height, width=args.width, cache_dir=cache_dir)
-    config.validate()
+    config.validate()  # before the (slow) imports and model load
     from mixdit.distributed import process_state, relaunch_cpu_processes, requested_cpu_processes
+    from mixdit.guidance.objectives import get_objective
+    from mixdit.guidance.search import head_hunter, write_preset
+    from mixdit.pipelines.zoo import load_pipeline
 
     n = requested_cpu_processes()
     if n > 1:  # `accelerate launch --cpu --num_processes N` without MPI starts one process

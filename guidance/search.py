@@ -19,49 +19,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from mixdit.config import check_choice, check_number
-from mixdit.errors import ConfigError
+from mixdit.guidance.config import SearchConfig  # noqa: F401  (re-exported)
 from mixdit.guidance.heads import format_heads, head_counts, resolve_heads
-from mixdit.guidance.perturbation import MODES, GuidanceConfig, guidance_feature
-
-
-@dataclass
-class SearchConfig:
-    """Settings of one HeadHunter search (field names = ``mixdit heads search`` flags)."""
-
-    prompts: list[str]
-    objective: Any = "pickscore"
-    rounds: int = 1
-    top_k: int = 24
-    samples: int = 20  # prompt-seed pairs per candidate (prompts cycled, seeds seed, seed+1, ...)
-    steps: int = 20
-    seed: int = 0
-    scale: float = 3.0
-    softpag: float = 1.0
-    mode: str = "identity"
-    batch_size: int = 8  # candidates per batched pipeline call (1 = one candidate per pass)
-    candidates: Any = None  # head spec of the search space (None = every head)
-    height: int | None = None
-    width: int | None = None
-    cache_dir: str | None = None
-    pipeline_kwargs: dict = field(default_factory=dict)  # extra pipeline call arguments (frames, ...)
-
-    def validate(self) -> None:
-        if not isinstance(self.prompts, (list, tuple)) or not self.prompts or not all(
-                isinstance(p, str) and p.strip() for p in self.prompts):
-            raise ConfigError("search.prompts", self.prompts, "a non-empty list of non-empty prompts")
-        for name, lo in (("rounds", 1), ("top_k", 1), ("samples", 1), ("steps", 1), ("batch_size", 1)):
-            check_number(f"search.{name}", getattr(self, name), lo, None, integer=True)
-        check_number("search.seed", self.seed, 0, None, integer=True)
-        check_number("search.scale", self.scale, 0.0, 1000.0, lo_open=True)
-        check_number("search.softpag", self.softpag, 0.0, 1.0, lo_open=True)
-        check_choice("search.mode", self.mode, MODES)
+from mixdit.guidance.perturbation import GuidanceConfig, guidance_feature
 
 
 def _key(round_: int, heads: str, prompt: str, seed: int) -> str:

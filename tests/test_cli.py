@@ -91,3 +91,38 @@ def test_help_does_not_import_torch_or_diffusers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+def test_argument_errors_are_reported_before_torch_is_imported():
+    """A wrong value gets its error (exit code 2) without importing torch or diffusers (~4 s on a CPU): the
+    settings are checked before the commands import the model stack. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mixdit.cli as c; "
+            "codes = [c.main(a) for a in (['generate', 'x', '--steps', '-1'], "
+            "['generate', 'x', '--heads', 'L0', '--perturb-scale', '-1'], "
+            "['generate', 'x', '--vmoba', '--vmoba-threshold', '2'], "
+            "['heads', 'search', '--model', 'tiny-sd3', '--prompts', sys.argv[1], '--out', 'x.json', '--top-k', '0'], "
+            "['train', 'vmoba', '--data', 'synthetic:0', '--out', 'o'])]; "
+            "print('CODES', codes, 'HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, __file__], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CODES [2, 2, 2, 2, 2] HEAVY []" in out.stdout, (out.stdout, out.stderr[-2000:])
+    for field in ("steps", "guidance.scale", "vmoba.threshold", "search.top_k", "data"):
+        assert f"mixdit: error: {field} = " in out.stderr, (field, out.stderr)
+
+
+def test_libraries_are_quieted_when_first_imported():
+    """The component-loading progress bars and info logs of diffusers / transformers stay off although the CLI
+    no longer imports them up front."""
+    import subprocess
+    import sys
+
+    code = ("import logging, mixdit.cli as c; c._quiet_libraries(); "
+            "import diffusers.utils.logging as d, transformers.utils.logging as t; "
+            "print('QUIET', d.is_progress_bar_enabled(), t.is_progress_bar_enabled(), "
+            "d.get_verbosity() == logging.ERROR, t.get_verbosity() == logging.ERROR)")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("_VERBOSITY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert "QUIET False False True True" in out.stdout, (out.stdout, out.stderr[-2000:])
