@@ -349,9 +349,29 @@ def build_tiny_wan22():
                        **_wan_components())
 
 
+def build_tiny_cogvideox():
+    """``CogVideoXPipeline`` with a 3-block transformer (64x64, 9 frames by default: latent 3 x 8 x 8) and a T5
+    text encoder at the pipeline's default 226 text tokens."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    _seeded(0)
+    transformer = CogVideoXTransformer3DModel(**dict(TINY_COGVIDEOX_TRANSFORMER, max_text_seq_length=226,
+                                                     sample_width=8, sample_height=8)).eval()
+    _seeded(1)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4).eval()
+    _seeded(2)
+    text_encoder = make_t5_encoder(TINY_COGVIDEOX_TRANSFORMER["text_embed_dim"])
+    return CogVideoXPipeline(tokenizer=make_t5_tokenizer(226), text_encoder=text_encoder, vae=vae,
+                             transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+
+
 TINY_BUILDERS = {
     "tiny-sd3": build_tiny_sd3,
     "tiny-flux": build_tiny_flux,
     "tiny-wan": build_tiny_wan,
     "tiny-wan22": build_tiny_wan22,
+    "tiny-cogvideox": build_tiny_cogvideox,
 }

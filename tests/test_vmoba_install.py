@@ -191,3 +191,29 @@ def test_gpu_measuring_call_times_sparse_and_dense():
         timing = mixdit.summary(model)["features"]["vmoba"]["last_timing"]
     mixdit.remove(model)
     assert timing and all(t["sparse_ms"] > 0 and t["dense_ms"] > 0 for t in timing.values())
+
+
+def test_cogvideox_pipeline_dense_steps_then_sparse():
+    """In a real CogVideoXPipeline (tiny-cogvideox, CFG batch [uncond, cond]): the first dense_steps run dense,
+    the rest sparse with the text tokens kept dense; every block selected gives the dense output; remove() restores
+    it bitwise."""
+    from mixdit.attention.vmoba import VMoBAConfig
+
+    pipe = mixdit.load_pipeline("tiny-cogvideox")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red cat", num_inference_steps=4, height=64, width=64, num_frames=9, guidance_scale=6.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    ref = run()
+    mixdit.apply(pipe, vmoba=VMoBAConfig(**dict(ALL_BLOCKS, dense_steps=2)))
+    full = run()
+    dense_calls = mixdit.summary(pipe)["features"]["vmoba"]["dense_calls"]
+    mixdit.apply(pipe, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25, dense_steps=2)))
+    sparse = run()
+    mixdit.remove(pipe)
+    torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(sparse, ref, atol=1e-4), "the sparse steps changed nothing"
+    assert dense_calls.get("dense_steps") == 2 * 3, dense_calls  # 2 of 4 steps x 3 layers, one CFG call per step
+    assert torch.equal(run(), ref)

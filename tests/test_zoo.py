@@ -11,13 +11,15 @@ import torch
 
 from mixdit.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from mixdit.pipelines import random_models, tiny, zoo
+from mixdit.pipelines.tiny import denoiser_inputs
 from mixdit.pipelines.zoo import (
     BUILTIN_MODELS, builtin_cache_dir, detect_family, list_builtin_models, load_pipeline, resolve_device,
     resolve_dtype,
 )
 
-TINY = ["tiny-sd3", "tiny-flux", "tiny-wan", "tiny-wan22"]
-FAMILY = {"tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-wan": "wan", "tiny-wan22": "wan"}
+TINY = ["tiny-sd3", "tiny-flux", "tiny-wan", "tiny-wan22", "tiny-cogvideox"]
+FAMILY = {"tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-wan": "wan", "tiny-wan22": "wan", "tiny-cogvideox": "cogvideox"}
+VIDEO = ("tiny-wan", "tiny-wan22", "tiny-cogvideox")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +46,7 @@ def _generate(pipe, name, seed=0):
     kwargs = dict(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(seed))
     if name == "tiny-sd3":  # its default size is 64x64
         return pipe("a red ball", **kwargs).images
-    if "wan" in name:
+    if name in VIDEO:
         return pipe("a red ball", height=64, width=64, num_frames=9, **kwargs).frames
     return pipe("a red ball", height=64, width=64, **kwargs).images
 
@@ -61,7 +63,7 @@ def test_tiny_generates_deterministically(name):
     for h in hooks:
         h.remove()
     b = _generate(pipe, name, seed=0)
-    expected = (1, 9, 64, 64, 3) if "wan" in name else (1, 64, 64, 3)
+    expected = (1, 9, 64, 64, 3) if name in VIDEO else (1, 64, 64, 3)
     assert a.shape == expected
     assert (a == b).all()
     assert a.std() > 0  # not a constant image
@@ -72,21 +74,16 @@ def test_tiny_generates_deterministically(name):
     assert all(n > 0 for n in calls.values()), calls
 
 
+# latent grid and text length of each tiny model's transformer inputs (CogVideoX: its fixed 226 text tokens)
+_INPUT_SIZES = {"tiny-sd3": dict(latent=(16, 16), text_len=12), "tiny-flux": dict(latent=(8,), text_len=12),
+                "tiny-wan": dict(latent=(3, 8, 8), text_len=12), "tiny-wan22": dict(latent=(3, 8, 8), text_len=12),
+                "tiny-cogvideox": dict(latent=(3, 8, 8))}
+
+
 def _transformer_inputs(name, transformer):
-    g = torch.Generator().manual_seed(123)
-    t = torch.tensor([500.0])
-    if name == "tiny-sd3":
-        return dict(hidden_states=torch.randn(1, 16, 16, 16, generator=g),
-                    encoder_hidden_states=torch.randn(1, 12, 64, generator=g),
-                    pooled_projections=torch.randn(1, 64, generator=g), timestep=t)
-    if name == "tiny-flux":
-        return dict(hidden_states=torch.randn(1, 64, 64, generator=g),
-                    encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
-                    pooled_projections=torch.randn(1, 32, generator=g), timestep=t / 1000,
-                    img_ids=torch.randint(0, 8, (64, 3), generator=g).float(), txt_ids=torch.zeros(12, 3),
-                    guidance=torch.tensor([3.5]))
-    return dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g), timestep=t,
-                encoder_hidden_states=torch.randn(1, 12, 32, generator=g))
+    inputs = denoiser_inputs(transformer, 1, seed=123, **_INPUT_SIZES[name])
+    inputs.pop("return_dict")
+    return inputs
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -249,7 +246,7 @@ def test_detect_family_video_classes_on_meta():
 # ---------------------------------------------------------------------------------------------- registry
 def test_registry_lists_and_extends():
     names = list_builtin_models()
-    assert names[:4] == sorted(TINY)
+    assert names[:len(TINY)] == sorted(TINY)
     for arch in ("sd3.5-medium", "flux.1-dev", "wan2.1-1.3b", "wan2.1-14b"):
         assert f"random:{arch}" in names
 
