@@ -99,6 +99,28 @@ def make_t5_tokenizer(model_max_length: int = 512):
                                extra_ids=100, model_max_length=model_max_length)
 
 
+def make_llama_tokenizer(model_max_length: int = 512):
+    """A character-level Llama tokenizer (HunyuanVideo's text encoder): ``▁`` for spaces, ASCII 33..126, newline
+    as ``<0x0A>``; the chat-template markers stay plain characters. Built without any file."""
+    from transformers import LlamaTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "▁"])}
+    for c in range(33, 127):
+        vocab[chr(c)] = len(vocab)
+    vocab["<0x0A>"] = len(vocab)
+    try:  # transformers >= 5: a BPE without merges over these symbols
+        return LlamaTokenizerFast(vocab=vocab, merges=[], model_max_length=model_max_length, pad_token="</s>")
+    except TypeError:  # transformers 4.x: from a `tokenizers.Tokenizer` object
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.normalizer = normalizers.Replace(" ", "▁")
+        tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        tk.decoder = decoders.Replace("▁", " ")
+        return LlamaTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>", model_max_length=model_max_length)
+
+
 # --------------------------------------------------------------------------------------------
 # text encoders and VAEs (shared with random_models for the full-size stand-ins)
 # --------------------------------------------------------------------------------------------
@@ -368,10 +390,40 @@ def build_tiny_cogvideox():
                              transformer=transformer, scheduler=CogVideoXDDIMScheduler())
 
 
+def build_tiny_hunyuan_video():
+    """``HunyuanVideoPipeline`` with a 2 + 2-block transformer (64x64, 9 frames by default: latent 3 x 8 x 8), a
+    3-layer Llama text encoder (its second-to-last layer is used) and a small CLIP for the pooled text."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import LlamaConfig, LlamaModel
+
+    _seeded(0)
+    transformer = HunyuanVideoTransformer3DModel(**dict(TINY_HUNYUAN_VIDEO_TRANSFORMER, num_single_layers=2)).eval()
+    _seeded(1)
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                    mid_block_add_attention=True).eval()
+    tokenizer = make_llama_tokenizer()
+    _seeded(2)
+    text_encoder = LlamaModel(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY_HUNYUAN_VIDEO_TRANSFORMER["text_embed_dim"], intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024)).eval()
+    _seeded(3)
+    text_encoder_2 = make_clip_text_encoder(TINY_HUNYUAN_VIDEO_TRANSFORMER["pooled_projection_dim"], None,
+                                            with_projection=False)
+    return HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
+                                tokenizer_2=make_clip_tokenizer())
+
+
 TINY_BUILDERS = {
     "tiny-sd3": build_tiny_sd3,
     "tiny-flux": build_tiny_flux,
     "tiny-wan": build_tiny_wan,
     "tiny-wan22": build_tiny_wan22,
+    "tiny-hunyuan-video": build_tiny_hunyuan_video,
     "tiny-cogvideox": build_tiny_cogvideox,
 }

@@ -4,8 +4,9 @@ Every kind of name gives back an ordinary diffusers pipeline:
 
 * a built-in name (see :func:`list_builtin_models`):
 
-  - ``tiny-sd3``, ``tiny-flux``, ``tiny-wan``, ``tiny-wan22``, ``tiny-cogvideox``: tiny real architectures with random
-    weights from a fixed seed and tokenizers built in code (:mod:`mixdit.pipelines.tiny`). They are
+  - ``tiny-sd3``, ``tiny-flux``, ``tiny-wan``, ``tiny-wan22``, ``tiny-hunyuan-video``, ``tiny-cogvideox``: tiny
+    real architectures with random weights from a fixed seed and tokenizers built in code
+    (:mod:`mixdit.pipelines.tiny`). They are
     built once, written with ``save_pretrained`` into ``$MIXDIT_CACHE/<name>`` (default
     ``~/.cache/mixdit/<name>``) and always loaded back with plain
     ``DiffusionPipeline.from_pretrained(folder)``; a missing, stale or unreadable folder is rebuilt.
@@ -202,6 +203,7 @@ GENERATION_DEFAULTS: dict[str, dict] = {
     "tiny-flux": dict(steps=4, height=64, width=64, guidance_scale=3.5),
     "tiny-wan": dict(steps=4, height=64, width=64, frames=9, guidance_scale=4.0),
     "tiny-wan22": dict(steps=4, height=64, width=64, frames=9, guidance_scale=4.0),
+    "tiny-hunyuan-video": dict(steps=4, height=64, width=64, frames=9, guidance_scale=6.0),  # embedded guidance
     "tiny-cogvideox": dict(steps=4, height=64, width=64, frames=9, guidance_scale=6.0),
     "random:sd3.5-medium": dict(steps=28, height=1024, width=1024, guidance_scale=4.5),
     "random:flux.1-dev": dict(steps=28, height=1024, width=1024, guidance_scale=3.5),
@@ -292,7 +294,8 @@ def _hub_offline() -> bool:
 def load_pipeline(name: str, device="cpu", dtype=None, **kwargs):
     """Load ``name`` as a diffusers ``DiffusionPipeline`` on ``device`` in ``dtype``.
 
-    ``name``: a built-in name (``tiny-sd3``, ``tiny-flux``, ``tiny-wan``, ``tiny-wan22``, ``tiny-cogvideox``,
+    ``name``: a built-in name (``tiny-sd3``, ``tiny-flux``, ``tiny-wan``, ``tiny-wan22``, ``tiny-hunyuan-video``,
+    ``tiny-cogvideox``,
     ``random:sd3.5-medium``, ``random:flux.1-dev``, ``random:wan2.1-1.3b``, ``random:wan2.1-14b``,
     ... see :func:`list_builtin_models`), a local diffusers folder, or a hub id.
     ``device``: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``torch.device``.

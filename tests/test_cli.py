@@ -128,13 +128,14 @@ def test_libraries_are_quieted_when_first_imported():
     assert "QUIET False False True True" in out.stdout, (out.stdout, out.stderr[-2000:])
 
 
-def test_generate_cogvideox_with_vmoba_and_heads(tmp_path):
-    """CogVideoX end to end from the CLI (the tiny built-in): VMoBA and head perturbation together."""
+@pytest.mark.parametrize("model", ["tiny-hunyuan-video", "tiny-cogvideox"])
+def test_generate_video_families_with_vmoba_and_heads(tmp_path, model):
+    """HunyuanVideo and CogVideoX end to end from the CLI (tiny built-ins): VMoBA and head perturbation together."""
     import imageio.v3 as iio
 
     out = tmp_path / "c.mp4"
-    assert main(["generate", "a blue circle", "--model", "tiny-cogvideox", "--steps", "2", "--vmoba", "--heads", "L2",
+    assert main(["generate", "a blue circle", "--model", model, "--steps", "2", "--vmoba", "--heads", "L2",
                  "--out", str(out)]) == 0
     assert iio.imread(out).shape[:3] == (9, 64, 64)
     meta = json.loads((tmp_path / "c.mp4.json").read_text())
-    assert meta["model"] == "tiny-cogvideox" and set(meta["features"]) == {"vmoba", "guidance"}
+    assert meta["model"] == model and set(meta["features"]) == {"vmoba", "guidance"}

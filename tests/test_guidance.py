@@ -1,5 +1,4 @@
-"""Head perturbation guidance on tiny SD3 / FLUX / Wan pipelines, and on tiny HunyuanVideo / CogVideoX
-transformers (CPU, float32)."""
+"""Head perturbation guidance on tiny SD3 / FLUX / Wan / HunyuanVideo / CogVideoX pipelines (CPU, float32)."""
 
 import copy
 
@@ -10,13 +9,14 @@ import mixdit
 from mixdit.errors import ConfigError
 from mixdit.guidance.perturbation import (GuidanceConfig, blend_perturbation, explicit_perturbed_attention,
                                           guidance_feature, row_layout)
-from mixdit.pipelines.tiny import TINY_HUNYUAN_VIDEO_TRANSFORMER, denoiser_inputs
+from mixdit.pipelines.tiny import denoiser_inputs
 
 STEPS = 2
 CALL_KW = {
     "tiny-sd3": dict(guidance_scale=4.0),
     "tiny-flux": dict(height=64, width=64, guidance_scale=3.5),
     "tiny-wan": dict(height=64, width=64, num_frames=9, guidance_scale=4.0),
+    "tiny-hunyuan-video": dict(height=64, width=64, num_frames=9, guidance_scale=6.0),  # embedded guidance
     "tiny-cogvideox": dict(height=64, width=64, num_frames=9, guidance_scale=6.0),  # CFG rows batched [uncond, cond]
 }
 
@@ -76,26 +76,11 @@ def test_shared_prefix_equals_naive_in_pipeline(pipes, name):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-# the video family without a tiny pipeline: its tiny transformer alone
-BARE_ONLY = {"hunyuan_video": ("HunyuanVideoTransformer3DModel", TINY_HUNYUAN_VIDEO_TRANSFORMER)}
-
-
-def _bare_model(pipes, name):
-    """A private copy of the named pipeline's transformer, or a tiny transformer of a BARE_ONLY family."""
-    if name in BARE_ONLY:
-        import diffusers
-
-        cls, config = BARE_ONLY[name]
-        torch.manual_seed(0)
-        return getattr(diffusers, cls)(**config).eval()
-    return copy.deepcopy(pipes[name].transformer)
-
-
-@pytest.mark.parametrize("name", list(CALL_KW) + list(BARE_ONLY))
+@pytest.mark.parametrize("name", list(CALL_KW))
 @pytest.mark.parametrize("mode", ["identity", "identity_image", "uniform", "mean_query"])
 def test_shared_prefix_equals_three_pass(pipes, name, mode):
     """[uncond, cond] + perturbed rows, forked at the first perturbed layer == three separate passes."""
-    model = _bare_model(pipes, name)
+    model = copy.deepcopy(pipes[name].transformer)
     last = mixdit.api.adapter_for(model).num_layers(model) - 1
     x = denoiser_inputs(model, 2, seed=1)
     s, w, u = 2.5, 4.0, 0.7
@@ -266,3 +251,29 @@ def test_cogvideox_pipeline_perturbs_cond_rows_only(pipes):
         stats = mixdit.summary(pipe)["features"]["guidance"]
         mixdit.remove(pipe)
         assert stats["perturbed_calls"] == STEPS and stats["perturbed_rows"] == STEPS, (w, stats)
+
+
+def test_hunyuan_video_true_cfg_perturbs_the_cond_call_only(pipes):
+    """HunyuanVideoPipeline with true CFG (a negative prompt and true_cfg_scale > 1) calls the transformer for
+    "cond", then for "uncond": only the first gets perturbed rows, folded with w = true_cfg_scale."""
+    from mixdit.guidance.perturbation import PLAN_KEY
+    from mixdit.pipelines.context import current_context
+
+    pipe = pipes["tiny-hunyuan-video"]
+    mixdit.apply(pipe, guidance=GuidanceConfig(heads="L3", scale=3.0))
+    seen = []  # (row roles, the fold's CFG scale) of each call, read inside the first block
+
+    def record(module, args):
+        ctx = current_context()
+        plan = ctx.extras.get(PLAN_KEY)
+        seen.append((ctx.row_roles, None if plan is None else plan.cfg_scale))
+
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(record)
+    try:
+        _run(pipe, "tiny-hunyuan-video", negative_prompt="blurry", true_cfg_scale=4.0)
+    finally:
+        handle.remove()
+    stats = mixdit.summary(pipe)["features"]["guidance"]
+    mixdit.remove(pipe)
+    assert stats["perturbed_calls"] == STEPS and stats["perturbed_rows"] == STEPS, stats
+    assert seen == [(("cond", "perturbed"), 4.0), (("uncond",), None)] * STEPS, seen

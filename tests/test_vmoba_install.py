@@ -193,13 +193,15 @@ def test_gpu_measuring_call_times_sparse_and_dense():
     assert timing and all(t["sparse_ms"] > 0 and t["dense_ms"] > 0 for t in timing.values())
 
 
-def test_cogvideox_pipeline_dense_steps_then_sparse():
-    """In a real CogVideoXPipeline (tiny-cogvideox, CFG batch [uncond, cond]): the first dense_steps run dense,
-    the rest sparse with the text tokens kept dense; every block selected gives the dense output; remove() restores
-    it bitwise."""
+@pytest.mark.parametrize("name", ["tiny-hunyuan-video", "tiny-cogvideox"])
+def test_video_pipeline_dense_steps_then_sparse(name):
+    """In real HunyuanVideo (text after the video, padded text masked) and CogVideoX (text before, CFG batch
+    [uncond, cond]) pipelines: the first dense_steps run dense, the rest sparse with the text tokens kept dense;
+    every block selected gives the dense output; remove() restores it bitwise."""
     from mixdit.attention.vmoba import VMoBAConfig
 
-    pipe = mixdit.load_pipeline("tiny-cogvideox")
+    pipe = mixdit.load_pipeline(name)
+    layers = mixdit.api.adapter_for(pipe).num_layers(pipe.transformer)
     pipe.set_progress_bar_config(disable=True)
 
     def run():
@@ -215,5 +217,5 @@ def test_cogvideox_pipeline_dense_steps_then_sparse():
     mixdit.remove(pipe)
     torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(sparse, ref, atol=1e-4), "the sparse steps changed nothing"
-    assert dense_calls.get("dense_steps") == 2 * 3, dense_calls  # 2 of 4 steps x 3 layers, one CFG call per step
+    assert dense_calls.get("dense_steps") == 2 * layers, dense_calls  # 2 of 4 steps, one call per step
     assert torch.equal(run(), ref)

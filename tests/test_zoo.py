@@ -17,9 +17,10 @@ from mixdit.pipelines.zoo import (
     resolve_dtype,
 )
 
-TINY = ["tiny-sd3", "tiny-flux", "tiny-wan", "tiny-wan22", "tiny-cogvideox"]
-FAMILY = {"tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-wan": "wan", "tiny-wan22": "wan", "tiny-cogvideox": "cogvideox"}
-VIDEO = ("tiny-wan", "tiny-wan22", "tiny-cogvideox")
+TINY = ["tiny-sd3", "tiny-flux", "tiny-wan", "tiny-wan22", "tiny-hunyuan-video", "tiny-cogvideox"]
+FAMILY = {"tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-wan": "wan", "tiny-wan22": "wan",
+          "tiny-hunyuan-video": "hunyuan_video", "tiny-cogvideox": "cogvideox"}
+VIDEO = ("tiny-wan", "tiny-wan22", "tiny-hunyuan-video", "tiny-cogvideox")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +78,7 @@ def test_tiny_generates_deterministically(name):
 # latent grid and text length of each tiny model's transformer inputs (CogVideoX: its fixed 226 text tokens)
 _INPUT_SIZES = {"tiny-sd3": dict(latent=(16, 16), text_len=12), "tiny-flux": dict(latent=(8,), text_len=12),
                 "tiny-wan": dict(latent=(3, 8, 8), text_len=12), "tiny-wan22": dict(latent=(3, 8, 8), text_len=12),
-                "tiny-cogvideox": dict(latent=(3, 8, 8))}
+                "tiny-hunyuan-video": dict(latent=(3, 8, 8), text_len=12), "tiny-cogvideox": dict(latent=(3, 8, 8))}
 
 
 def _transformer_inputs(name, transformer):
