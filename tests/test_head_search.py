@@ -57,22 +57,28 @@ def test_search_finds_planted_head_batched_and_single(pipe, target):
     assert mixdit.summary(pipe) == {"features": {}}
 
 
-def test_search_finds_planted_head_in_a_video_model():
-    """The search on a video pipeline (tiny-wan): candidates scored on each video's middle frame, batched."""
-    video = mixdit.load_pipeline("tiny-wan")
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-hunyuan-video", "tiny-cogvideox"])
+def test_search_finds_planted_head_in_a_video_model(name):
+    """The search on video pipelines (Wan, HunyuanVideo, CogVideoX): every candidate head scored once on its
+    video's middle frame, in one batched call, and the planted head found."""
+    from mixdit.guidance.heads import head_counts
+
+    video = mixdit.load_pipeline(name)
     video.set_progress_bar_config(disable=True)
-    size = dict(height=64, width=64, num_frames=9)
+    size = dict(height=64, width=64, num_frames=9, guidance_scale=1.0)  # HunyuanVideo: embedded guidance 1
     planted = "L1H0"
     mixdit.apply(video, guidance=GuidanceConfig(heads=planted, scale=3.0))
-    frames = video("a cat", num_inference_steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
-                   output_type="np", **size).frames[0]
+    frames = video("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np",
+                   **size).frames[0]
     mixdit.remove(video)
     toy = Toy(np.asarray(frames[len(frames) // 2], dtype=np.float32))
+    adapter = mixdit.api.adapter_for(video)
+    candidates = sum(head_counts(adapter, video.transformer))
     preset = head_hunter(video, SearchConfig(prompts=["a cat"], objective=toy, top_k=1, samples=1, steps=3,
-                                             batch_size=4, pipeline_kwargs=dict(size, output_type="np")),
+                                             batch_size=candidates, pipeline_kwargs=dict(size, output_type="np")),
                          progress=False)
-    assert preset["heads"] == planted and preset["family"] == "wan"
-    assert toy.images == 4 and toy.calls == 1  # 2 layers x 2 heads, one batched call
+    assert preset["heads"] == planted and preset["family"] == adapter.family
+    assert toy.images == candidates and toy.calls == 1
 
 
 def test_two_rounds_and_preset_roundtrip(pipe, target, tmp_path):
