@@ -134,6 +134,7 @@ def _group_scores(q, k_base, k_desc, idx_base, slot, count, offs_n, offs_d, Sk, 
 
 @triton.jit
 def _group_values(v_base, v_desc, kt, offs_n, offs_d, Sk, s_vs, KV_TILE: tl.constexpr, USE_TMA: tl.constexpr):
+    """The values of key tile ``kt`` for the grouped loop (rows past Sk read as zeros)."""
     if USE_TMA:
         return v_desc.load([kt * KV_TILE, 0])
     else:

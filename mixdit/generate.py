@@ -82,7 +82,8 @@ def pipeline_kwargs(pipe, family: str, is_video: bool, request: GenerationReques
     }
     if is_video:
         frames = request.frames or defaults.get("frames")
-        if frames is not None and family in ("wan", "hunyuan_video") and (frames - 1) % 4:
+        # their VAEs pack 4 frames per latent frame after the first; other counts lose frames silently
+        if frames is not None and family in ("wan", "hunyuan_video", "cogvideox") and (frames - 1) % 4:
             raise ConfigError("frames", frames, "4k+1 frames for this model (e.g. 9, 17, 33, 81)")
         wanted["num_frames"] = frames
     elif request.frames not in (None, 1):

@@ -53,6 +53,7 @@ def test_generate_with_vmoba_flags(tmp_path):
     (["generate", "x", "--height", "30"], "height"),
     (["generate", "x", "--out", "picture.bmp"], "out"),
     (["generate", "x", "--model", "tiny-wan", "--frames", "8"], "frames"),
+    (["generate", "x", "--model", "tiny-cogvideox", "--frames", "10"], "frames"),
     (["generate", "x", "--model", "tiny-wan", "--vmoba", "--vmoba-threshold", "2"], "vmoba.threshold"),
     (["generate", "x", "--model", "tiny-sd3", "--vmoba"], "vmoba"),
     (["generate", "x", "--dtype", "int8"], "dtype"),
