@@ -71,11 +71,12 @@ def test_random_seed_is_recorded(app, outputs):
     assert f"seed {meta['seed']}" in summary and isinstance(meta["seed"], int)
 
 
-def test_video_generation_with_vmoba_writes_mp4_sidecar_and_density_summary(app, outputs):
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-hunyuan-video", "tiny-cogvideox"])
+def test_video_generation_with_vmoba_writes_mp4_sidecar_and_density_summary(app, outputs, model):
     import imageio.v3 as iio
 
     image, video, summary, files, meta = _generate(
-        app, model="tiny-wan", steps=2, frames=9, fps=8, vmoba=True, vmoba_threshold=0.5, vmoba_dense_steps=1.0)
+        app, model=model, steps=2, frames=9, fps=8, vmoba=True, vmoba_threshold=0.5, vmoba_dense_steps=1.0)
     path = video["value"]
     assert video["visible"] and not image["visible"]
     assert files == [path, path + ".json"]
