@@ -84,27 +84,13 @@ def make_timer(device: str):
 
 
 def make_inputs(family, model, batch, size, device, dtype):
-    cfg = model.config
-    g = torch.Generator(device=device).manual_seed(0)
+    """One denoiser call's inputs at ``size`` pixels (latent side size / 8; FLUX packs 2x2 patches into tokens)
+    with the pipelines' text lengths (SD3.5: 77 CLIP + 256 T5 tokens; FLUX: 512)."""
+    from mixdit.pipelines.tiny import denoiser_inputs
+
     lat = size // 8
-    if family == "sd3":
-        return dict(hidden_states=torch.randn(batch, cfg.in_channels, lat, lat, device=device, dtype=dtype, generator=g),
-                    encoder_hidden_states=torch.randn(batch, 333, cfg.joint_attention_dim, device=device, dtype=dtype,
-                                                      generator=g),
-                    pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, device=device, dtype=dtype,
-                                                   generator=g),
-                    timestep=torch.full((batch,), 500.0, device=device), return_dict=False)
-    n = (lat // 2) ** 2
-    side = lat // 2
-    ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    img_ids = torch.cat([torch.zeros(n, 1), ids.float()], 1).to(device)
-    return dict(hidden_states=torch.randn(batch, n, cfg.in_channels, device=device, dtype=dtype, generator=g),
-                encoder_hidden_states=torch.randn(batch, 512, cfg.joint_attention_dim, device=device, dtype=dtype,
-                                                  generator=g),
-                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, device=device, dtype=dtype,
-                                               generator=g),
-                timestep=torch.full((batch,), 0.5, device=device), guidance=torch.full((batch,), 3.5, device=device),
-                txt_ids=torch.zeros(512, 3, device=device), img_ids=img_ids, return_dict=False)
+    shape = dict(latent=(lat, lat), text_len=333) if family == "sd3" else dict(latent=(lat // 2,), text_len=512)
+    return denoiser_inputs(model, batch, **shape, device=device, dtype=dtype)
 
 
 def build_model(arch, device, dtype, tiny):

@@ -243,12 +243,23 @@ TINY_COGVIDEOX_TRANSFORMER = dict(
 
 
 def denoiser_inputs(model, batch: int, *, seed: int = 0, latent=None, text_len: int | None = None,
-                    random_timesteps: bool = False) -> dict:
+                    random_timesteps: bool = False, device=None, dtype=None) -> dict:
     """Random keyword inputs for one call of a diffusers DiT of any supported family (``model(**inputs)``,
     ``return_dict=False``): latents, text states (and pooled / ids / guidance where the family takes them) at
     the model's widths. ``latent``: the latent grid ((frames,) height, width; FLUX: tokens per side) before
     patchify, default a small one; ``random_timesteps``: one timestep per row instead of the middle of the
-    schedule. HunyuanVideo gets a text mask with its last two tokens padded (keys the attention must skip)."""
+    schedule. HunyuanVideo gets a text mask with its last two tokens padded (keys the attention must skip).
+    Drawn on the CPU (the same values on any device), then moved to ``device``; the latents and text states in
+    ``dtype`` (timesteps, guidance and ids stay float32)."""
+    inputs = _denoiser_inputs(model, batch, seed, latent, text_len, random_timesteps)
+    for key, value in inputs.items():
+        if torch.is_tensor(value):
+            cast = dtype if key in ("hidden_states", "encoder_hidden_states", "pooled_projections") else None
+            inputs[key] = value.to(device=device, dtype=cast)
+    return inputs
+
+
+def _denoiser_inputs(model, batch, seed, latent, text_len, random_timesteps) -> dict:
     from mixdit.pipelines.adapters import detect_family
 
     family = detect_family(model)
