@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mixdit.attention.vmoba_config import (  # noqa: F401  (re-exported: the settings live there, torch-free)
-    GRANULARITIES, LAYER_TYPES, ROUTER_PRECISIONS, SELECTIONS, VMoBAConfig, layer_type_for, vmoba_dense_reason,
-    vmoba_should_run_dense,
+    GRANULARITIES, LAYER_TYPES, SELECTIONS, VMoBAConfig, layer_type_for, vmoba_dense_reason, vmoba_should_run_dense,
 )
 from mixdit.config import check_choice
 from mixdit.errors import ConfigError

@@ -62,10 +62,7 @@ from typing import Any
 
 import torch
 
-from mixdit.attention.vmoba_train_config import (  # noqa: F401  (re-exported)
-    EXPERTS, MIXED_PRECISIONS, TIMESTEP_SAMPLINGS, TRAINING_VMOBA_DEFAULTS, TrainConfig, parse_data_spec,
-    resolve_vmoba_config,
-)
+from mixdit.attention.vmoba_train_config import EXPERTS, TrainConfig, parse_data_spec
 from mixdit.errors import ConfigError, MixditError
 from mixdit.pipelines.context import checkpoint_keeping_context
 

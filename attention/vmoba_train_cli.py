@@ -15,7 +15,7 @@ from mixdit.errors import ConfigError
 def _vmoba_fields():
     from mixdit.attention.vmoba_config import VMoBAConfig
 
-    return [f for f in dataclasses.fields(VMoBAConfig)]
+    return list(dataclasses.fields(VMoBAConfig))
 
 
 def _parse_vmoba_value(field_, text: str):

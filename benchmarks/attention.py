@@ -365,7 +365,6 @@ def sweep(rep_ms):
     fwd_cfgs = [(128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 4)]
     variants = [{}, {"tail_only_mask": True}, {"tma": True}, {"tma": True, "tail_only_mask": True},
                 {"tma": True, "warp_specialize": True}, {"warp_specialize": True}]
-    defaults = dict(bsa._FWD_OPTS)
     fwd_error = _small_fwd_error(bsa, D)
     for density in (1.0, 0.25):
         layout = random_layout(B, H, S, S, density, TILE, TILE, device="cuda")
@@ -373,20 +372,15 @@ def sweep(rep_ms):
         flops = 4 * B * H * S * S * D * frac
         for var in variants:
             for cfg in fwd_cfgs:
-                bsa._FWD_OPTS.update(defaults)
-                bsa._FWD_OPTS.update(var)
-                bsa._CONFIG_OVERRIDE.clear()
-                bsa._CONFIG_OVERRIDE["fwd"] = cfg
                 try:
-                    err = fwd_error()
-                    ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
+                    with bsa.forward_variant(var, cfg):
+                        err = fwd_error()
+                        ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
                 except Exception as e:
                     print("fwd", var, cfg, "FAILED", str(e)[:300], flush=True)
                     continue
                 out.append(dict(kernel="fwd", cfg=cfg, opts=var, density=density, ms=ms, tflops=flops / ms / 1e9, err=err))
                 print(f"sweep fwd d={density} {cfg} {var}: {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s err {err:.2e}", flush=True)
-    bsa._FWD_OPTS.update(defaults)
-    bsa._CONFIG_OVERRIDE.clear()
     # backward: time the whole fwd+bwd with one kernel's config changed at a time
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     layout = random_layout(B, H, S, S, 0.25, TILE, TILE, device="cuda")
@@ -426,7 +420,6 @@ def fwd_sweep(rep_ms, configs=None, variants=FWD_AB_VARIANTS, repeats=1):
     ``variants``: dicts of ``_FWD_OPTS`` switches applied over the defaults, one at a time."""
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
     configs = FWD_SWEEP if configs is None else configs
-    defaults = dict(bsa._FWD_OPTS)
     from mixdit.kernels.reference import random_layout
 
     B, H, S, D = 2, 12, 32760, 128
@@ -440,20 +433,12 @@ def fwd_sweep(rep_ms, configs=None, variants=FWD_AB_VARIANTS, repeats=1):
         print(f"fwd-sweep d={density} flex {flex_ms:.3f} ms", flush=True)
         for var in [v for _ in range(repeats) for v in variants]:
             for cfg, extra in configs:
-                bsa._FWD_OPTS.update(var)
-                bsa._CONFIG_OVERRIDE["fwd"] = cfg
-                bsa._FWD_LAUNCH_EXTRA.update(extra)
                 try:
-                    err = fwd_error()
-                    ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
+                    with bsa.forward_variant(var, cfg, extra):
+                        err = fwd_error()
+                        ms = bench(mixdit_fn(q, k, v, layout, "fwd"), rep_ms)
                 except Exception as e:
                     print("fwd-sweep", cfg, extra, var, "FAILED", str(e)[:200], flush=True)
-                    ms, err = None, None
-                finally:
-                    bsa._FWD_OPTS.update(defaults)
-                    bsa._CONFIG_OVERRIDE.clear()
-                    bsa._FWD_LAUNCH_EXTRA.clear()
-                if ms is None:
                     continue
                 rows.append(dict(cfg=cfg, extra=extra, opts=var, density=density, ms=ms, tflops=flops / ms / 1e9,
                                  flex_ms=flex_ms, vs_flex=flex_ms / ms, err=err))

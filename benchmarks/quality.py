@@ -118,7 +118,7 @@ def _guidance_presets(config_class, family: str) -> list[tuple[str, object]]:
         import mixdit.guidance as g
 
         folder = Path(g.__file__).parent / "presets"
-        from mixdit.guidance.perturbation import config_from_preset, load_preset
+        from mixdit.guidance.config import config_from_preset, load_preset
 
         for path in sorted(glob.glob(str(folder / "*.json"))):
             data = load_preset(path)

@@ -103,9 +103,9 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                 dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
             for layer in (1, 2, 3):  # spatial, spatiotemporal, temporal
                 part = partition_for_layer(grid, layer, cfg, dev)
-                qb = _gather_tokens(q, part.q_perm).contiguous()
-                kb = _gather_tokens(k, part.kv_perm).contiguous()
-                vb = _gather_tokens(v, part.kv_perm).contiguous()
+                qb = _gather_tokens(q, part.q_perm)  # contiguous, as vmoba_attention passes them
+                kb = _gather_tokens(k, part.kv_perm)
+                vb = _gather_tokens(v, part.kv_perm)
 
                 def permute():  # the gathers vmoba_attention does (last: the output's way back), none for identities
                     a = q if part.q_is_identity else _gather_tokens(q, part.q_perm)
@@ -127,13 +127,9 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                 sparse_ab = {}
                 if kernel_ab:
                     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
-                    keep = dict(bsa._FWD_OPTS)
                     for tag, opts in KERNEL_AB.items():
-                        bsa._FWD_OPTS.update(opts)
-                        try:
+                        with bsa.forward_variant(opts):
                             sparse_ab[tag] = _bench(sparse)
-                        finally:
-                            bsa._FWD_OPTS.update(keep)
                 total = router_ms + perm_ms + sparse_ms
                 row = dict(model=name, grid=list(grid), B=B, H=H, D=D, tokens=S, input=kind,
                            layer_type=part.layer_type, blocks=part.num_blocks, kv_tiles=part.num_kv_tiles,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from mixdit.api import Feature, register_feature, session_of
 from mixdit.errors import ConfigError
-from mixdit.guidance.config import MODES, GuidanceConfig, config_from_preset, load_preset  # noqa: F401  (re-exported)
+from mixdit.guidance.config import MODES, GuidanceConfig
 from mixdit.guidance.heads import format_heads, head_counts, resolve_heads
 from mixdit.pipelines.context import ForwardContext, current_context
 

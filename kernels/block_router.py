@@ -47,7 +47,6 @@ Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependen
 from __future__ import annotations
 
 import os
-from typing import Optional
 from dataclasses import dataclass
 
 import torch
@@ -258,7 +257,7 @@ def block_key_means(k: torch.Tensor, block_tile_start: torch.Tensor, block_tile_
 def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, block_size: torch.Tensor,
                  block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                  kv_tile_group: torch.Tensor, selection: str = "threshold", threshold: float = 0.25,
-                 topk: int = 3, q_tile: int = 128, kv_tile: int = 128, precision: Optional[str] = "tf32x3",
+                 topk: int = 3, q_tile: int = 128, kv_tile: int = 128, precision: str | None = "tf32x3",
                  block_m: int | None = None, max_block_tiles: int | None = None) -> RouterOutput:
     """Select VMoBA blocks for every query row and head; return the block-sparse layout.
 

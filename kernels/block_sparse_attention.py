@@ -25,6 +25,7 @@ Design (see benchmarks/NOTES.md for the measurements behind it):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -654,6 +655,24 @@ def _env_dq_mode() -> str:
 # off until `vmoba_attention.py --kernel-ab` shows it faster).
 _FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "exp2_group": 0,
              "group_small_tiles": False}
+
+
+@contextlib.contextmanager
+def forward_variant(switches: dict | None = None, config=None, launch_extra: dict | None = None):
+    """A/B hook of the benchmarks: inside, the forward runs with these ``_FWD_OPTS`` switches over the
+    defaults, this ``(BLOCK_M, BLOCK_N, warps, stages)`` config and these extra launch options; everything
+    is restored on leaving (also on an error)."""
+    saved = dict(_FWD_OPTS), dict(_CONFIG_OVERRIDE), dict(_FWD_LAUNCH_EXTRA)
+    try:
+        _FWD_OPTS.update(switches or {})
+        if config is not None:
+            _CONFIG_OVERRIDE["fwd"] = config
+        _FWD_LAUNCH_EXTRA.update(launch_extra or {})
+        yield
+    finally:
+        for table, old in zip((_FWD_OPTS, _CONFIG_OVERRIDE, _FWD_LAUNCH_EXTRA), saved):
+            table.clear()
+            table.update(old)
 # backward switches: "tma" = descriptors for the gathered Q/dO (dK/dV) and K/V (dQ) tiles; "padded" = lse/delta
 # padded to whole query tiles so the loops carry no row masks. MIXDIT_BWD_TMA=0 selects the old kernels (A/B).
 # "dq": "split" = FA2-style dK/dV kernel + dQ kernel; "atomic" = dQ accumulated by fp32 atomics inside the dK/dV

@@ -112,6 +112,12 @@ def _pipeline_call_locals(pipe) -> dict:
     return {}
 
 
+def _cfg_batch_roles(batch_size: int) -> tuple[str, ...]:
+    """Roles of a CFG batch that a pipeline concatenates as [uncond rows, cond rows] (SD3, CogVideoX)."""
+    half = batch_size // 2
+    return ("uncond",) * half + ("cond",) * half
+
+
 def _true_cfg_row_roles(pipe, batch_size: int, call_name: str | None) -> tuple[tuple[str, ...], float]:
     """Guidance-distilled pipelines (FluxPipeline, HunyuanVideoPipeline) call the transformer for "cond", then,
     with true CFG only (``true_cfg_scale > 1`` and a negative prompt), again for "uncond"; they keep
@@ -157,8 +163,7 @@ class SD3Adapter(FamilyAdapter):
     def row_roles(self, pipe, denoiser_name, batch_size, call_name):
         # StableDiffusion3Pipeline batches [uncond, cond] when it applies CFG (guidance_scale > 1)
         if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False) and batch_size % 2 == 0:
-            half = batch_size // 2
-            return ("uncond",) * half + ("cond",) * half, float(pipe.guidance_scale)
+            return _cfg_batch_roles(batch_size), float(pipe.guidance_scale)
         return ("cond",) * batch_size, 1.0
 
 
@@ -245,8 +250,7 @@ class CogVideoXAdapter(FamilyAdapter):
         if pipe is not None and batch_size % 2 == 0:
             local = _pipeline_call_locals(pipe)
             if local.get("do_classifier_free_guidance"):
-                half = batch_size // 2
-                return ("uncond",) * half + ("cond",) * half, float(getattr(pipe, "_guidance_scale", 1.0))
+                return _cfg_batch_roles(batch_size), float(getattr(pipe, "_guidance_scale", 1.0))
         return ("cond",) * batch_size, 1.0
 
     def grid(self, model, args, kwargs):

@@ -66,25 +66,44 @@ def assert_close():
     return assert_close_rule
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(cmd, extra_env, timeout):
+    """Run a two-rank launcher in a clean environment (earlier in-process accelerate use may have left its
+    variables); ``.failure``: the head and the tail of stderr (the rank that fails first prints near the top,
+    the launcher's summary comes last)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    err = proc.stderr
+    proc.failure = err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:]
+    return proc
+
+
 @pytest.fixture
 def run_two_cpu_ranks():
     """``run(args, extra_env=None, timeout=300)``: ``python -m mixdit *args`` in two CPU ranks under
-    ``accelerate launch`` on a free local port, in a clean launcher environment (earlier in-process accelerate
-    use may have left its variables). Returns the CompletedProcess with ``.failure``: the head and the tail of
-    stderr (the rank that fails first prints near the top, the launcher's summary comes last)."""
+    ``accelerate launch`` on a free local port. Returns the CompletedProcess with ``.failure`` (see _run_ranks)."""
     def run(args, extra_env=None, timeout=300):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "mixdit", *args]
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
-               and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        err = proc.stderr
-        proc.failure = err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:]
-        return proc
+               "--main_process_port", str(_free_port()), "-m", "mixdit", *args]
+        return _run_ranks(cmd, extra_env, timeout)
+    return run
+
+
+@pytest.fixture
+def run_script_on_two_cpu_ranks():
+    """``run(script, timeout=120)``: a Python file in two ranks under ``torch.distributed.run`` (accelerate's
+    CPU launcher starts one process without MPI). Returns the CompletedProcess with ``.failure``."""
+    def run(script, timeout=120):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
+        return _run_ranks(cmd, None, timeout)
     return run

@@ -517,3 +517,16 @@ def test_gpu_checkpointed_forward_in_backward_thread():
     out = checkpoint(lambda a, b, c: block_sparse_attention(a, b, c, kc, ki)[0], q, k, v, use_reentrant=False)
     out.float().square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_forward_variant_applies_and_restores():
+    """The benchmarks' A/B hook: switches, config and launch options hold inside and are restored after an error."""
+    tables = (bsa._FWD_OPTS, bsa._CONFIG_OVERRIDE, bsa._FWD_LAUNCH_EXTRA)
+    before = [dict(t) for t in tables]
+    with pytest.raises(RuntimeError):
+        with bsa.forward_variant({"group_small_tiles": not before[0]["group_small_tiles"]}, (64, 32, 4, 1),
+                                 {"maxnreg": 128}):
+            assert bsa._FWD_OPTS["group_small_tiles"] != before[0]["group_small_tiles"]
+            assert bsa._CONFIG_OVERRIDE["fwd"] == (64, 32, 4, 1) and bsa._FWD_LAUNCH_EXTRA["maxnreg"] == 128
+            raise RuntimeError("inside")
+    assert [dict(t) for t in tables] == before

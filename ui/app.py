@@ -73,7 +73,7 @@ def preset_updates(path):
     """Fill the guidance fields (heads, scale, u, mode; guidance on) from an uploaded preset JSON."""
     if not path:
         return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
-    from mixdit.guidance.perturbation import config_from_preset
+    from mixdit.guidance.config import config_from_preset
 
     try:
         cfg = config_from_preset(path)
@@ -88,7 +88,7 @@ def build_app(runner: Runner | None = None, *, model: str | None = None, device:
     """The mixdit web UI. ``runner`` (default: a new :class:`Runner` writing to ``outputs_dir``)
     holds the pipeline cache; ``model``/``device``/``dtype`` preselect the controls."""
     from mixdit.attention.vmoba import GRANULARITIES, SELECTIONS
-    from mixdit.guidance.perturbation import MODES
+    from mixdit.guidance.config import MODES
     from mixdit.pipelines.zoo import list_builtin_models
 
     runner = runner if runner is not None else Runner(outputs_dir, max_pipelines=max_pipelines)
