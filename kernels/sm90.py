@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 HOPPER_SMEM_PER_BLOCK = 232448  # bytes one block may use on sm_90 (227 KB)
 HOPPER_SMEM_PER_SM = 233472  # 228 KB per SM, of which each resident block also takes 1 KB reserved
 HOPPER_REGS_PER_SM = 65536
+HOPPER_WARPS_PER_SM = 64  # 2,048 resident threads
+HOPPER_BLOCKS_PER_SM = 32
 
 # kernel argument names -> Triton signature types (pointer names are upper case; "H" is the head count)
 _FP32_PTRS = {"LSE", "DELTA", "DQACC"}
@@ -34,10 +36,12 @@ class Compiled:
 
     @property
     def blocks_per_sm(self) -> int:
-        """Resident blocks per SM allowed by shared memory and registers (the occupancy the kernel can get)."""
+        """Resident blocks per SM allowed by shared memory, registers and the SM's warp and block limits (the
+        occupancy the kernel can get)."""
         by_smem = HOPPER_SMEM_PER_SM // (self.shared + 1024)
         regs = -(-self.registers // 8) * 8 * 32 * self.warps  # allocated in units of 8 per thread
-        return max(0, min(by_smem, HOPPER_REGS_PER_SM // regs, 32 // self.warps))
+        by_warps = HOPPER_WARPS_PER_SM // self.warps
+        return max(0, min(by_smem, HOPPER_REGS_PER_SM // regs, by_warps, HOPPER_BLOCKS_PER_SM))
 
     def loop_mix(self) -> dict:
         """Instruction counts per thread in the innermost loop that issues tensor-core MMAs (HGMMA): the shortest

@@ -83,3 +83,5 @@ def test_blocks_per_sm_counts_shared_memory_registers_and_warps():
     # registers bind first: 255 per thread x 8 warps is half the register file
     assert Compiled(shared=16384, registers=255, spill_bytes=0, warps=8, sass="").blocks_per_sm == 1
     assert Compiled(shared=16384, registers=64, spill_bytes=0, warps=4, sass="").blocks_per_sm == 8
+    # small blocks: 64 resident warps per SM (2,048 threads), not 32
+    assert Compiled(shared=8192, registers=32, spill_bytes=0, warps=4, sass="").blocks_per_sm == 16
