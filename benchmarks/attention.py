@@ -412,7 +412,7 @@ FWD_SWEEP = [((128, 128, 8, 3), {}), ((128, 128, 8, 2), {}), ((128, 64, 8, 3), {
 
 # forward code-path switches over the defaults (--fwd-sweep: once per config; --fwd-ab: the default config only,
 # each timed twice in A B A B order)
-FWD_AB_VARIANTS = ({}, {"exp2_group": 4}, {"exp2_group": 8})
+FWD_AB_VARIANTS = ({}, {"tail_only_mask": False})
 
 
 def fwd_sweep(rep_ms, configs=None, variants=FWD_AB_VARIANTS, repeats=1):

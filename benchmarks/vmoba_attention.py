@@ -69,14 +69,16 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
     return out.reshape(B, Fg * Hg * Wg, H, D).to(dtype)
 
 
-# --kernel-ab: the sparse kernel again with forward switches flipped (what each is worth on VMoBA layouts): a default
-# turned off, and the candidates not yet on by default (group_small_tiles acts on 3D layers' 32-key tiles only)
-KERNEL_AB = {"no-len-tail": {"tail_only_mask": False}, "group-tiles": {"group_small_tiles": True},
-             "exp2-8": {"exp2_group": 8}, "group-tiles+exp2-8": {"group_small_tiles": True, "exp2_group": 8}}
+# --kernel-ab: the sparse kernel again with forward switches flipped (what each is worth on VMoBA layouts). Session 8
+# removed the candidates measured here (exp2_group, group_small_tiles: NOTES); new ones go in this table.
+KERNEL_AB = {"no-len-tail": {"tail_only_mask": False}}
+LAYER_TYPES = {"spatial": 1, "spatiotemporal": 2, "temporal": 3}  # layer index of each type (cycle 1D -> 2D -> 3D)
 
 
 def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None,
-        granularity: str = "token", kernel_ab: bool = False):
+        granularity: str = "token", kernel_ab: bool = False, kernel_configs=(), layer_types=tuple(LAYER_TYPES)):
+    """``kernel_configs``: forward configs (BLOCK_M, BLOCK_N, warps, stages) also timed on the layers with small
+    key tiles (3D: 32 keys; BLOCK_N is clipped to the tile), e.g. to tune the 3D layers' config."""
     from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
@@ -101,7 +103,7 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                     dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
             except RuntimeError:  # no cuDNN attention: the default SDPA backend
                 dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
-            for layer in (1, 2, 3):  # spatial, spatiotemporal, temporal
+            for layer in (LAYER_TYPES[t] for t in layer_types):
                 part = partition_for_layer(grid, layer, cfg, dev)
                 qb = _gather_tokens(q, part.q_perm)  # contiguous, as vmoba_attention passes them
                 kb = _gather_tokens(k, part.kv_perm)
@@ -130,6 +132,13 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                     for tag, opts in KERNEL_AB.items():
                         with bsa.forward_variant(opts):
                             sparse_ab[tag] = _bench(sparse)
+                for c in kernel_configs if part.kv_tile < cfg.kv_tile else ():
+                    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+                    with bsa.forward_variant(config=c):
+                        try:
+                            sparse_ab[",".join(map(str, c))] = _bench(sparse)
+                        except Exception as e:  # e.g. out of shared memory: record and go on
+                            print(f"config {c}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
                 total = router_ms + perm_ms + sparse_ms
                 row = dict(model=name, grid=list(grid), B=B, H=H, D=D, tokens=S, input=kind,
                            layer_type=part.layer_type, blocks=part.num_blocks, kv_tiles=part.num_kv_tiles,
@@ -151,6 +160,8 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                router_precision=cfg.router_precision),
                wall_s=time.time() - t_start, rows=rows)
     tag = ("" if granularity == "token" else f"-{granularity}") + ("" if kv_tile_3d is None else f"-kv3d{kv_tile_3d}")
+    tag += ("-kernel-ab" if kernel_ab else "") + ("-configs" if kernel_configs else "")
+    tag += "" if set(layer_types) == set(LAYER_TYPES) else "-" + "-".join(layer_types)
     return _write_result(out, f"vmoba-attention{tag}-{gpu}.json")
 
 
@@ -246,6 +257,52 @@ def router_times(batch: int = 2, reps: int = 50, grid=(21, 30, 52), heads: int =
     return rows
 
 
+def layout_probe():
+    """Where VMoBA layouts lose against a random layout of the same density (query_tile, smooth q/k, B = 1): the
+    sparse kernel on the routed layout with its kv_tile_len masks, without them (timing only), with each query
+    tile's count kept but its tiles drawn at random, and on random_layout at the same mean density."""
+    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
+    from mixdit.kernels.reference import random_layout
+
+    dev, dt = "cuda", torch.bfloat16
+    cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
+    rows = []
+    for name, grid, H, D, B in (SHAPES[2], SHAPES[0]):
+        S = grid[0] * grid[1] * grid[2]
+        q, k = _smooth(B, grid, H, D, dev, dt, 1), _smooth(B, grid, H, D, dev, dt, 2)
+        v = torch.randn(B, S, H, D, device=dev, dtype=dt)
+        for layer_type, layer in LAYER_TYPES.items():
+            part = partition_for_layer(grid, layer, cfg, dev)
+            qb, kb, vb = (_gather_tokens(t, p) for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
+            r = route(qb, kb, part, cfg)
+            T, n_kt = part.kv_tile, part.num_kv_tiles
+
+            def timed(count, index, lengths):
+                return _bench(lambda: _kernel_attention(qb, kb, vb, count, index, q_tile=cfg.q_tile, kv_tile=T,
+                                                        scale=D ** -0.5, kv_tile_len=lengths), reps=100)
+
+            pos = torch.arange(n_kt, device=dev)
+            drawn = torch.rand(*r.kv_count.shape, n_kt, device=dev).argsort(-1)
+            drawn = torch.where(pos < r.kv_count[..., None], drawn, n_kt + pos).sort(-1).values
+            density = float(r.kv_count.float().mean()) / n_kt
+            rc, ri = random_layout(B, H, qb.shape[1], kb.shape[1], density, cfg.q_tile, T, device=dev,
+                                   keep_diagonal=False)
+            cases = {"real": (r.kv_count, r.kv_index, part.kv_tile_len), "no-len": (r.kv_count, r.kv_index, None),
+                     "same-count-random-tiles": (r.kv_count, drawn.clamp(max=n_kt - 1).to(torch.int32), part.kv_tile_len),
+                     "uniform-random": (rc, ri, part.kv_tile_len)}
+            row = dict(model=name, B=B, layer_type=layer_type, kv_tile=T, density=density)
+            for case, (count, index, lengths) in cases.items():
+                ms = timed(count, index, lengths)
+                row[case] = dict(ms=ms, tflops=4.0 * D * float(count.sum()) * cfg.q_tile * T / ms / 1e9)
+            rows.append(row)
+            print(f"probe {name} B={B} {layer_type:14s} T={T} density {density:.3f} | " + "  ".join(
+                f"{c} {row[c]['ms']:.2f} ms ({row[c]['tflops']:.0f} TF/s)" for c in cases), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
+                         f"vmoba-layout-probe-{torch.cuda.get_device_name().replace(' ', '-')}.json")
+
+
 def time_gathers(reps: int = 200) -> list[dict]:
     """Block-order gathers at Wan2.1-1.3B 480p (q, k, v in and the output back, per layer): ``x[:, idx]``,
     ``index_select(1, idx)`` and mixdit's ``_gather_tokens`` (one row gather over the flattened batch), B = 1 and 2."""
@@ -313,19 +370,27 @@ if __name__ == "__main__":
     ap.add_argument("--granularity", default="token", choices=["token", "query_tile"])
     ap.add_argument("--kernel-ab", action="store_true",
                     help="also time the sparse kernel with each KERNEL_AB set of forward switches")
+    ap.add_argument("--kernel-configs", default="", metavar="BM,BN,W,S;...",
+                    help="also time the sparse kernel of the small-key-tile (3D) layers with these forward configs")
+    ap.add_argument("--layer-types", default=",".join(LAYER_TYPES), help=f"comma list of {list(LAYER_TYPES)}")
     ap.add_argument("--route-query-tiles", action="store_true",
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")
     ap.add_argument("--gathers", action="store_true", help="only time the block-order gathers (B = 1 and 2)")
+    ap.add_argument("--layout-probe", action="store_true",
+                    help="only the sparse kernel on VMoBA layouts vs random ones of the same density (masks, order)")
     ap.add_argument("--profile-router", action="store_true",
                     help="only profile the fused query_tile router's kernels per layer type (B = 2)")
     a = ap.parse_args()
     if a.gathers:
         time_gathers()
+    elif a.layout_probe:
+        layout_probe()
     elif a.profile_router:
         router_profile()
     elif a.route_query_tiles:
         time_query_tile_router(selection=a.selection, batch=a.batch)
     else:
         run(quick=a.quick, selection=a.selection, kv_tile_3d=a.kv_tile_3d, granularity=a.granularity,
-            kernel_ab=a.kernel_ab)
+            kernel_ab=a.kernel_ab, layer_types=tuple(a.layer_types.split(",")),
+            kernel_configs=[tuple(int(x) for x in c.split(",")) for c in a.kernel_configs.split(";") if c])

@@ -63,84 +63,38 @@ def _mm(a, b, F32_DOT: tl.constexpr):
         return tl.dot(a, b)
 
 
-# exp2 of GROUP fp32 values: GROUP - 1 on the MUFU unit (ex2.approx), the last on the FMA pipe as 2^n * p(f),
-# n = round(x), f = x - n in [-0.5, 0.5], p a degree-3 polynomial with p(0) = 1 (max relative error 1.0e-4, below the
-# bf16/fp16 rounding of p). Why: per score the softmax issues one MUFU op, at 1/8 the FMA pipe's rate; moving some of
-# them to the FMA pipe shortens the softmax (FlashAttention-4's trick). x is clamped at -127, so -inf gives exactly
-# +0.0 (1.0 * 2^-127 has an all-zero bit pattern) and no exponent wraps; 2^n is added to p's exponent bits:
-# bits(x + 1.5*2^23) << 23 is n << 23 because 1.5*2^23's low 9 bits are zero.
-def _exp2_mixed_asm(group: int) -> str:
-    mufu = "".join(f"ex2.approx.ftz.f32 ${i}, ${group + i};\n" for i in range(group - 1))
-    return ("{\n.reg .f32 xc, t, j, f, p;\n.reg .b32 tb, pb;\n" + mufu +
-            f"max.ftz.f32 xc, ${2 * group - 1}, 0fC2FE0000;\n"
-            "add.rn.ftz.f32 t, xc, 0f4B400000;\n"
-            "sub.rn.ftz.f32 j, t, 0f4B400000;\n"
-            "sub.rn.ftz.f32 f, xc, j;\n"
-            "fma.rn.ftz.f32 p, f, 0f3D6150AE, 0f3E7805FF;\n"
-            "fma.rn.ftz.f32 p, p, f, 0f3F317AFD;\n"
-            "fma.rn.ftz.f32 p, p, f, 0f3F800000;\n"
-            "mov.b32 tb, t;\nmov.b32 pb, p;\nshl.b32 tb, tb, 23;\nadd.s32 pb, pb, tb;\n"
-            f"mov.b32 ${group - 1}, pb;\n}}\n")
-
-
-_EXP2_ASM_4 = tl.constexpr(_exp2_mixed_asm(4))
-_EXP2_ASM_8 = tl.constexpr(_exp2_mixed_asm(8))
-_EXP2_CONSTRAINTS_4 = tl.constexpr(",".join(["=f"] * 4 + ["f"] * 4))
-_EXP2_CONSTRAINTS_8 = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 8))
-
-
 @triton.jit
-def _exp2(x, GROUP: tl.constexpr):
-    """exp2; with GROUP (4 or 8) one value in GROUP is computed on the FMA pipe (see _exp2_mixed_asm)."""
-    if GROUP == 4:
-        return tl.inline_asm_elementwise(_EXP2_ASM_4, _EXP2_CONSTRAINTS_4, [x], dtype=tl.float32, is_pure=True, pack=4)
-    elif GROUP == 8:
-        return tl.inline_asm_elementwise(_EXP2_ASM_8, _EXP2_CONSTRAINTS_8, [x], dtype=tl.float32, is_pure=True, pack=8)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _masked_scores(s, key_ok, kt, KV_GROUP, sel_base, row_ok, HAS_SEL: tl.constexpr):
-    """Scores of keys that do not exist (``key_ok`` false) or that a row does not select (its bit for key tile
-    ``kt``'s group in ``row_select``) -> -inf."""
+def _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr):
+    """What the masks need of key tile ``kt``: its real length, its group and each row's bitmask word holding
+    that group's bit (zeros where unused)."""
+    kl = 0
+    g = 0
+    word = 0
+    if HAS_LEN:
+        kl = tl.load(KV_LEN + kt)
     if HAS_SEL:
         g = tl.load(KV_GROUP + kt)
         word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
+    return kl, g, word
+
+
+@triton.jit
+def _slot_meta(idx_base, slot, count, s_ii, KV_LEN, KV_GROUP, sel_base, row_ok,
+               HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr):
+    """_tile_meta of visited slot ``slot`` (past ``count``: of tile 0, in bounds and unused)."""
+    kt = tl.load(idx_base + slot * s_ii, mask=slot < count, other=0)
+    return _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)
+
+
+@triton.jit
+def _masked_scores(s, key_ok, g, word, HAS_SEL: tl.constexpr):
+    """Scores of keys that do not exist (``key_ok`` false) or that a row does not select (bit ``g`` of the
+    row's ``row_select`` word ``word``) -> -inf."""
+    if HAS_SEL:
         bit = ((word >> (g % 32)) & 1) != 0
         return tl.where(key_ok[None, :] & bit[:, None], s, float("-inf"))
     else:
         return tl.where(key_ok[None, :], s, float("-inf"))
-
-
-@triton.jit
-def _group_scores(q, k_base, k_desc, idx_base, slot, count, offs_n, offs_d, Sk, KV_LEN, KV_GROUP, sel_base, row_ok,
-                  s_ks, s_ii, KV_TILE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
-                  HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr, USE_TMA: tl.constexpr):
-    """Masked scores of visited slot ``slot`` (one whole key tile) for the grouped loop; a slot past ``count``
-    re-reads the last visited tile and masks all of it (kept branch-free: the select runs anyway)."""
-    valid = slot < count
-    kt = tl.load(idx_base + tl.minimum(slot, count - 1) * s_ii)
-    offs_k = kt * KV_TILE + offs_n
-    if USE_TMA:
-        k = k_desc.load([kt * KV_TILE, 0])
-    else:
-        k = tl.load(k_base + offs_k[:, None] * s_ks + offs_d[None, :], mask=(offs_k < Sk)[:, None], other=0.0)
-    s = _mm(q, tl.trans(k), F32_DOT)
-    key_ok = (offs_k < Sk) & valid
-    if HAS_LEN:
-        key_ok = key_ok & (offs_n < tl.load(KV_LEN + kt))
-    return _masked_scores(s, key_ok, kt, KV_GROUP, sel_base, row_ok, HAS_SEL), kt
-
-
-@triton.jit
-def _group_values(v_base, v_desc, kt, offs_n, offs_d, Sk, s_vs, KV_TILE: tl.constexpr, USE_TMA: tl.constexpr):
-    """The values of key tile ``kt`` for the grouped loop (rows past Sk read as zeros)."""
-    if USE_TMA:
-        return v_desc.load([kt * KV_TILE, 0])
-    else:
-        offs_k = kt * KV_TILE + offs_n
-        return tl.load(v_base + offs_k[:, None] * s_vs + offs_d[None, :], mask=(offs_k < Sk)[:, None], other=0.0)
 
 
 @triton.jit
@@ -153,7 +107,6 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     F32_DOT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TAIL_ONLY_MASK: tl.constexpr,
-    EXP2_GROUP: tl.constexpr, TILE_GROUP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -164,7 +117,6 @@ def _fwd_kernel(
     NEED_MASK: tl.constexpr = HAS_LEN or HAS_SEL or (not EVEN_K)
     # rows can stay at m = -inf after a block only with per-row/per-key masks or an all-padding sub-block
     SAFE_MAX: tl.constexpr = HAS_LEN or HAS_SEL or ((not EVEN_K) and SUB > 1)
-    tl.static_assert(TILE_GROUP == 1 or (SUB == 1 and (TILE_GROUP == 2 or TILE_GROUP == 4)), "TILE_GROUP: 1, 2 or 4")
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -194,99 +146,72 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if TILE_GROUP > 1:
-        # small key tiles (VMoBA's 3D layers: 32 keys): TILE_GROUP visited tiles per step share one online-softmax
-        # update, so the [BLOCK_M, D] accumulator is rescaled once per 128 keys instead of once per tile (at 32-key
-        # tiles that rescale was 64 FMUL per thread against 16 scores). Slots past the count are masked.
-        for it in tl.range(0, tl.cdiv(count, TILE_GROUP), warp_specialize=WARP_SPEC):
-            s0, kt0 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP, count, offs_n, offs_d, Sk, KV_LEN,
-                                    KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN, HAS_SEL,
-                                    F32_DOT, USE_TMA)
-            s1, kt1 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP + 1, count, offs_n, offs_d, Sk,
-                                    KV_LEN, KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN, HAS_SEL,
-                                    F32_DOT, USE_TMA)
-            row_max = tl.maximum(tl.max(s0, 1), tl.max(s1, 1))
-            if TILE_GROUP == 4:
-                s2, kt2 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP + 2, count, offs_n, offs_d, Sk,
-                                        KV_LEN, KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN,
-                                        HAS_SEL, F32_DOT, USE_TMA)
-                s3, kt3 = _group_scores(q, k_base, k_desc, idx_base, it * TILE_GROUP + 3, count, offs_n, offs_d, Sk,
-                                        KV_LEN, KV_GROUP, sel_base, row_ok, s_ks, s_ii, KV_TILE, BLOCK_N, HAS_LEN,
-                                        HAS_SEL, F32_DOT, USE_TMA)
-                row_max = tl.maximum(row_max, tl.maximum(tl.max(s2, 1), tl.max(s3, 1)))
-            m_new = tl.maximum(m_i, row_max * qk_scale)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key of the group masked for a row
-            alpha = tl.exp2(m_i - m_use)
-            p0 = _exp2(s0 * qk_scale - m_use[:, None], EXP2_GROUP)
-            p1 = _exp2(s1 * qk_scale - m_use[:, None], EXP2_GROUP)
-            v0 = _group_values(v_base, v_desc, kt0, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
-            v1 = _group_values(v_base, v_desc, kt1, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
-            l_sum = tl.sum(p0, 1) + tl.sum(p1, 1)
-            acc = acc * alpha[:, None] + _mm(p0.to(v0.dtype), v0, F32_DOT)
-            acc += _mm(p1.to(v1.dtype), v1, F32_DOT)
-            if TILE_GROUP == 4:
-                p2 = _exp2(s2 * qk_scale - m_use[:, None], EXP2_GROUP)
-                p3 = _exp2(s3 * qk_scale - m_use[:, None], EXP2_GROUP)
-                v2 = _group_values(v_base, v_desc, kt2, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
-                v3 = _group_values(v_base, v_desc, kt3, offs_n, offs_d, Sk, s_vs, KV_TILE, USE_TMA)
-                l_sum += tl.sum(p2, 1) + tl.sum(p3, 1)
-                acc += _mm(p2.to(v2.dtype), v2, F32_DOT)
-                acc += _mm(p3.to(v3.dtype), v3, F32_DOT)
-            l_i = l_i * alpha + l_sum
-            m_i = m_new
-    else:
-        # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
-        for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
-            slot = it // SUB
-            sub = it % SUB
-            kt = tl.load(idx_base + slot * s_ii)
-            offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
-            if USE_TMA:
-                k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
-                v = v_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
+    # The masks' per-tile data (length, group, row bits) of 128-key tiles is loaded one step ahead: loaded in the
+    # step that uses it, the chain slot -> tile -> length stalled every step (H200, Wan-14B 720p query_tile
+    # layouts: spatial 42.3 -> 39.2 ms, temporal 52.3 -> 48.1 ms). With 32-key tiles (3D layers) the same
+    # prefetch made the loop 25% slower (50.3 -> 63.1 ms): there it stays in the step.
+    PREFETCH_META: tl.constexpr = (HAS_LEN or HAS_SEL) and BLOCK_N >= 128
+    kl_next, g_next, word_next = 0, 0, 0
+    if PREFETCH_META:
+        kl_next, g_next, word_next = _slot_meta(idx_base, 0, count, s_ii, KV_LEN, KV_GROUP, sel_base, row_ok,
+                                                HAS_LEN, HAS_SEL)
+    # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
+    for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
+        slot = it // SUB
+        sub = it % SUB
+        kt = tl.load(idx_base + slot * s_ii)
+        if PREFETCH_META:
+            kl, g, word = kl_next, g_next, word_next
+            kl_next, g_next, word_next = _slot_meta(idx_base, (it + 1) // SUB, count, s_ii, KV_LEN, KV_GROUP,
+                                                    sel_base, row_ok, HAS_LEN, HAS_SEL)
+        offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
+        if USE_TMA:
+            k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
+            v = v_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
+        else:
+            k_ptrs = k_base + offs_k[:, None] * s_ks + offs_d[None, :]
+            v_ptrs = v_base + offs_k[:, None] * s_vs + offs_d[None, :]
+            if EVEN_K:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
             else:
-                k_ptrs = k_base + offs_k[:, None] * s_ks + offs_d[None, :]
-                v_ptrs = v_base + offs_k[:, None] * s_vs + offs_d[None, :]
-                if EVEN_K:
-                    k = tl.load(k_ptrs)
-                    v = tl.load(v_ptrs)
-                else:
-                    k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
-                    v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
-            s = _mm(q, tl.trans(k), F32_DOT)
-            if TAIL_ONLY_MASK and not (HAS_LEN or HAS_SEL) and (USE_TMA or not EVEN_K):
-                # only the last key tile is ragged: skip the per-element select on every other tile. On the TMA
-                # path the branch stays even when Sk divides (then the select is a no-op): with no branch in the
-                # loop Triton pipelines K/V with two buffers instead of three (164 vs 229 KB of shared memory on
-                # sm_90) and the forward was 9% slower (H200, Wan-1.3B shape at 32,768 tokens: 6.93 -> 6.31 ms).
-                if kt == last_kt:
-                    s = tl.where((offs_k < Sk)[None, :], s, float("-inf"))
-            elif TAIL_ONLY_MASK and HAS_LEN and not HAS_SEL and BLOCK_N >= 128:
-                # VMoBA's padded blocks: only a block's last key tile is partial, mask just those sub-blocks
-                # (H200: 4-6% faster with 128-key tiles; with 32-key tiles the branch made the loop 1.3x slower)
-                kl = tl.load(KV_LEN + kt)
-                partial = sub * BLOCK_N + BLOCK_N > kl
-                if not EVEN_K:
-                    partial = partial | (kt == last_kt)
-                if partial:
-                    key_ok = (offs_k < Sk) & ((sub * BLOCK_N + offs_n) < kl)
-                    s = tl.where(key_ok[None, :], s, float("-inf"))
-            elif NEED_MASK:
-                key_ok = offs_k < Sk
-                if HAS_LEN:
-                    key_ok = key_ok & ((sub * BLOCK_N + offs_n) < tl.load(KV_LEN + kt))
-                s = _masked_scores(s, key_ok, kt, KV_GROUP, sel_base, row_ok, HAS_SEL)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            if SAFE_MAX:
-                # a row that has seen only masked keys keeps m = -inf; use 0 so no (-inf) - (-inf)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_use = m_new
-            p = _exp2(s * qk_scale - m_use[:, None], EXP2_GROUP)
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT)
-            m_i = m_new
+                k = tl.load(k_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=(offs_k < Sk)[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), F32_DOT)
+        if TAIL_ONLY_MASK and not (HAS_LEN or HAS_SEL) and (USE_TMA or not EVEN_K):
+            # only the last key tile is ragged: skip the per-element select on every other tile. On the TMA
+            # path the branch stays even when Sk divides (then the select is a no-op): with no branch in the
+            # loop Triton pipelines K/V with two buffers instead of three (164 vs 229 KB of shared memory on
+            # sm_90) and the forward was 9% slower (H200, Wan-1.3B shape at 32,768 tokens: 6.93 -> 6.31 ms).
+            if kt == last_kt:
+                s = tl.where((offs_k < Sk)[None, :], s, float("-inf"))
+        elif TAIL_ONLY_MASK and HAS_LEN and not HAS_SEL and BLOCK_N >= 128:
+            # VMoBA's padded blocks: only a block's last key tile is partial, mask just those sub-blocks
+            # (H200: 4-6% faster with 128-key tiles; with 32-key tiles the branch made the loop 1.3x slower)
+            partial = sub * BLOCK_N + BLOCK_N > kl
+            if not EVEN_K:
+                partial = partial | (kt == last_kt)
+            if partial:
+                key_ok = (offs_k < Sk) & ((sub * BLOCK_N + offs_n) < kl)
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+        elif NEED_MASK:
+            if not PREFETCH_META:
+                kl, g, word = _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)
+            key_ok = offs_k < Sk
+            if HAS_LEN:
+                key_ok = key_ok & ((sub * BLOCK_N + offs_n) < kl)
+            s = _masked_scores(s, key_ok, g, word, HAS_SEL)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if SAFE_MAX:
+            # a row that has seen only masked keys keeps m = -inf; use 0 so no (-inf) - (-inf)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT)
+        m_i = m_new
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -578,6 +503,7 @@ def _bwd_dq_kernel(
     for it in range(0, count * SUB):
         kt = tl.load(idx_base + (it // SUB) * s_ii)
         sub = it % SUB
+        kl, g, word = _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)  # in-step (not timed ahead)
         n0 = kt * KV_TILE + sub * BLOCK_N
         offs_k = n0 + offs_n
         if USE_TMA:
@@ -601,10 +527,8 @@ def _bwd_dq_kernel(
         if HAS_LEN or HAS_SEL:
             ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
             if HAS_LEN:
-                ok = ok & ((sub * BLOCK_N + offs_n) < tl.load(KV_LEN + kt))[None, :]
+                ok = ok & ((sub * BLOCK_N + offs_n) < kl)[None, :]
             if HAS_SEL:
-                g = tl.load(KV_GROUP + kt)
-                word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
                 ok = ok & (((word >> (g % 32)) & 1) != 0)[:, None]
             p = tl.where(ok, p, 0.0)
         dp = _mm(do, tl.trans(v), F32_DOT)
@@ -648,13 +572,9 @@ def _env_dq_mode() -> str:
 # warp_specialize on Hopper (triton 3.6) measured slower: off.
 # A lazy rescale (acc rescaled only when a row max grows by > 2^8, FlashAttention-4's trick) as one branch per
 # tile was 8-10% slower (H200: 6.42 -> 6.93 ms at 25%): the branch breaks the loop's pipelining. Not kept.
-# exp2_group 4 / 8: one softmax exp2 in 4 / 8 on the FMA pipe (CUDA only; compiled for sm_90 without spills, not yet
-# timed or run on a GPU: off until an A/B (`attention.py --fwd-ab`) shows it faster).
-# group_small_tiles: whole key tiles of <= 64 keys (VMoBA's 3D layers: 32) taken 128 keys per online-softmax step,
-# one accumulator rescale per group instead of per tile (sm_90 loop: ~30% fewer instructions per score; not yet timed:
-# off until `vmoba_attention.py --kernel-ab` shows it faster).
-_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "exp2_group": 0,
-             "group_small_tiles": False}
+# exp2_group (one softmax exp2 in 4 / 8 on the FMA pipe by inline PTX) and group_small_tiles (32-key tiles taken 128
+# keys per online-softmax step) were measured and removed in session 8 (NOTES: mixed / slower; code in f9270e7).
+_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True}
 
 
 @contextlib.contextmanager
@@ -730,14 +650,6 @@ def _pick(kind: str, table: dict, D: int, q_tile: int, kv_tile: int):
     if D > 128:  # keep registers in check for large heads
         bm, bn = min(bm, 64), min(bn, 64)
     return bm, bn, warps, stages
-
-
-def _tile_group(block_n: int, kv_tile: int) -> int:
-    """Visited key tiles per step of the forward's loop: 1, or with ``_FWD_OPTS["group_small_tiles"]`` and whole
-    tiles of <= 64 keys, enough tiles for 128 keys (at most 4)."""
-    if not _FWD_OPTS["group_small_tiles"] or block_n != kv_tile or kv_tile > 64:
-        return 1
-    return min(4, 128 // kv_tile)
 
 
 def _dq_mode(mode) -> str:
@@ -849,7 +761,6 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
         HAS_LEN=kv_len is not None, HAS_SEL=rs is not None,
         EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=_use_tma(k, v),
         WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _INTERPRET, TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
-        EXP2_GROUP=_FWD_OPTS["exp2_group"] if q.is_cuda and not _INTERPRET else 0, TILE_GROUP=_tile_group(bn, kv_tile),
         num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
     )
     return out, lse

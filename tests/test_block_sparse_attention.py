@@ -123,11 +123,9 @@ def test_diagonal_only_and_all_tiles(bwd_path, assert_close, device):
     _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=64, kv_tile=64)
 
 
-@pytest.mark.parametrize("T,grouped", [(64, False), (64, True), (32, True)])
-def test_masks_len_rowselect_empty(monkeypatch, bwd_path, assert_close, device, T, grouped):
-    """kv_tile_len padding, row_select bitmasks (incl. a fully masked first visited tile) and empty rows;
-    grouped: small key tiles taken 128 keys per online-softmax step (2 or 4 tiles, group_small_tiles)."""
-    monkeypatch.setitem(bsa._FWD_OPTS, "group_small_tiles", grouped)
+@pytest.mark.parametrize("T", [64, 32])
+def test_masks_len_rowselect_empty(bwd_path, assert_close, device, T):
+    """kv_tile_len padding, row_select bitmasks (incl. a fully masked first visited tile) and empty rows."""
     B, H, S, D = 2, 2, 256, 64
     n_t = S // T
     q, k, v = _inputs(B, S, S, H, D, torch.float16, device)
@@ -155,12 +153,9 @@ def test_masks_len_rowselect_empty(monkeypatch, bwd_path, assert_close, device, 
 
 
 @pytest.mark.parametrize("T", [32, 64])
-def test_small_tiles_grouped(monkeypatch, bwd_path, assert_close, device, T):
-    """Whole key tiles of <= 64 keys taken 128 keys per online-softmax step (group_small_tiles: one accumulator
-    rescale per group): ragged key length, padded tiles, counts below and not a multiple of the group, an empty
-    query tile."""
-    monkeypatch.setitem(bsa._FWD_OPTS, "group_small_tiles", True)
-    assert bsa._tile_group(T, T) == 128 // T
+def test_small_tiles_padded(bwd_path, assert_close, device, T):
+    """Small whole key tiles (VMoBA's 3D layers: 32 keys) with padded tiles, a ragged key length, query tiles
+    visiting one or a few tiles, and an empty query tile."""
     B, H, S, D = 2, 2, 300, 64
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
     kv_count, kv_index = random_layout(B, H, S, S, 0.5, T, T, device=device)
@@ -405,23 +400,18 @@ def test_torch_compile_fullgraph(bwd_path, device):
         (torch.bfloat16, 64, 128, 128, 1024, 1.0),
     ],
 )
-@pytest.mark.parametrize("exp2_group", [0, 4, 8])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_large(monkeypatch, bwd_path, assert_close, dtype, D, q_tile, kv_tile, S, density, exp2_group):
-    # exp2_group: the forward's softmax with one exp2 in 4 / 8 on the FMA pipe (inline PTX, GPU only)
-    monkeypatch.setitem(bsa._FWD_OPTS, "exp2_group", exp2_group)
+def test_gpu_large(bwd_path, assert_close, dtype, D, q_tile, kv_tile, S, density):
     B, H = 2, 3
     q, k, v = _inputs(B, S, S, H, D, dtype, "cuda")
     layout = random_layout(B, H, S, S, density, q_tile, kv_tile, device="cuda")
     _check_all(assert_close, q, k, v, layout, q_tile=q_tile, kv_tile=kv_tile, lse_grad=True)
 
 
-@pytest.mark.parametrize("exp2_group", [0, 4])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_masks_large(monkeypatch, bwd_path, assert_close, exp2_group):
-    monkeypatch.setitem(bsa._FWD_OPTS, "exp2_group", exp2_group)  # masked keys: exp2(-inf) must give exactly 0
+def test_gpu_masks_large(bwd_path, assert_close):
     B, H, S, D, T = 1, 4, 1000, 128, 128
     n_t = (S + T - 1) // T
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, "cuda")
@@ -524,9 +514,9 @@ def test_forward_variant_applies_and_restores():
     tables = (bsa._FWD_OPTS, bsa._CONFIG_OVERRIDE, bsa._FWD_LAUNCH_EXTRA)
     before = [dict(t) for t in tables]
     with pytest.raises(RuntimeError):
-        with bsa.forward_variant({"group_small_tiles": not before[0]["group_small_tiles"]}, (64, 32, 4, 1),
+        with bsa.forward_variant({"tail_only_mask": not before[0]["tail_only_mask"]}, (64, 32, 4, 1),
                                  {"maxnreg": 128}):
-            assert bsa._FWD_OPTS["group_small_tiles"] != before[0]["group_small_tiles"]
+            assert bsa._FWD_OPTS["tail_only_mask"] != before[0]["tail_only_mask"]
             assert bsa._CONFIG_OVERRIDE["fwd"] == (64, 32, 4, 1) and bsa._FWD_LAUNCH_EXTRA["maxnreg"] == 128
             raise RuntimeError("inside")
     assert [dict(t) for t in tables] == before
