@@ -747,6 +747,8 @@ def main(argv=None):
                     help="the default forward config with each FWD_AB_VARIANTS switch, twice in A B A B order, next to Flex")
     ap.add_argument("--fwd-configs", default=None, metavar="BM,BN,W,S;...",
                     help="with --fwd-sweep/--fwd-ab: these forward configs instead of FWD_SWEEP (resp. its first)")
+    ap.add_argument("--fwd-opts", default="", metavar="KEY=0|1,...",
+                    help="run the comparison with these forward switches (_FWD_OPTS) over the defaults")
     ap.add_argument("--tag", default="", help="with --fwd-sweep/--fwd-ab/--even-k: suffix of the result file's name")
     ap.add_argument("--even-k", action="store_true",
                     help="forward at 32,760 vs 32,768 tokens (ragged vs full last key tile), next to Flex")
@@ -833,8 +835,12 @@ def main(argv=None):
         overhead_probe()
     shapes = ["wan1.3b"] if a.quick else a.shapes.split(",")
     densities = [float(x) for x in (a.densities or "1,0.5,0.25,0.125").split(",")]
-    rows = run_benchmark(shapes, densities, a.directions.split(","), a.rep_ms,
-                         not a.no_flex)
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    switches = {k: bool(int(v)) for k, v in (kv.split("=") for kv in a.fwd_opts.split(",") if kv)}
+    with bsa.forward_variant(switches):
+        rows = run_benchmark(shapes, densities, a.directions.split(","), a.rep_ms, not a.no_flex)
+    if switches:
+        print(f"forward switches over the defaults: {switches}")
     print(write_results(rows, a.out_dir, gpu))
     print(f"benchmark took {time.time() - t0:.0f} s")
 

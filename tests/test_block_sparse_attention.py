@@ -152,6 +152,29 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device, T):
     assert torch.isinf(lse[0, 0, T:2 * T]).all()
 
 
+@pytest.mark.parametrize("masks", ["none", "len", "len+sel"])
+def test_loop_prefetch_128_key_blocks(monkeypatch, bwd_path, assert_close, device, masks):
+    """128-key forward blocks (the GPU config; the interpreter's default is 64), where the masks' per-tile data
+    (kv_tile_len, group, row bits) is loaded one step ahead (a version that lags one step fails here): ragged
+    keys, an empty query tile, a query tile visiting one tile, slots whose next step is past the count."""
+    monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", (64, 128, 4, 1))
+    B, H, S, D, T = 1, 2, 600, 64, 128
+    n_t = -(-S // T)
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
+    kv_count, kv_index = random_layout(B, H, S, S, 0.6, T, T, device=device)
+    kv_count[0, 0, 1] = 0
+    kv_count[0, 1, 2] = 1
+    extra = {}
+    if masks != "none":
+        extra["kv_tile_len"] = torch.randint(1, T + 1, (n_t,), dtype=torch.int32, device=device)
+    if masks == "len+sel":
+        extra["kv_tile_group"] = torch.arange(n_t, dtype=torch.int32, device=device)
+        extra["row_select"] = torch.randint(-2**31, 2**31 - 1, (B, H, S, 1), dtype=torch.int64,
+                                            device=device).to(torch.int32)
+    out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=T, kv_tile=T, **extra)
+    assert torch.isinf(lse[0, 0, T:2 * T]).all() and (out[0, T:2 * T, 0] == 0).all()
+
+
 @pytest.mark.parametrize("T", [32, 64])
 def test_small_tiles_padded(bwd_path, assert_close, device, T):
     """Small whole key tiles (VMoBA's 3D layers: 32 keys) with padded tiles, a ragged key length, query tiles
