@@ -72,6 +72,7 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
 # --kernel-ab: the sparse kernel again with forward switches flipped (what each is worth on VMoBA layouts). Session 8
 # removed the candidates measured here (exp2_group, group_small_tiles: NOTES); new ones go in this table.
 KERNEL_AB = {"no-len-tail": {"tail_only_mask": False}}
+BWD_AB = {"dq": "atomic"}  # --bwd-ab: backward switches timed against the defaults
 LAYER_TYPES = {"spatial": 1, "spatiotemporal": 2, "temporal": 3}  # layer index of each type (cycle 1D -> 2D -> 3D)
 
 
@@ -303,6 +304,51 @@ def layout_probe():
                          f"vmoba-layout-probe-{torch.cuda.get_device_name().replace(' ', '-')}.json")
 
 
+def bwd_ab(reps: int = 100, switches=None):
+    """Forward + backward of the sparse kernel on VMoBA's 128-key-tile layouts (query_tile, smooth q/k), A B A B:
+    the default backward vs ``switches`` over ``_BWD_OPTS``. Session 8 timed a dQ-kernel prefetch of the masks'
+    data this way (``{"prefetch_meta": True}``: within 1%, dropped); new candidates go in BWD_AB."""
+    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
+
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    dev, dt = "cuda", torch.bfloat16
+    cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
+    rows = []
+    for name, grid, H, D, B in (SHAPES[0], SHAPES[2]):
+        S = grid[0] * grid[1] * grid[2]
+        q, k = _smooth(B, grid, H, D, dev, dt, 1), _smooth(B, grid, H, D, dev, dt, 2)
+        v = torch.randn(B, S, H, D, device=dev, dtype=dt)
+        for layer_type in ("spatial", "temporal"):
+            part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, dev)
+            qb, kb, vb = (_gather_tokens(t, p).requires_grad_() for t, p in
+                          ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
+            r = route(qb.detach(), kb.detach(), part, cfg)
+            grad = torch.randn_like(qb)
+
+            def step():
+                out, _ = _kernel_attention(qb, kb, vb, r.kv_count, r.kv_index, q_tile=cfg.q_tile, kv_tile=part.kv_tile,
+                                           scale=D ** -0.5, kv_tile_len=part.kv_tile_len)
+                return torch.autograd.grad(out, (qb, kb, vb), grad)
+
+            times = {False: [], True: []}
+            for on in (False, True, False, True):
+                saved = dict(bsa._BWD_OPTS)
+                bsa._BWD_OPTS.update(switches if on else {})
+                try:
+                    times[on].append(_bench(step, reps))
+                finally:
+                    bsa._BWD_OPTS.clear()
+                    bsa._BWD_OPTS.update(saved)
+            rows.append(dict(model=name, B=B, layer_type=layer_type, switches=switches, fwd_bwd_ms_default=times[False],
+                             fwd_bwd_ms_switched=times[True]))
+            print(f"bwd-ab {name} B={B} {layer_type:9s} fwd+bwd ms: default " + " / ".join(f"{t:.2f}" for t in times[False])
+                  + f"  {switches} " + " / ".join(f"{t:.2f}" for t in times[True]), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
+                         f"vmoba-bwd-ab-{torch.cuda.get_device_name().replace(' ', '-')}.json")
+
+
 def time_gathers(reps: int = 200) -> list[dict]:
     """Block-order gathers at Wan2.1-1.3B 480p (q, k, v in and the output back, per layer): ``x[:, idx]``,
     ``index_select(1, idx)`` and mixdit's ``_gather_tokens`` (one row gather over the flattened batch), B = 1 and 2."""
@@ -377,6 +423,8 @@ if __name__ == "__main__":
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")
     ap.add_argument("--gathers", action="store_true", help="only time the block-order gathers (B = 1 and 2)")
+    ap.add_argument("--bwd-ab", action="store_true",
+                    help="only forward + backward on 128-key-tile layouts, the default backward vs BWD_AB's switches")
     ap.add_argument("--layout-probe", action="store_true",
                     help="only the sparse kernel on VMoBA layouts vs random ones of the same density (masks, order)")
     ap.add_argument("--profile-router", action="store_true",
@@ -384,6 +432,8 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.gathers:
         time_gathers()
+    elif a.bwd_ab:
+        bwd_ab(switches=BWD_AB)
     elif a.layout_probe:
         layout_probe()
     elif a.profile_router:

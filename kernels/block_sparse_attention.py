@@ -503,7 +503,6 @@ def _bwd_dq_kernel(
     for it in range(0, count * SUB):
         kt = tl.load(idx_base + (it // SUB) * s_ii)
         sub = it % SUB
-        kl, g, word = _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)  # in-step (not timed ahead)
         n0 = kt * KV_TILE + sub * BLOCK_N
         offs_k = n0 + offs_n
         if USE_TMA:
@@ -525,6 +524,8 @@ def _bwd_dq_kernel(
             # (256 KB at 128x128x3 stages: over Hopper's 227 KB); the clamp does not.
             p = tl.exp2(tl.minimum(s * qk_scale - lse2[:, None], 8.0))
         if HAS_LEN or HAS_SEL:
+            # in the step: loading the masks' data a step ahead, as the forward does, changed nothing here (H200)
+            kl, g, word = _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)
             ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
             if HAS_LEN:
                 ok = ok & ((sub * BLOCK_N + offs_n) < kl)[None, :]

@@ -154,10 +154,11 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device, T):
 
 @pytest.mark.parametrize("masks", ["none", "len", "len+sel"])
 def test_loop_prefetch_128_key_blocks(monkeypatch, bwd_path, assert_close, device, masks):
-    """128-key forward blocks (the GPU config; the interpreter's default is 64), where the masks' per-tile data
-    (kv_tile_len, group, row bits) is loaded one step ahead (a version that lags one step fails here): ragged
-    keys, an empty query tile, a query tile visiting one tile, slots whose next step is past the count."""
+    """128-key forward and dQ blocks (the GPU configs; the interpreter's default is 64): the forward loads the
+    masks' per-tile data (kv_tile_len, group, row bits) one step ahead (a version that lags one step fails here):
+    ragged keys, an empty query tile, a query tile visiting one tile, slots whose next step is past the count."""
     monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", (64, 128, 4, 1))
+    monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "dq", (64, 128, 4, 1))
     B, H, S, D, T = 1, 2, 600, 64, 128
     n_t = -(-S // T)
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
