@@ -17,6 +17,10 @@ Writes ``benchmarks/results/vmoba-attention-<gpu>.json``. Usage: ``python benchm
 ``--route-query-tiles``: only the ``granularity="query_tile"`` router at Wan2.1-1.3B 480p (1D/2D/3D,
 random and smooth inputs): fused Triton router vs the PyTorch reference (ms, CUDA kernels launched per
 call, tiles whose selection differs). Writes ``benchmarks/results/vmoba-query-tile-router-<gpu>.json``.
+
+Kernel studies: ``--kernel-ab`` (forward switches per layer), ``--kernel-configs`` (forward configs of the 3D
+layers), ``--layout-probe`` (VMoBA layouts vs random ones of the same density: masks, tile order, count spread),
+``--bwd-ab`` (forward + backward with backward switches), ``--gathers``, ``--profile-router``.
 """
 
 from __future__ import annotations
@@ -258,48 +262,57 @@ def router_times(batch: int = 2, reps: int = 50, grid=(21, 30, 52), heads: int =
     return rows
 
 
+def _smooth_layers(shapes, layer_types, cfg, requires_grad: bool = False):
+    """Per shape and layer type: smooth q/k and random v in the layer's block order, with the layer's partition
+    and route. Yields ``(name, B, D, layer_type, part, qb, kb, vb, r)``."""
+    from mixdit.attention.vmoba import _gather_tokens, partition_for_layer, route
+
+    dev, dt = "cuda", torch.bfloat16
+    for name, grid, H, D, B in shapes:
+        S = grid[0] * grid[1] * grid[2]
+        q, k = _smooth(B, grid, H, D, dev, dt, 1), _smooth(B, grid, H, D, dev, dt, 2)
+        v = torch.randn(B, S, H, D, device=dev, dtype=dt)
+        for layer_type in layer_types:
+            part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, dev)
+            qb, kb, vb = (_gather_tokens(t, p).requires_grad_(requires_grad)
+                          for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
+            yield name, B, D, layer_type, part, qb, kb, vb, route(qb.detach(), kb.detach(), part, cfg)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 def layout_probe():
     """Where VMoBA layouts lose against a random layout of the same density (query_tile, smooth q/k, B = 1): the
     sparse kernel on the routed layout with its kv_tile_len masks, without them (timing only), with each query
     tile's count kept but its tiles drawn at random, and on random_layout at the same mean density."""
-    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
+    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention
     from mixdit.kernels.reference import random_layout
 
-    dev, dt = "cuda", torch.bfloat16
     cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
     rows = []
-    for name, grid, H, D, B in (SHAPES[2], SHAPES[0]):
-        S = grid[0] * grid[1] * grid[2]
-        q, k = _smooth(B, grid, H, D, dev, dt, 1), _smooth(B, grid, H, D, dev, dt, 2)
-        v = torch.randn(B, S, H, D, device=dev, dtype=dt)
-        for layer_type, layer in LAYER_TYPES.items():
-            part = partition_for_layer(grid, layer, cfg, dev)
-            qb, kb, vb = (_gather_tokens(t, p) for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
-            r = route(qb, kb, part, cfg)
-            T, n_kt = part.kv_tile, part.num_kv_tiles
+    for name, B, D, layer_type, part, qb, kb, vb, r in _smooth_layers((SHAPES[2], SHAPES[0]), LAYER_TYPES, cfg):
+        T, n_kt, dev = part.kv_tile, part.num_kv_tiles, qb.device
 
-            def timed(count, index, lengths):
-                return _bench(lambda: _kernel_attention(qb, kb, vb, count, index, q_tile=cfg.q_tile, kv_tile=T,
-                                                        scale=D ** -0.5, kv_tile_len=lengths), reps=100)
+        def timed(count, index, lengths):
+            return _bench(lambda: _kernel_attention(qb, kb, vb, count, index, q_tile=cfg.q_tile, kv_tile=T,
+                                                    scale=D ** -0.5, kv_tile_len=lengths), reps=100)
 
-            pos = torch.arange(n_kt, device=dev)
-            drawn = torch.rand(*r.kv_count.shape, n_kt, device=dev).argsort(-1)
-            drawn = torch.where(pos < r.kv_count[..., None], drawn, n_kt + pos).sort(-1).values
-            density = float(r.kv_count.float().mean()) / n_kt
-            rc, ri = random_layout(B, H, qb.shape[1], kb.shape[1], density, cfg.q_tile, T, device=dev,
-                                   keep_diagonal=False)
-            cases = {"real": (r.kv_count, r.kv_index, part.kv_tile_len), "no-len": (r.kv_count, r.kv_index, None),
-                     "same-count-random-tiles": (r.kv_count, drawn.clamp(max=n_kt - 1).to(torch.int32), part.kv_tile_len),
-                     "uniform-random": (rc, ri, part.kv_tile_len)}
-            row = dict(model=name, B=B, layer_type=layer_type, kv_tile=T, density=density)
-            for case, (count, index, lengths) in cases.items():
-                ms = timed(count, index, lengths)
-                row[case] = dict(ms=ms, tflops=4.0 * D * float(count.sum()) * cfg.q_tile * T / ms / 1e9)
-            rows.append(row)
-            print(f"probe {name} B={B} {layer_type:14s} T={T} density {density:.3f} | " + "  ".join(
-                f"{c} {row[c]['ms']:.2f} ms ({row[c]['tflops']:.0f} TF/s)" for c in cases), flush=True)
-        del q, k, v
-        torch.cuda.empty_cache()
+        pos = torch.arange(n_kt, device=dev)
+        drawn = torch.rand(*r.kv_count.shape, n_kt, device=dev).argsort(-1)
+        drawn = torch.where(pos < r.kv_count[..., None], drawn, n_kt + pos).sort(-1).values
+        density = float(r.kv_count.float().mean()) / n_kt
+        rc, ri = random_layout(B, qb.shape[2], qb.shape[1], kb.shape[1], density, cfg.q_tile, T, device=dev,
+                               keep_diagonal=False)
+        cases = {"real": (r.kv_count, r.kv_index, part.kv_tile_len), "no-len": (r.kv_count, r.kv_index, None),
+                 "same-count-random-tiles": (r.kv_count, drawn.clamp(max=n_kt - 1).to(torch.int32), part.kv_tile_len),
+                 "uniform-random": (rc, ri, part.kv_tile_len)}
+        row = dict(model=name, B=B, layer_type=layer_type, kv_tile=T, density=density)
+        for case, (count, index, lengths) in cases.items():
+            ms = timed(count, index, lengths)
+            row[case] = dict(ms=ms, tflops=4.0 * D * float(count.sum()) * cfg.q_tile * T / ms / 1e9)
+        rows.append(row)
+        print(f"probe {name} B={B} {layer_type:14s} T={T} density {density:.3f} | " + "  ".join(
+            f"{c} {row[c]['ms']:.2f} ms ({row[c]['tflops']:.0f} TF/s)" for c in cases), flush=True)
     return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
                          f"vmoba-layout-probe-{torch.cuda.get_device_name().replace(' ', '-')}.json")
 
@@ -308,43 +321,33 @@ def bwd_ab(reps: int = 100, switches=None):
     """Forward + backward of the sparse kernel on VMoBA's 128-key-tile layouts (query_tile, smooth q/k), A B A B:
     the default backward vs ``switches`` over ``_BWD_OPTS``. Session 8 timed a dQ-kernel prefetch of the masks'
     data this way (``{"prefetch_meta": True}``: within 1%, dropped); new candidates go in BWD_AB."""
-    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
+    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention
 
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
-    dev, dt = "cuda", torch.bfloat16
     cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
     rows = []
-    for name, grid, H, D, B in (SHAPES[0], SHAPES[2]):
-        S = grid[0] * grid[1] * grid[2]
-        q, k = _smooth(B, grid, H, D, dev, dt, 1), _smooth(B, grid, H, D, dev, dt, 2)
-        v = torch.randn(B, S, H, D, device=dev, dtype=dt)
-        for layer_type in ("spatial", "temporal"):
-            part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, dev)
-            qb, kb, vb = (_gather_tokens(t, p).requires_grad_() for t, p in
-                          ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
-            r = route(qb.detach(), kb.detach(), part, cfg)
-            grad = torch.randn_like(qb)
+    for name, B, D, layer_type, part, qb, kb, vb, r in _smooth_layers((SHAPES[0], SHAPES[2]), ("spatial", "temporal"),
+                                                                     cfg, requires_grad=True):
+        grad = torch.randn_like(qb)
 
-            def step():
-                out, _ = _kernel_attention(qb, kb, vb, r.kv_count, r.kv_index, q_tile=cfg.q_tile, kv_tile=part.kv_tile,
-                                           scale=D ** -0.5, kv_tile_len=part.kv_tile_len)
-                return torch.autograd.grad(out, (qb, kb, vb), grad)
+        def step():
+            out, _ = _kernel_attention(qb, kb, vb, r.kv_count, r.kv_index, q_tile=cfg.q_tile, kv_tile=part.kv_tile,
+                                       scale=D ** -0.5, kv_tile_len=part.kv_tile_len)
+            return torch.autograd.grad(out, (qb, kb, vb), grad)
 
-            times = {False: [], True: []}
-            for on in (False, True, False, True):
-                saved = dict(bsa._BWD_OPTS)
-                bsa._BWD_OPTS.update(switches if on else {})
-                try:
-                    times[on].append(_bench(step, reps))
-                finally:
-                    bsa._BWD_OPTS.clear()
-                    bsa._BWD_OPTS.update(saved)
-            rows.append(dict(model=name, B=B, layer_type=layer_type, switches=switches, fwd_bwd_ms_default=times[False],
-                             fwd_bwd_ms_switched=times[True]))
-            print(f"bwd-ab {name} B={B} {layer_type:9s} fwd+bwd ms: default " + " / ".join(f"{t:.2f}" for t in times[False])
-                  + f"  {switches} " + " / ".join(f"{t:.2f}" for t in times[True]), flush=True)
-        del q, k, v
-        torch.cuda.empty_cache()
+        times = {False: [], True: []}
+        for on in (False, True, False, True):
+            saved = dict(bsa._BWD_OPTS)
+            bsa._BWD_OPTS.update(switches if on else {})
+            try:
+                times[on].append(_bench(step, reps))
+            finally:
+                bsa._BWD_OPTS.clear()
+                bsa._BWD_OPTS.update(saved)
+        rows.append(dict(model=name, B=B, layer_type=layer_type, switches=switches, fwd_bwd_ms_default=times[False],
+                         fwd_bwd_ms_switched=times[True]))
+        print(f"bwd-ab {name} B={B} {layer_type:9s} fwd+bwd ms: default " + " / ".join(f"{t:.2f}" for t in times[False])
+              + f"  {switches} " + " / ".join(f"{t:.2f}" for t in times[True]), flush=True)
     return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
                          f"vmoba-bwd-ab-{torch.cuda.get_device_name().replace(' ', '-')}.json")
 
