@@ -152,14 +152,15 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device, T):
     assert torch.isinf(lse[0, 0, T:2 * T]).all()
 
 
-@pytest.mark.parametrize("masks", ["none", "len", "len+sel"])
-def test_loop_prefetch_128_key_blocks(monkeypatch, bwd_path, assert_close, device, masks):
+@pytest.mark.parametrize("masks,T", [("none", 128), ("len", 128), ("len+sel", 128), ("len", 256), ("len+sel", 256)])
+def test_loop_prefetch_128_key_blocks(monkeypatch, bwd_path, assert_close, device, masks, T):
     """128-key forward and dQ blocks (the GPU configs; the interpreter's default is 64): the forward loads the
     masks' per-tile data (kv_tile_len, group, row bits) one step ahead (a version that lags one step fails here):
-    ragged keys, an empty query tile, a query tile visiting one tile, slots whose next step is past the count."""
+    ragged keys, an empty query tile, a query tile visiting one tile, slots whose next step is past the count;
+    256-key tiles take two 128-key steps per tile (the next step's data is the same tile's, then the next's)."""
     monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", (64, 128, 4, 1))
     monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "dq", (64, 128, 4, 1))
-    B, H, S, D, T = 1, 2, 600, 64, 128
+    B, H, S, D = 1, 2, 600, 64
     n_t = -(-S // T)
     q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
     kv_count, kv_index = random_layout(B, H, S, S, 0.6, T, T, device=device)
