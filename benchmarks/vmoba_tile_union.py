@@ -1,0 +1,107 @@
+"""CPU study for the exact VMoBA rule: how much compute could regrouping the queries save?
+
+The exact (per-token) selection is computed, then the block-sparse kernel's work is counted (no timing): each
+tile of 128 queries visits the union of its queries' blocks, as key tiles. In block order (today) the union of a
+tile covers most key tiles in 2D/3D layers, so the exact rule computes nearly dense attention. The queries may be
+visited in any order (the output is permuted back), so this script also counts the work after sorting each head's
+queries by their selection, so that queries with the same blocks share tiles:
+
+* ``block order``: today's tiles (queries in block order);
+* ``sorted by selection``: each head's queries sorted lexicographically by their selection bit vector, blocks taken
+  in order of how often they are selected (most common first), so that equal and similar sets are adjacent.
+
+Prints, per layer type: the exact token density (selected keys / all keys, the FLOP floor), the tile density of
+each order and the ratio to the floor. Inputs: ``smooth`` q/k as in ``vmoba_attention.py`` (low-frequency fields
+over the grid plus noise; real video q/k differ) and i.i.d. ``random`` ones.
+
+    python -P benchmarks/vmoba_tile_union.py [--grid 21,30,52] [--heads 12] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def tile_density(sel: torch.Tensor, order: torch.Tensor, kv_tiles_per_block: torch.Tensor, q_tile: int) -> float:
+    """Key tiles visited / (query tiles x key tiles) when the queries of each head are taken in ``order``.
+    ``sel``: bool [H, S, NB]; ``order``: long [H, S]."""
+    H, S, NB = sel.shape
+    n_qt = math.ceil(S / q_tile)
+    ordered = torch.gather(sel, 1, order[..., None].expand(H, S, NB))
+    pad = n_qt * q_tile - S
+    if pad:
+        ordered = torch.nn.functional.pad(ordered, (0, 0, 0, pad))
+    union = ordered.view(H, n_qt, q_tile, NB).any(2)  # [H, n_qt, NB]
+    visited = (union.to(torch.float64) * kv_tiles_per_block.to(torch.float64)).sum()
+    return float(visited / (H * n_qt * kv_tiles_per_block.sum()))
+
+
+def lexicographic_order(sel: torch.Tensor) -> torch.Tensor:
+    """Per head, the query order that sorts the selection bit vectors lexicographically (most often selected
+    block as the most significant bit): stable sorts from the least to the most significant block."""
+    H, S, NB = sel.shape
+    order = torch.arange(S).expand(H, S).clone()
+    for h in range(H):
+        significance = sel[h].sum(0).argsort(descending=True)  # most common block first
+        o = torch.arange(S)
+        for c in significance.flip(0).tolist():  # least significant first; stable keeps earlier keys' order
+            o = o[torch.argsort(~sel[h, o, c], stable=True)]
+        order[h] = o
+    return order
+
+
+def main(argv=None):
+    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer
+    from mixdit.kernels import router_reference as rr
+    from vmoba_attention import LAYER_TYPES, _smooth
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default="21,30,52", help="latent grid F,H,W after patchify (Wan2.1-1.3B 480p)")
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--layer-types", default="spatial,spatiotemporal,temporal")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    grid = tuple(int(x) for x in a.grid.split(","))
+    H, D = a.heads, a.head_dim
+    S = grid[0] * grid[1] * grid[2]
+    cfg = VMoBAConfig(min_tokens=0, dense_layers=())
+    torch.manual_seed(0)
+    inputs = {"smooth": (_smooth(1, grid, H, D, "cpu", torch.float32, 1), _smooth(1, grid, H, D, "cpu", torch.float32, 2)),
+              "random": (torch.randn(1, S, H, D), torch.randn(1, S, H, D))}
+    rows = []
+    for kind, (q, k) in inputs.items():
+        for layer_type in a.layer_types.split(","):
+            t0 = time.time()
+            part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, "cpu")
+            qb, kb = _gather_tokens(q, part.q_perm), _gather_tokens(k, part.q_perm)  # unpadded block order
+            sel = rr.select_blocks_reference(qb, kb, part.q_block, part.q_block, part.num_blocks,
+                                             selection=cfg.selection, threshold=cfg.threshold,
+                                             dtype=torch.float32)[0]  # [H, S, NB]
+            tiles_per_block = torch.bincount(part.kv_tile_group.long(), minlength=part.num_blocks)
+            token_density = float(rr.selected_key_fraction(sel[None], part.block_size))
+            block_order = torch.arange(S).expand(H, S)
+            dens = {"block order": tile_density(sel, block_order, tiles_per_block, cfg.q_tile),
+                    "sorted by selection": tile_density(sel, lexicographic_order(sel), tiles_per_block, cfg.q_tile)}
+            row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
+                       token_density=token_density, tile_density=dens, seconds=time.time() - t0)
+            rows.append(row)
+            print(f"{kind:6s} {layer_type:14s} blocks {part.num_blocks:4d}  token density {token_density:.3f}  " +
+                  "  ".join(f"{name}: tiles {d:.3f} ({d / token_density:.2f}x the floor)" for name, d in dens.items()),
+                  flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(rows=rows, threshold=cfg.threshold, q_tile=cfg.q_tile), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
