@@ -8,13 +8,17 @@ queries by their selection, so that queries with the same blocks share tiles:
 
 * ``block order``: today's tiles (queries in block order);
 * ``sorted by selection``: each head's queries sorted lexicographically by their selection bit vector, blocks taken
-  in order of how often they are selected (most common first), so that equal and similar sets are adjacent.
+  in order of how often they are selected (most common first), so that equal and similar sets are adjacent;
+* ``block, then selection``: the same sort inside each block only (queries stay with their own block).
 
 Prints, per layer type: the exact token density (selected keys / all keys, the FLOP floor), the tile density of
 each order and the ratio to the floor. Inputs: ``smooth`` q/k as in ``vmoba_attention.py`` (low-frequency fields
-over the grid plus noise; real video q/k differ) and i.i.d. ``random`` ones.
+over the grid plus noise) and i.i.d. ``random`` ones; with ``--model``, also the q/k a random-weight Wan2.1-1.3B
+computes in layers 1-3 from smooth latents, as ``benchmarks/vmoba.py`` captures them (a 4-layer stack run on the
+CPU in fp32: a few minutes). Those are far more structured than the synthetic fields (block-order unions ~0.5, not
+~0.98), so read the two separately.
 
-    python -P benchmarks/vmoba_tile_union.py [--grid 21,30,52] [--heads 12] [--json OUT]
+    python -P benchmarks/vmoba_tile_union.py [--grid 21,30,52] [--heads 12] [--model] [--json OUT]
 """
 
 from __future__ import annotations
@@ -59,6 +63,19 @@ def lexicographic_order(sel: torch.Tensor) -> torch.Tensor:
     return order
 
 
+def model_qk(layers=(1, 2, 3)):
+    """{layer: (q, k)} ([1, S, H, D], fp32) of a random-weight Wan2.1-1.3B's self-attention at 480p / 81 frames,
+    from smooth latents (the first max(layers) + 1 blocks only, on the CPU)."""
+    from mixdit.pipelines.random_models import random_transformer
+    from vmoba import capture_qkv, model_inputs
+
+    model = random_transformer("wan2.1-1.3b", device="cpu", dtype=torch.float32, num_layers=max(layers) + 1).eval()
+    inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in model_inputs((21, 60, 104), "cpu").items()}
+    store = capture_qkv(model, inputs, set(layers))
+    return {i: (store[i][0].float(), store[i][1].float()) for i in layers}
+
+
 def main(argv=None):
     from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer
     from mixdit.kernels import router_reference as rr
@@ -69,6 +86,7 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--layer-types", default="spatial,spatiotemporal,temporal")
+    ap.add_argument("--model", action="store_true", help="also the q/k of a random-weight Wan2.1-1.3B (grid 21,30,52)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     grid = tuple(int(x) for x in a.grid.split(","))
@@ -78,26 +96,35 @@ def main(argv=None):
     torch.manual_seed(0)
     inputs = {"smooth": (_smooth(1, grid, H, D, "cpu", torch.float32, 1), _smooth(1, grid, H, D, "cpu", torch.float32, 2)),
               "random": (torch.randn(1, S, H, D), torch.randn(1, S, H, D))}
+    cases = [(kind, layer_type, qk) for kind, qk in inputs.items() for layer_type in a.layer_types.split(",")]
+    if a.model:
+        assert grid == (21, 30, 52) and H == 12 and D == 128, "--model: Wan2.1-1.3B 480p (the default grid and heads)"
+        t0 = time.time()
+        captured = model_qk(tuple(LAYER_TYPES[t] for t in a.layer_types.split(",")))
+        print(f"model q/k captured in {time.time() - t0:.0f} s", flush=True)
+        cases += [("model", t, captured[LAYER_TYPES[t]]) for t in a.layer_types.split(",")]
     rows = []
-    for kind, (q, k) in inputs.items():
-        for layer_type in a.layer_types.split(","):
-            t0 = time.time()
-            part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, "cpu")
-            qb, kb = _gather_tokens(q, part.q_perm), _gather_tokens(k, part.q_perm)  # unpadded block order
-            sel = rr.select_blocks_reference(qb, kb, part.q_block, part.q_block, part.num_blocks,
-                                             selection=cfg.selection, threshold=cfg.threshold,
-                                             dtype=torch.float32)[0]  # [H, S, NB]
-            tiles_per_block = torch.bincount(part.kv_tile_group.long(), minlength=part.num_blocks)
-            token_density = float(rr.selected_key_fraction(sel[None], part.block_size))
-            block_order = torch.arange(S).expand(H, S)
-            dens = {"block order": tile_density(sel, block_order, tiles_per_block, cfg.q_tile),
-                    "sorted by selection": tile_density(sel, lexicographic_order(sel), tiles_per_block, cfg.q_tile)}
-            row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
-                       token_density=token_density, tile_density=dens, seconds=time.time() - t0)
-            rows.append(row)
-            print(f"{kind:6s} {layer_type:14s} blocks {part.num_blocks:4d}  token density {token_density:.3f}  " +
-                  "  ".join(f"{name}: tiles {d:.3f} ({d / token_density:.2f}x the floor)" for name, d in dens.items()),
-                  flush=True)
+    for kind, layer_type, (q, k) in cases:
+        t0 = time.time()
+        part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, "cpu")
+        qb, kb = _gather_tokens(q, part.q_perm), _gather_tokens(k, part.q_perm)  # unpadded block order
+        sel = rr.select_blocks_reference(qb, kb, part.q_block, part.q_block, part.num_blocks,
+                                         selection=cfg.selection, threshold=cfg.threshold,
+                                         dtype=torch.float32)[0]  # [H, S, NB]
+        tiles_per_block = torch.bincount(part.kv_tile_group.long(), minlength=part.num_blocks)
+        token_density = float(rr.selected_key_fraction(sel[None], part.block_size))
+        block_order = torch.arange(S).expand(H, S)
+        lex = lexicographic_order(sel)
+        within = torch.gather(lex, 1, torch.argsort(part.q_block[lex], dim=1, stable=True))  # own block first
+        dens = {"block order": tile_density(sel, block_order, tiles_per_block, cfg.q_tile),
+                "sorted by selection": tile_density(sel, lex, tiles_per_block, cfg.q_tile),
+                "block, then selection": tile_density(sel, within, tiles_per_block, cfg.q_tile)}
+        row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
+                   token_density=token_density, tile_density=dens, seconds=time.time() - t0)
+        rows.append(row)
+        print(f"{kind:6s} {layer_type:14s} blocks {part.num_blocks:4d}  token density {token_density:.3f}  " +
+              "  ".join(f"{name}: tiles {d:.3f} ({d / token_density:.2f}x the floor)" for name, d in dens.items()),
+              flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(rows=rows, threshold=cfg.threshold, q_tile=cfg.q_tile), f, indent=1)
