@@ -19,6 +19,7 @@ writes ``attention-router-<gpu>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -485,25 +486,6 @@ SPLIT_SWEEP = [("dkdv", (64, 64, 4, 3)), ("dkdv", (64, 128, 8, 2)), ("dkdv", (32
                ("dq", (128, 128, 8, 3)), ("dq", (128, 64, 8, 3))]
 
 
-class _BwdPath:
-    """Context: run the mixdit backward with the given _BWD_OPTS and config overrides, restoring both after."""
-
-    def __init__(self, bsa, opts, override=None):
-        self.bsa, self.opts, self.override = bsa, opts, override or {}
-
-    def __enter__(self):
-        self.saved = dict(self.bsa._BWD_OPTS), dict(self.bsa._CONFIG_OVERRIDE)
-        self.bsa._BWD_OPTS.update(self.opts)
-        self.bsa._CONFIG_OVERRIDE.clear()
-        self.bsa._CONFIG_OVERRIDE.update(self.override)
-
-    def __exit__(self, *exc):
-        self.bsa._BWD_OPTS.clear()
-        self.bsa._BWD_OPTS.update(self.saved[0])
-        self.bsa._CONFIG_OVERRIDE.clear()
-        self.bsa._CONFIG_OVERRIDE.update(self.saved[1])
-
-
 def _grad_errors(bsa, paths, D=128, S=1000):
     if DEV != "cuda":
         D, S = 64, 200
@@ -519,7 +501,7 @@ def _grad_errors(bsa, paths, D=128, S=1000):
     ref = torch.autograd.grad(ref_fn(*leaves, kc, ki, q_tile=TILE, kv_tile=TILE)[0], leaves, g)
     errs = {}
     for name, opts, override in paths:
-        with _BwdPath(bsa, opts, override):
+        with bsa.backward_variant(opts, override or {}):
             try:
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
                 out = block_sparse_attention(*leaves, kc, ki, q_tile=TILE, kv_tile=TILE)[0]
@@ -554,7 +536,7 @@ def atomic_sweep(bsa, q, k, v, layout, rep_ms, fwd_flops, split_cfgs=False):
         if not err <= limit:  # NaN too
             print(f"  sweep {name}: error {err:.2e} > limit: not timed", flush=True)
             continue
-        with _BwdPath(bsa, opts, override):
+        with bsa.backward_variant(opts, override or {}):
             try:
                 ms = bench(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), rep_ms)
             except Exception as e:
@@ -612,7 +594,7 @@ def bwd_ab(rep_ms, densities=(0.25, 1.0), sweep_cfgs=False, flex_on=True, small=
 
         grads = {}
         for impl, (opts, override) in paths.items():
-            with _BwdPath(bsa, opts, override):
+            with bsa.backward_variant(opts, override or {}):
                 grads[impl] = torch.autograd.grad(mx_fwd(), (q, k, v), g)
         for impl in grads:
             if impl != "mixdit-split":
@@ -627,7 +609,7 @@ def bwd_ab(rep_ms, densities=(0.25, 1.0), sweep_cfgs=False, flex_on=True, small=
         for impl in paths:
             impls[impl] = (mixdit_fn(q, k, v, layout, "fwdbwd"), mx_fwd, paths[impl])
         for impl, (fb, fo, path) in impls.items():
-            with _BwdPath(bsa, *(path or (dict(bsa._BWD_OPTS), dict(bsa._CONFIG_OVERRIDE)))):
+            with bsa.backward_variant(*path) if path else contextlib.nullcontext():
                 try:
                     t_fb = bench(fb, rep_ms)
                 except Exception as e:  # keep the rest of the table
@@ -664,7 +646,7 @@ def bwd_ab(rep_ms, densities=(0.25, 1.0), sweep_cfgs=False, flex_on=True, small=
                 for impl, (opts, override) in paths.items():
                     if impl == "mixdit-old":
                         continue
-                    with _BwdPath(bsa, opts, override):
+                    with bsa.backward_variant(opts, override or {}):
                         try:
                             ms = bench(mixdit_fn(qs, ks, vs, layout, "fwdbwd"), rep_ms)
                         except Exception as e:

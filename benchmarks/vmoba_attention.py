@@ -35,6 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mixdit.attention.vmoba_config import VMoBAConfig, layer_type_for
+
 SHAPES = [
     ("wan1.3b-480p", (21, 30, 52), 12, 128, 1),
     ("wan1.3b-480p", (21, 30, 52), 12, 128, 2),
@@ -77,14 +79,16 @@ def _smooth(B, grid, H, D, dev, dtype, seed):
 # removed the candidates measured here (exp2_group, group_small_tiles: NOTES); new ones go in this table.
 KERNEL_AB = {"no-len-tail": {"tail_only_mask": False}}
 BWD_AB = {"dq": "atomic"}  # --bwd-ab: backward switches timed against the defaults
-LAYER_TYPES = {"spatial": 1, "spatiotemporal": 2, "temporal": 3}  # layer index of each type (cycle 1D -> 2D -> 3D)
+# a layer index of each type under the default cycle (1D -> 2D -> 3D from layer 0), in the order the tables print
+LAYER_OF_TYPE = {layer_type_for(i, VMoBAConfig()): i for i in (1, 2, 3)}
 
 
 def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | None = None,
-        granularity: str = "token", kernel_ab: bool = False, kernel_configs=(), layer_types=tuple(LAYER_TYPES)):
+        granularity: str = "token", kernel_ab: bool = False, kernel_configs=(), layer_types=tuple(LAYER_OF_TYPE)):
     """``kernel_configs``: forward configs (BLOCK_M, BLOCK_N, warps, stages) also timed on the layers with small
     key tiles (3D: 32 keys; BLOCK_N is clipped to the tile), e.g. to tune the 3D layers' config."""
-    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, _kernel_attention, partition_for_layer, route
+    from mixdit.attention.vmoba import _gather_tokens, _kernel_attention, partition_for_layer, route
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
     extra = {} if kv_tile_3d is None else dict(kv_tile_spatiotemporal=kv_tile_3d)  # None: the config's default
@@ -108,7 +112,7 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                     dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
             except RuntimeError:  # no cuDNN attention: the default SDPA backend
                 dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
-            for layer in (LAYER_TYPES[t] for t in layer_types):
+            for layer in (LAYER_OF_TYPE[t] for t in layer_types):
                 part = partition_for_layer(grid, layer, cfg, dev)
                 qb = _gather_tokens(q, part.q_perm)  # contiguous, as vmoba_attention passes them
                 kb = _gather_tokens(k, part.kv_perm)
@@ -133,12 +137,10 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                 sparse_ms = _bench(sparse)
                 sparse_ab = {}
                 if kernel_ab:
-                    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
                     for tag, opts in KERNEL_AB.items():
                         with bsa.forward_variant(opts):
                             sparse_ab[tag] = _bench(sparse)
                 for c in kernel_configs if part.kv_tile < cfg.kv_tile else ():
-                    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
                     with bsa.forward_variant(config=c):
                         try:
                             sparse_ab[",".join(map(str, c))] = _bench(sparse)
@@ -166,7 +168,7 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
                wall_s=time.time() - t_start, rows=rows)
     tag = ("" if granularity == "token" else f"-{granularity}") + ("" if kv_tile_3d is None else f"-kv3d{kv_tile_3d}")
     tag += ("-kernel-ab" if kernel_ab else "") + ("-configs" if kernel_configs else "")
-    tag += "" if set(layer_types) == set(LAYER_TYPES) else "-" + "-".join(layer_types)
+    tag += "" if set(layer_types) == set(LAYER_OF_TYPE) else "-" + "-".join(layer_types)
     return _write_result(out, f"vmoba-attention{tag}-{gpu}.json")
 
 
@@ -186,7 +188,7 @@ def _count_kernels(fn) -> int:
 
 def time_query_tile_router(selection: str = "threshold", batch: int = 1, reps: int = 50):
     """``route_query_tiles`` (fused Triton) vs ``route_query_tiles_reference`` (PyTorch) per layer type."""
-    from mixdit.attention.vmoba import (VMoBAConfig, partition_for_layer, route_query_tiles,
+    from mixdit.attention.vmoba import (partition_for_layer, route_query_tiles,
                                         route_query_tiles_reference)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev, dt = "cuda", torch.bfloat16
@@ -234,7 +236,7 @@ def router_times(batch: int = 2, reps: int = 50, grid=(21, 30, 52), heads: int =
     per-token router (``route``) and the fused ``query_tile`` router, each with the sparse kernel on the layout
     it produced (so the router's share of its own attention call is visible). ``benchmarks/attention.py``
     reports these next to the block-sparse kernel's time at density 0.25."""
-    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention, partition_for_layer, route
+    from mixdit.attention.vmoba import _kernel_attention, partition_for_layer, route
     bench = bench or _bench
     dt = torch.bfloat16
     name, H, D = ("wan1.3b-480p" if tuple(grid) == (21, 30, 52) else "grid" + "x".join(map(str, grid))), heads, 128
@@ -273,7 +275,7 @@ def _smooth_layers(shapes, layer_types, cfg, requires_grad: bool = False):
         q, k = _smooth(B, grid, H, D, dev, dt, 1), _smooth(B, grid, H, D, dev, dt, 2)
         v = torch.randn(B, S, H, D, device=dev, dtype=dt)
         for layer_type in layer_types:
-            part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, dev)
+            part = partition_for_layer(grid, LAYER_OF_TYPE[layer_type], cfg, dev)
             qb, kb, vb = (_gather_tokens(t, p).requires_grad_(requires_grad)
                           for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
             yield name, B, D, layer_type, part, qb, kb, vb, route(qb.detach(), kb.detach(), part, cfg)
@@ -285,12 +287,12 @@ def layout_probe():
     """Where VMoBA layouts lose against a random layout of the same density (query_tile, smooth q/k, B = 1): the
     sparse kernel on the routed layout with its kv_tile_len masks, without them (timing only), with each query
     tile's count kept but its tiles drawn at random, and on random_layout at the same mean density."""
-    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention
+    from mixdit.attention.vmoba import _kernel_attention
     from mixdit.kernels.reference import random_layout
 
     cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
     rows = []
-    for name, B, D, layer_type, part, qb, kb, vb, r in _smooth_layers((SHAPES[2], SHAPES[0]), LAYER_TYPES, cfg):
+    for name, B, D, layer_type, part, qb, kb, vb, r in _smooth_layers((SHAPES[2], SHAPES[0]), LAYER_OF_TYPE, cfg):
         T, n_kt, dev = part.kv_tile, part.num_kv_tiles, qb.device
 
         def timed(count, index, lengths):
@@ -321,7 +323,7 @@ def bwd_ab(reps: int = 100, switches=None):
     """Forward + backward of the sparse kernel on VMoBA's 128-key-tile layouts (query_tile, smooth q/k), A B A B:
     the default backward vs ``switches`` over ``_BWD_OPTS``. Session 8 timed a dQ-kernel prefetch of the masks'
     data this way (``{"prefetch_meta": True}``: within 1%, dropped); new candidates go in BWD_AB."""
-    from mixdit.attention.vmoba import VMoBAConfig, _kernel_attention
+    from mixdit.attention.vmoba import _kernel_attention
 
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
     cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
@@ -337,13 +339,8 @@ def bwd_ab(reps: int = 100, switches=None):
 
         times = {False: [], True: []}
         for on in (False, True, False, True):
-            saved = dict(bsa._BWD_OPTS)
-            bsa._BWD_OPTS.update(switches if on else {})
-            try:
+            with bsa.backward_variant(switches if on else None):
                 times[on].append(_bench(step, reps))
-            finally:
-                bsa._BWD_OPTS.clear()
-                bsa._BWD_OPTS.update(saved)
         rows.append(dict(model=name, B=B, layer_type=layer_type, switches=switches, fwd_bwd_ms_default=times[False],
                          fwd_bwd_ms_switched=times[True]))
         print(f"bwd-ab {name} B={B} {layer_type:9s} fwd+bwd ms: default " + " / ".join(f"{t:.2f}" for t in times[False])
@@ -357,7 +354,7 @@ def time_gathers(reps: int = 200) -> list[dict]:
     ``index_select(1, idx)`` and mixdit's ``_gather_tokens`` (one row gather over the flattened batch), B = 1 and 2."""
     import triton
 
-    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer
+    from mixdit.attention.vmoba import _gather_tokens, partition_for_layer
 
     grid, H, D = (21, 30, 52), 12, 128
     ways = {
@@ -385,7 +382,7 @@ def router_profile(batch: int = 2, reps: int = 20) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer, route
+    from mixdit.attention.vmoba import _gather_tokens, partition_for_layer, route
 
     grid, H, D = (21, 30, 52), 12, 128
     q, k = _smooth(batch, grid, H, D, "cuda", torch.bfloat16, 1), _smooth(batch, grid, H, D, "cuda", torch.bfloat16, 2)
@@ -421,7 +418,7 @@ if __name__ == "__main__":
                     help="also time the sparse kernel with each KERNEL_AB set of forward switches")
     ap.add_argument("--kernel-configs", default="", metavar="BM,BN,W,S;...",
                     help="also time the sparse kernel of the small-key-tile (3D) layers with these forward configs")
-    ap.add_argument("--layer-types", default=",".join(LAYER_TYPES), help=f"comma list of {list(LAYER_TYPES)}")
+    ap.add_argument("--layer-types", default=",".join(LAYER_OF_TYPE), help=f"comma list of {list(LAYER_OF_TYPE)}")
     ap.add_argument("--route-query-tiles", action="store_true",
                     help="only time the query_tile router, fused vs reference (Wan2.1-1.3B 480p)")
     ap.add_argument("--batch", type=int, default=1, help="batch of --route-query-tiles (2: a CFG batch)")

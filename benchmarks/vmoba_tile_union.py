@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -35,18 +34,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def tile_density(sel: torch.Tensor, order: torch.Tensor, kv_tiles_per_block: torch.Tensor, q_tile: int) -> float:
-    """Key tiles visited / (query tiles x key tiles) when the queries of each head are taken in ``order``.
+def tile_density(sel: torch.Tensor, order: torch.Tensor, kv_tile_group: torch.Tensor, q_tile: int) -> float:
+    """Key tiles visited / (query tiles x key tiles) when the queries of each head are taken in ``order``: the
+    router's own per-query-tile union (``tile_layout_from_selection``) of the reordered selection.
     ``sel``: bool [H, S, NB]; ``order``: long [H, S]."""
+    from mixdit.kernels.router_reference import tile_layout_from_selection
+
     H, S, NB = sel.shape
-    n_qt = math.ceil(S / q_tile)
     ordered = torch.gather(sel, 1, order[..., None].expand(H, S, NB))
-    pad = n_qt * q_tile - S
-    if pad:
-        ordered = torch.nn.functional.pad(ordered, (0, 0, 0, pad))
-    union = ordered.view(H, n_qt, q_tile, NB).any(2)  # [H, n_qt, NB]
-    visited = (union.to(torch.float64) * kv_tiles_per_block.to(torch.float64)).sum()
-    return float(visited / (H * n_qt * kv_tiles_per_block.sum()))
+    kv_count, _ = tile_layout_from_selection(ordered[None], kv_tile_group, q_tile)
+    return float(kv_count.double().sum() / (kv_count.numel() * kv_tile_group.numel()))
 
 
 def lexicographic_order(sel: torch.Tensor) -> torch.Tensor:
@@ -79,7 +76,7 @@ def model_qk(layers=(1, 2, 3)):
 def main(argv=None):
     from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer
     from mixdit.kernels import router_reference as rr
-    from vmoba_attention import LAYER_TYPES, _smooth
+    from vmoba_attention import LAYER_OF_TYPE, _smooth
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="21,30,52", help="latent grid F,H,W after patchify (Wan2.1-1.3B 480p)")
@@ -100,25 +97,24 @@ def main(argv=None):
     if a.model:
         assert grid == (21, 30, 52) and H == 12 and D == 128, "--model: Wan2.1-1.3B 480p (the default grid and heads)"
         t0 = time.time()
-        captured = model_qk(tuple(LAYER_TYPES[t] for t in a.layer_types.split(",")))
+        captured = model_qk(tuple(LAYER_OF_TYPE[t] for t in a.layer_types.split(",")))
         print(f"model q/k captured in {time.time() - t0:.0f} s", flush=True)
-        cases += [("model", t, captured[LAYER_TYPES[t]]) for t in a.layer_types.split(",")]
+        cases += [("model", t, captured[LAYER_OF_TYPE[t]]) for t in a.layer_types.split(",")]
     rows = []
     for kind, layer_type, (q, k) in cases:
         t0 = time.time()
-        part = partition_for_layer(grid, LAYER_TYPES[layer_type], cfg, "cpu")
+        part = partition_for_layer(grid, LAYER_OF_TYPE[layer_type], cfg, "cpu")
         qb, kb = _gather_tokens(q, part.q_perm), _gather_tokens(k, part.q_perm)  # unpadded block order
         sel = rr.select_blocks_reference(qb, kb, part.q_block, part.q_block, part.num_blocks,
                                          selection=cfg.selection, threshold=cfg.threshold,
                                          dtype=torch.float32)[0]  # [H, S, NB]
-        tiles_per_block = torch.bincount(part.kv_tile_group.long(), minlength=part.num_blocks)
         token_density = float(rr.selected_key_fraction(sel[None], part.block_size))
         block_order = torch.arange(S).expand(H, S)
         lex = lexicographic_order(sel)
         within = torch.gather(lex, 1, torch.argsort(part.q_block[lex], dim=1, stable=True))  # own block first
-        dens = {"block order": tile_density(sel, block_order, tiles_per_block, cfg.q_tile),
-                "sorted by selection": tile_density(sel, lex, tiles_per_block, cfg.q_tile),
-                "block, then selection": tile_density(sel, within, tiles_per_block, cfg.q_tile)}
+        dens = {"block order": tile_density(sel, block_order, part.kv_tile_group, cfg.q_tile),
+                "sorted by selection": tile_density(sel, lex, part.kv_tile_group, cfg.q_tile),
+                "block, then selection": tile_density(sel, within, part.kv_tile_group, cfg.q_tile)}
         row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
                    token_density=token_density, tile_density=dens, seconds=time.time() - t0)
         rows.append(row)

@@ -133,9 +133,6 @@ def _fwd_kernel(
     if USE_TMA:  # Hopper bulk copies of each gathered [BLOCK_N, D] tile; rows past Sk read as zeros
         k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        k_desc = k_base  # unused: the helpers take pointers then
-        v_desc = v_base
     last_kt = (Sk - 1) // KV_TILE
 
     count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
@@ -581,21 +578,30 @@ _FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True}
 
 
 @contextlib.contextmanager
+def _tables_restored(*tables: dict):
+    """Every table as it was on entry, again on leaving (also on an error)."""
+    saved = [dict(t) for t in tables]
+    try:
+        yield
+    finally:
+        for table, old in zip(tables, saved):
+            table.clear()
+            table.update(old)
+
+
+@contextlib.contextmanager
 def forward_variant(switches: dict | None = None, config=None, launch_extra: dict | None = None):
     """A/B hook of the benchmarks: inside, the forward runs with these ``_FWD_OPTS`` switches over the
     defaults, this ``(BLOCK_M, BLOCK_N, warps, stages)`` config and these extra launch options; everything
     is restored on leaving (also on an error)."""
-    saved = dict(_FWD_OPTS), dict(_CONFIG_OVERRIDE), dict(_FWD_LAUNCH_EXTRA)
-    try:
+    with _tables_restored(_FWD_OPTS, _CONFIG_OVERRIDE, _FWD_LAUNCH_EXTRA):
         _FWD_OPTS.update(switches or {})
         if config is not None:
             _CONFIG_OVERRIDE["fwd"] = config
         _FWD_LAUNCH_EXTRA.update(launch_extra or {})
         yield
-    finally:
-        for table, old in zip((_FWD_OPTS, _CONFIG_OVERRIDE, _FWD_LAUNCH_EXTRA), saved):
-            table.clear()
-            table.update(old)
+
+
 # backward switches: "tma" = descriptors for the gathered Q/dO (dK/dV) and K/V (dQ) tiles; "padded" = lse/delta
 # padded to whole query tiles so the loops carry no row masks. MIXDIT_BWD_TMA=0 selects the old kernels (A/B).
 # "dq": "split" = FA2-style dK/dV kernel + dQ kernel; "atomic" = dQ accumulated by fp32 atomics inside the dK/dV
@@ -604,6 +610,19 @@ def forward_variant(switches: dict | None = None, config=None, launch_extra: dic
 _BWD_OPTS = {"tma": os.environ.get("MIXDIT_BWD_TMA", "1") != "0", "padded": os.environ.get("MIXDIT_BWD_TMA", "1") != "0",
              "dq": _env_dq_mode(), "dq_tma_reduce": False}
 _DQ_MODES = ("split", "atomic")
+
+
+@contextlib.contextmanager
+def backward_variant(switches: dict | None = None, configs: dict | None = None):
+    """A/B hook of the benchmarks: inside, the backward runs with these ``_BWD_OPTS`` switches over the
+    defaults and, when ``configs`` is given ({"dkdv"|"dq"|"dkdv_atomic": (BLOCK_M, BLOCK_N, warps, stages)}), with
+    exactly those config overrides; both tables are restored on leaving (also on an error)."""
+    with _tables_restored(_BWD_OPTS, _CONFIG_OVERRIDE):
+        _BWD_OPTS.update(switches or {})
+        if configs is not None:
+            _CONFIG_OVERRIDE.clear()
+            _CONFIG_OVERRIDE.update(configs)
+        yield
 
 # Triton picks the interpreter when a kernel is decorated (at import), so this is fixed for the process.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -229,7 +229,8 @@ TINY_WAN_TRANSFORMER = dict(
     qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
 )
 
-# the two video families without a built-in tiny pipeline: their transformers alone (tests of the attention features)
+# the HunyuanVideo / CogVideoX transformers alone at test size (the attention features' unit tests); the built-in
+# pipelines below use them with larger text / sample settings
 TINY_HUNYUAN_VIDEO_TRANSFORMER = dict(
     in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_single_layers=1,
     num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,

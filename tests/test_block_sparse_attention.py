@@ -545,3 +545,21 @@ def test_forward_variant_applies_and_restores():
             assert bsa._CONFIG_OVERRIDE["fwd"] == (64, 32, 4, 1) and bsa._FWD_LAUNCH_EXTRA["maxnreg"] == 128
             raise RuntimeError("inside")
     assert [dict(t) for t in tables] == before
+
+
+def test_backward_variant_applies_and_restores():
+    """The benchmarks' backward A/B hook: switches hold inside, a configs dict replaces the overrides, and both
+    tables are restored after an error."""
+    tables = (bsa._BWD_OPTS, bsa._CONFIG_OVERRIDE)
+    before = [dict(t) for t in tables]
+    bsa._CONFIG_OVERRIDE["fwd"] = (64, 64, 4, 1)  # an override the configs dict must clear
+    try:
+        with pytest.raises(RuntimeError):
+            with bsa.backward_variant({"dq": "atomic"}, {"dq": (64, 128, 4, 1)}):
+                assert bsa._BWD_OPTS["dq"] == "atomic"
+                assert bsa._CONFIG_OVERRIDE == {"dq": (64, 128, 4, 1)}
+                raise RuntimeError("inside")
+        assert bsa._CONFIG_OVERRIDE["fwd"] == (64, 64, 4, 1)
+    finally:
+        bsa._CONFIG_OVERRIDE.pop("fwd", None)
+    assert [dict(t) for t in tables] == before

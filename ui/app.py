@@ -87,7 +87,7 @@ def build_app(runner: Runner | None = None, *, model: str | None = None, device:
               dtype: str | None = None, outputs_dir: str = DEFAULT_OUTPUTS, max_pipelines: int = 1) -> gr.Blocks:
     """The mixdit web UI. ``runner`` (default: a new :class:`Runner` writing to ``outputs_dir``)
     holds the pipeline cache; ``model``/``device``/``dtype`` preselect the controls."""
-    from mixdit.attention.vmoba import GRANULARITIES, SELECTIONS
+    from mixdit.attention.vmoba_config import GRANULARITIES, SELECTIONS
     from mixdit.guidance.config import MODES
     from mixdit.pipelines.zoo import list_builtin_models
 
