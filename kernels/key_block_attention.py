@@ -1,0 +1,284 @@
+"""Key-block-major exact attention for per-token block selections (VMoBA's exact rule, inference).
+
+The block-sparse kernel (:mod:`mixdit.kernels.block_sparse_attention`) walks *query tiles*: a tile of 128
+queries computes every key tile that any of its rows selected and masks the rest per row. With VMoBA's
+per-token selections that union covers 52-58% of the key tiles in 2D/3D layers against an exact density of
+~16% (``benchmarks/vmoba_tile_union.py``), so 3.4x the FLOP floor is computed. This module turns the loop
+around, as MoBA's reference does with flash-attn varlen, but on the GPU with no duplicated queries:
+
+1. ``_pair_count_kernel``: from the per-row bitmask ``row_select [B, H, Sq, W]`` (bit c = block c), per
+   (sample, head) the number of blocks each query selected and, per row tile, how many rows selected each
+   block.
+2. Exclusive cumsums (torch) give every (query, block) *pair* two places: its slot in the list of queries of
+   its block (key-major) and its slot among the query's own pairs (query-major).
+3. ``_pair_fill_kernel`` writes the key-major lists: query row and query-major slot of every pair.
+4. ``_key_block_attn_kernel``: one program per tile of up to ``BLOCK_M`` queries of one block's list; it
+   gathers their q rows, walks the block's keys (contiguous in VMoBA's padded layout) and stores the
+   normalised partial output (input dtype) and its log-sum-exp (fp32) at the pairs' query-major slots. Every
+   computed (query, key) product is a selected one: the work is the FLOP floor plus the last tile's padding.
+5. ``_pair_merge_kernel``: per query, the log-sum-exp merge of its partials (contiguous), in fp32.
+
+Cost beyond the floor: the partials are written and read once (``pairs x (2 D + 4)`` bytes), which matters
+in 3D layers (96-token blocks: ~50 k FLOPs per pair). When the pair buffers would exceed ``max_pair_bytes``
+the (sample, head) pairs are processed in chunks. One host sync per call (the pair count sizes the buffers),
+so this path is for inference; gradients use the query-tile kernel (same selection, same result).
+
+Layout conventions are those of :mod:`mixdit.kernels.block_router`: ``q [B, Sq, H, D]`` in block order,
+``k``/``v`` ``[B, Sk_pad, H, D]`` with block c owning key tiles ``block_tile_start[c] .. + block_tile_count[c]``
+of ``kv_tile`` rows, of which the first ``kv_tile_len[t]`` are real.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse_attention import _f32_dot, _mm
+
+__all__ = ["key_block_attention", "key_block_plan"]
+
+# Test hook (as in block_sparse_attention): fill the outputs and the pair buffers with NaN / -1 before the
+# kernels run, so a test proves every element is written.
+_POISON_OUTPUTS = False
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _row_bits(RS, bh, rows, row_ok, Sq, W, cols):
+    # [BM, NB_PAD] int32 0/1: bit c of row_select[bh, row] (word c // 32)
+    ptrs = RS + (bh.to(tl.int64) * Sq + rows[:, None]) * W + (cols // 32)[None, :]
+    words = tl.load(ptrs, mask=row_ok[:, None], other=0)
+    return (words >> (cols % 32)[None, :]) & 1
+
+
+@triton.jit
+def _pair_count_kernel(RS, ROW_CNT, COL_CNT, bh0, Sq, W, NB, n_rt,
+                       BM: tl.constexpr, NB_PAD: tl.constexpr):
+    rt = tl.program_id(0)
+    j = tl.program_id(1)  # (sample, head) within the chunk
+    rows = rt * BM + tl.arange(0, BM)
+    row_ok = rows < Sq
+    cols = tl.arange(0, NB_PAD)
+    bits = _row_bits(RS, bh0 + j, rows, row_ok, Sq, W, cols)
+    tl.store(ROW_CNT + j.to(tl.int64) * Sq + rows, tl.sum(bits, axis=1), mask=row_ok)
+    # [chunk, NB, n_rt]: flattened, its exclusive cumsum orders the pairs by (head, block, row tile)
+    tl.store(COL_CNT + (j.to(tl.int64) * NB + cols) * n_rt + rt, tl.sum(bits, axis=0), mask=cols < NB)
+
+
+@triton.jit
+def _pair_fill_kernel(RS, ROW_OFF, COL_OFF, PAIR_Q, PAIR_DST, bh0, Sq, W, NB, n_rt,
+                      BM: tl.constexpr, NB_PAD: tl.constexpr):
+    rt = tl.program_id(0)
+    j = tl.program_id(1)
+    rows = rt * BM + tl.arange(0, BM)
+    row_ok = rows < Sq
+    cols = tl.arange(0, NB_PAD)
+    bits = _row_bits(RS, bh0 + j, rows, row_ok, Sq, W, cols)
+    rank = tl.cumsum(bits, axis=0) - bits  # rows of this tile before it that selected the block
+    slot = tl.cumsum(bits, axis=1) - bits  # the row's selected blocks before this one
+    base = tl.load(COL_OFF + (j.to(tl.int64) * NB + cols) * n_rt + rt, mask=cols < NB, other=0)
+    row_off = tl.load(ROW_OFF + j.to(tl.int64) * Sq + rows, mask=row_ok, other=0)
+    pos = base[None, :] + rank
+    take = bits != 0
+    tl.store(PAIR_Q + pos, rows[:, None] + rank * 0, mask=take)
+    tl.store(PAIR_DST + pos, row_off[:, None] + slot, mask=take)
+
+
+@triton.jit
+def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE_LIST, TILE_J,
+                           TILE_START, TILE_COUNT, KV_TILE_LEN, O_PART, LSE_PART,
+                           stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                           stride_vb, stride_vs, stride_vh, bh0, H, NB, qk_scale,
+                           F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr):
+    t = tl.program_id(0)
+    lst = tl.load(TILE_LIST + t)  # list = (head in chunk) * NB + block
+    jt = tl.load(TILE_J + t)
+    bh = bh0 + lst // NB
+    c = lst % NB
+    b = bh // H
+    h = bh % H
+    start = tl.load(LIST_START + lst)
+    n = tl.load(LIST_LEN + lst)
+    i = jt * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = i < n
+    offs_d = tl.arange(0, D)
+    qrow = tl.load(PAIR_Q + start + i, mask=ok, other=0)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + qrow.to(tl.int64)[:, None] * stride_qs
+                + offs_d[None, :], mask=ok[:, None], other=0.0)
+    r0 = tl.load(TILE_START + c) * KV_TILE
+    r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for r in range(r0, r1, BLOCK_N):
+        kr = r + tl.arange(0, BLOCK_N)
+        in_blk = kr < r1
+        tile = kr // KV_TILE
+        real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+        kt = tl.load(k_base + kr.to(tl.int64)[None, :] * stride_ks + offs_d[:, None], mask=in_blk[None, :], other=0.0)
+        s = _mm(q, kt, F32_DOT) * qk_scale
+        s = tl.where(real[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every block's first tile has a real key: finite
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base + kr.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], mask=in_blk[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(vt.dtype), vt, F32_DOT)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log, scale included
+    dst = tl.load(PAIR_DST + start + i, mask=ok, other=0).to(tl.int64)
+    tl.store(O_PART + dst[:, None] * D + offs_d[None, :], o.to(O_PART.dtype.element_ty), mask=ok[:, None])
+    tl.store(LSE_PART + dst, lse, mask=ok)
+
+
+@triton.jit
+def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, bh0, H, Sq,
+                       stride_ob, stride_os, stride_oh, D: tl.constexpr, BM: tl.constexpr):
+    rt = tl.program_id(0)
+    j = tl.program_id(1)
+    bh = bh0 + j
+    b = bh // H
+    h = bh % H
+    rows = rt * BM + tl.arange(0, BM)
+    row_ok = rows < Sq
+    offs_d = tl.arange(0, D)
+    off = tl.load(ROW_OFF + j.to(tl.int64) * Sq + rows, mask=row_ok, other=0).to(tl.int64)
+    cnt = tl.load(ROW_CNT + j.to(tl.int64) * Sq + rows, mask=row_ok, other=0)
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_ = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    for s in range(0, tl.max(cnt, axis=0)):
+        take = row_ok & (s < cnt)
+        lse = tl.load(LSE_PART + off + s, mask=take, other=float("-inf"))
+        o = tl.load(O_PART + (off + s)[:, None] * D + offs_d[None, :], mask=take[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse - m_safe)
+        l_ = l_ * alpha + w
+        acc = acc * alpha[:, None] + o.to(tl.float32) * w[:, None]
+        m = m_new
+    tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_os
+             + offs_d[None, :], (acc / l_[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE_OUT + bh.to(tl.int64) * Sq + rows, m + tl.log(l_), mask=row_ok)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _count_tile_rows(nb_pad: int) -> int:
+    # rows per count/fill program: ~8 K bits of [rows, NB_PAD] on chip
+    return max(16, min(128, 8192 // nb_pad))
+
+
+def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128):
+    """Counts of the pairs of a selection: ``(row_cnt [B*H, Sq], col_cnt [B*H, NB, n_rt], pairs_per_head,
+    tiles_per_head)`` (the last two as host lists: the one host sync of a call)."""
+    B, H, Sq, W = row_select.shape
+    NB_PAD = max(32, _next_pow2(num_blocks))
+    if W * 32 < num_blocks:
+        raise ValueError(f"row_select has {W} words for {num_blocks} blocks")
+    BM = _count_tile_rows(NB_PAD)
+    n_rt = triton.cdiv(Sq, BM)
+    dev = row_select.device
+    row_cnt = torch.empty(B * H, Sq, device=dev, dtype=torch.int32)
+    col_cnt = torch.empty(B * H, num_blocks, n_rt, device=dev, dtype=torch.int32)
+    _pair_count_kernel[(n_rt, B * H)](row_select, row_cnt, col_cnt, 0, Sq, W, num_blocks, n_rt,
+                                      BM=BM, NB_PAD=NB_PAD, num_warps=4)
+    list_len = col_cnt.sum(-1)
+    per_head = torch.stack([row_cnt.sum(1, dtype=torch.int64),
+                            ((list_len + block_m - 1) // block_m).sum(1, dtype=torch.int64)], 1).tolist()
+    return row_cnt, col_cnt, [p[0] for p in per_head], [p[1] for p in per_head]
+
+
+def _chunks(pairs_per_head: list, limit: int):
+    """Consecutive (first, count) groups of heads with at most ``limit`` pairs each (a single head may exceed it)."""
+    out, first, total = [], 0, 0
+    for i, p in enumerate(pairs_per_head):
+        if i > first and total + p > limit:
+            out.append((first, i - first))
+            first, total = i, 0
+        total += p
+    out.append((first, len(pairs_per_head) - first))
+    return out
+
+
+def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
+                        block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
+                        kv_tile: int, scale: float | None = None, block_m: int = 128, block_n: int | None = None,
+                        max_pair_bytes: int = 2 << 30, num_warps: int | None = None, num_stages: int = 2):
+    """Exact attention of every query row over the keys of its selected blocks (see the module docstring).
+
+    ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, Sk_pad, H, D]`` (fp16/bf16, last dim contiguous, ``D`` a power of
+    two >= 16), ``row_select`` int32 ``[B, H, Sq, W]``. Returns ``out [B, Sq, H, D]`` (input dtype) and
+    ``lse [B, H, Sq]`` (fp32, natural log incl. ``scale``) — the contract of
+    :func:`mixdit.kernels.block_sparse_attention` with ``row_select`` and ``kv_tile_group`` = block of each tile.
+    Every row must select at least one block (VMoBA always selects the query's own block).
+    ``block_n``: key rows per step (default ``kv_tile``, at least 32)."""
+    B, Sq, H, D = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError("key_block_attention runs fp16/bf16 q, k, v of one dtype")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim {D} must be a power of two >= 16 (pad it)")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("q, k, v need a contiguous last dim")
+    NB = block_tile_start.numel()
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    block_n = block_n or max(32, kv_tile)
+    dev = q.device
+    row_cnt, col_cnt, pairs, tiles = key_block_plan(row_select, NB, block_m)
+    n_rt = col_cnt.shape[-1]
+    NB_PAD = max(32, _next_pow2(NB))
+    BM = _count_tile_rows(NB_PAD)
+    W = row_select.shape[-1]
+    out = torch.empty_like(q)
+    lse_out = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
+    if _POISON_OUTPUTS:
+        out.fill_(float("nan"))
+        lse_out.fill_(float("nan"))
+    limit = max(1, max_pair_bytes // (D * q.element_size() + 12))
+    for h0, nh in _chunks(pairs, limit):
+        n_pairs, n_tiles = sum(pairs[h0:h0 + nh]), sum(tiles[h0:h0 + nh])
+        rc = row_cnt[h0:h0 + nh]
+        cc = col_cnt[h0:h0 + nh]
+        row_off = (torch.cumsum(rc.reshape(-1), 0, dtype=torch.int64) - rc.reshape(-1)).to(torch.int32)
+        col_flat = cc.reshape(-1)
+        col_off = (torch.cumsum(col_flat, 0, dtype=torch.int64) - col_flat).to(torch.int32)
+        list_len = cc.sum(-1).reshape(-1)  # [nh * NB]
+        list_start = col_off.view(nh * NB, n_rt)[:, 0].contiguous()
+        list_tiles = (list_len + block_m - 1) // block_m
+        tile_list = torch.repeat_interleave(torch.arange(nh * NB, device=dev, dtype=torch.int32), list_tiles,
+                                            output_size=n_tiles)
+        first_tile = torch.cumsum(list_tiles, 0) - list_tiles
+        tile_j = (torch.arange(n_tiles, device=dev) - first_tile[tile_list.long()]).to(torch.int32)
+        pair_q = torch.empty(n_pairs, device=dev, dtype=torch.int32)
+        pair_dst = torch.empty(n_pairs, device=dev, dtype=torch.int32)
+        o_part = torch.empty(n_pairs, D, device=dev, dtype=q.dtype)
+        lse_part = torch.empty(n_pairs, device=dev, dtype=torch.float32)
+        if _POISON_OUTPUTS:
+            for t in (pair_q, pair_dst, o_part, lse_part):
+                t.fill_(-1 if t.dtype == torch.int32 else float("nan"))
+        _pair_fill_kernel[(n_rt, nh)](row_select, row_off, col_off, pair_q, pair_dst, h0, Sq, W, NB, n_rt,
+                                      BM=BM, NB_PAD=NB_PAD, num_warps=4)
+        if n_tiles:
+            _key_block_attn_kernel[(n_tiles,)](
+                q, k, v, pair_q, pair_dst, list_start, list_len.to(torch.int32), tile_list, tile_j,
+                block_tile_start, block_tile_count, kv_tile_len, o_part, lse_part,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), h0, H, NB, scale * LOG2E,
+                F32_DOT=_f32_dot(q), D=D, BLOCK_M=block_m, BLOCK_N=block_n, KV_TILE=kv_tile,
+                num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages)
+        BMm = 32
+        _pair_merge_kernel[(triton.cdiv(Sq, BMm), nh)](
+            o_part, lse_part, row_off, rc, out, lse_out, h0, H, Sq,
+            out.stride(0), out.stride(1), out.stride(2), D=D, BM=BMm, num_warps=4)
+    return out, lse_out
