@@ -202,28 +202,57 @@ def _stats_object(stats):
 # ----------------------------------------------------------------------------------------------
 # kernels dispatch
 # ----------------------------------------------------------------------------------------------
-def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
-    """Block-sparse call adapted to the kernel's contract.
-
-    * CUDA: the Triton kernel; head dim zero-padded to a power of two >= 16 (scores unchanged,
-      output sliced back); fp32/fp64 inputs computed in bf16 (the kernel runs fp16/bf16 only).
-    * CPU with ``TRITON_INTERPRET=1`` and fp16/bf16 inputs: the same kernel, interpreted.
-    * Any other CPU call (e.g. a tiny fp32 model): the exact fp32 PyTorch reference, which is
-      O(S^2) memory and therefore only meant for small CPU runs.
-    """
-    if not q.is_cuda and (q.dtype not in (torch.float16, torch.bfloat16) or not _triton_usable(q)):
-        from mixdit.kernels.reference import block_sparse_attention_reference
-        return block_sparse_attention_reference(q, k, v, kv_count, kv_index, scale=scale, **kw)
+def _kernel_inputs(q, k, v):
+    """q, k, v in the kernels' contract: head dim zero-padded to a power of two >= 16 (scores unchanged; slice
+    the output back), fp32/fp64 computed in bf16 (the kernels run fp16/bf16 only)."""
     D = q.shape[-1]
     Dp = max(16, 1 << (D - 1).bit_length())
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     if Dp != D:
         q, k, v = (F.pad(t, (0, Dp - D)) for t in (q, k, v))
+    return q.to(dt), k.to(dt), v.to(dt)
+
+
+def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
+    """Block-sparse call adapted to the kernel's contract.
+
+    * CUDA: the Triton kernel on :func:`_kernel_inputs`.
+    * CPU with ``TRITON_INTERPRET=1`` and fp16/bf16 inputs: the same kernel, interpreted.
+    * Any other CPU call (e.g. a tiny fp32 model): the exact fp32 PyTorch reference, which is
+      O(S^2) memory and therefore only meant for small CPU runs.
+    """
+    if not _kernel_runs(q):
+        from mixdit.kernels.reference import block_sparse_attention_reference
+        return block_sparse_attention_reference(q, k, v, kv_count, kv_index, scale=scale, **kw)
     from mixdit.kernels import block_sparse_attention
 
-    out, lse = block_sparse_attention(
-        q.to(dt), k.to(dt), v.to(dt), kv_count, kv_index, scale=scale, **kw)
-    return out[..., :D].to(q.dtype), lse
+    out, lse = block_sparse_attention(*_kernel_inputs(q, k, v), kv_count, kv_index, scale=scale, **kw)
+    return out[..., :q.shape[-1]].to(q.dtype), lse
+
+
+def _kernel_runs(q) -> bool:
+    """Whether the Triton kernels take this call (CUDA, or fp16/bf16 under ``TRITON_INTERPRET=1``)."""
+    return q.is_cuda or (q.dtype in (torch.float16, torch.bfloat16) and _triton_usable(q))
+
+
+def _uses_key_blocks(config: VMoBAConfig, qb, kb, vb) -> bool:
+    """The exact rule's inference path: :func:`mixdit.kernels.key_block_attention.key_block_attention`
+    (``exact_kernel="key_blocks"``, per-token granularity, Triton available, no gradient wanted: it has no
+    backward and syncs the host once per call; training uses the query-tile kernel, same selection)."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))
+    return (config.exact_kernel == "key_blocks" and config.granularity == "token" and not config.tile_union_only
+            and not wants_grad and _kernel_runs(qb))
+
+
+def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, scale: float, fp32_out: bool):
+    """``fp32_out``: keep the output in fp32 (text parts are merged into it before the one final rounding)."""
+    from mixdit.kernels.key_block_attention import key_block_attention
+
+    out, lse, work = key_block_attention(
+        *_kernel_inputs(qb, kb, vb), row_select, block_tile_start=part.block_tile_start,
+        block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale,
+        return_work=True, out_dtype=torch.float32 if fp32_out else None)
+    return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
 
 
 def _triton_usable(t: torch.Tensor) -> bool:
@@ -309,9 +338,10 @@ def route_query_tiles_reference(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAP
     return RouterOutput(None, kv_count, kv_index, density, tile_density)
 
 
-def route(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoBAConfig):
+def route(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoBAConfig, tile_layout: bool = True):
     """Router on block-ordered ``qb`` and padded ``kb``: the fused Triton router on CUDA (or under
-    ``TRITON_INTERPRET=1``); on plain CPU tensors the naive reference (same rules)."""
+    ``TRITON_INTERPRET=1``); on plain CPU tensors the naive reference (same rules). ``tile_layout=False``
+    (per-token granularity): the Triton router skips the query-tile layout (only ``row_select`` and the density)."""
     if config.granularity == "query_tile":
         return route_query_tiles(qb, kb, part, config)
     topk = config.topk_for(part.layer_type)
@@ -322,7 +352,7 @@ def route(qb: torch.Tensor, kb: torch.Tensor, part: VMoBAPartition, config: VMoB
             block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
             kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, max_block_tiles=part.max_block_tiles,
             selection=config.selection, threshold=config.threshold, topk=topk,
-            q_tile=config.q_tile, kv_tile=part.kv_tile, precision=config.router_precision)
+            q_tile=config.q_tile, kv_tile=part.kv_tile, precision=config.router_precision, tile_layout=tile_layout)
     return route_reference(qb, kb, part, config)
 
 
@@ -455,21 +485,26 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     else:
         kb, vb = _gather_tokens(kv_, part.kv_perm), _gather_tokens(vv, part.kv_perm)
     qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
-    r = route(qb, kb, part, config)
-    per_tile = r.row_select is None or config.tile_union_only  # one key set per query tile
-    out_b, lse_b = _kernel_attention(
-        qb, kb, vb, r.kv_count, r.kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile, scale=scale,
-        kv_tile_len=part.kv_tile_len, row_select=None if per_tile else r.row_select,
-        kv_tile_group=None if per_tile else part.kv_tile_group)
+    key_blocks = _uses_key_blocks(config, qb, kb, vb)
+    r = route(qb, kb, part, config, tile_layout=not key_blocks)
+    if key_blocks:
+        out_b, lse_b, work = _key_block_call(qb, kb, vb, r.row_select, part, scale, fp32_out=T > 0)
+    else:
+        per_tile = r.row_select is None or config.tile_union_only  # one key set per query tile
+        out_b, lse_b = _kernel_attention(
+            qb, kb, vb, r.kv_count, r.kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile, scale=scale,
+            kv_tile_len=part.kv_tile_len, row_select=None if per_tile else r.row_select,
+            kv_tile_group=None if per_tile else part.kv_tile_group)
+        work = r.tile_density
     if st is not None:
-        st.record(part.layer_type, r.density, r.tile_density)
+        st.record(part.layer_type, r.density, work)
     if T:
         if text_key_mask is None:
             out_t, lse_t = _dense_with_lse(qb, k[:, txt].contiguous(), v[:, txt].contiguous(), scale,
                                            config.q_tile, config.kv_tile)
         else:
             out_t, lse_t = _masked_dense_with_lse(qb, k[:, txt], v[:, txt], scale, text_key_mask[:, txt])
-        out_b, _ = merge_attention_lse(out_b, lse_b, out_t, lse_t)
+        out_b = merge_attention_lse(out_b, lse_b, out_t, lse_t)[0].to(q.dtype)
     out_v = out_b if part.q_is_identity else _gather_tokens(out_b, part.q_inv)
     if not T:
         return out_v.contiguous()

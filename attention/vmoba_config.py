@@ -18,6 +18,7 @@ LAYER_TYPES = ("temporal", "spatial", "spatiotemporal")
 SELECTIONS = ("threshold", "global", "topk")
 ROUTER_PRECISIONS = ("tf32x3", "ieee", "tf32")
 GRANULARITIES = ("token", "query_tile")
+EXACT_KERNELS = ("key_blocks", "query_tiles")
 
 
 @dataclass
@@ -54,6 +55,12 @@ class VMoBAConfig:
         overlaps kept). Per-token selections of a 128-query tile cover almost every key tile, so
         the exact rule saves little compute; ``query_tile`` makes the computed tiles match the
         selected density. Its fidelity is measured in ``benchmarks/vmoba.py``.
+    exact_kernel: how the exact per-token rule is computed. ``"key_blocks"`` (default, inference): each block
+        attends to the queries that selected it, gathered into dense tiles, and each query's partial outputs are
+        merged by log-sum-exp (:mod:`mixdit.kernels.key_block_attention`): only selected (query, key) pairs are
+        computed. ``"query_tiles"``: the block-sparse kernel over 128-query tiles with a per-row bitmask
+        (computes each tile's union of selections, 52-58% of the keys in 2D/3D layers against ~16% selected);
+        it is also what any call that needs gradients uses (``key_blocks`` has no backward).
     max_tile_density: the dense-fallback rule that keeps VMoBA from being slower than dense. On a
         layer's first sparse call and every 50 calls after (one host sync each time) the layer is
         measured; it then runs dense until the next measurement when the key tiles its selection
@@ -83,6 +90,7 @@ class VMoBAConfig:
     granularity: str = "token"
     max_tile_density: float = 0.5
     kv_tile_spatiotemporal: int | None = 32
+    exact_kernel: str = "key_blocks"
 
     def __post_init__(self):
         if isinstance(self.spatial_block, list):
@@ -117,6 +125,7 @@ class VMoBAConfig:
         check_choice("vmoba.tile_union_only", self.tile_union_only, (False, True))
         check_choice("vmoba.granularity", self.granularity, GRANULARITIES)
         check_number("vmoba.max_tile_density", self.max_tile_density, 0.0, 1.0)
+        check_choice("vmoba.exact_kernel", self.exact_kernel, EXACT_KERNELS)
 
     def block_shape(self, layer_type: str, grid) -> tuple:
         """Block shape (frames, rows, cols) in grid units for a layer type (before clipping)."""

@@ -223,10 +223,10 @@ class RouterOutput:
     """Selection in the block-sparse kernel's layout (see :mod:`mixdit.kernels.reference`)."""
 
     row_select: torch.Tensor  # [B, H, Sq, W] int32 bitmask over blocks
-    kv_count: torch.Tensor  # [B, H, n_qt] int32
-    kv_index: torch.Tensor  # [B, H, n_qt, n_kv_tiles] int32
+    kv_count: torch.Tensor | None  # [B, H, n_qt] int32 (None: no query-tile layout asked)
+    kv_index: torch.Tensor | None  # [B, H, n_qt, n_kv_tiles] int32
     density: torch.Tensor  # 0-d float32: selected key tokens / all key tokens (mean over b, h, rows)
-    tile_density: torch.Tensor  # 0-d float32: visited key tiles / all key tiles (what is computed)
+    tile_density: torch.Tensor | None  # 0-d float32: visited key tiles / all key tiles (what is computed)
 
 
 def block_key_means(k: torch.Tensor, block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
@@ -258,14 +258,17 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
                  block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                  kv_tile_group: torch.Tensor, selection: str = "threshold", threshold: float = 0.25,
                  topk: int = 3, q_tile: int = 128, kv_tile: int = 128, precision: str | None = "tf32x3",
-                 block_m: int | None = None, max_block_tiles: int | None = None) -> RouterOutput:
+                 block_m: int | None = None, max_block_tiles: int | None = None,
+                 tile_layout: bool = True) -> RouterOutput:
     """Select VMoBA blocks for every query row and head; return the block-sparse layout.
 
     ``q`` ``[B, Sq, H, D]`` (block order), ``k`` ``[B, Sk_pad, H, D]`` (padded block layout).
     ``selection``: ``"threshold"`` (per query token and head), ``"topk"`` or ``"global"`` (per
     sample and head over all pairs). ``precision``: ``tl.dot`` input precision of the fp32 gate
     (``"ieee"`` exact, ``"tf32x3"`` ~fp32 on tensor cores (None: this), ``"tf32"`` fastest/least exact).
-    ``max_block_tiles``: optional, see :func:`block_key_means`.
+    ``max_block_tiles``: optional, see :func:`block_key_means`. ``tile_layout=False``: only the per-row
+    bitmask and the density (``kv_count``/``kv_index``/``tile_density`` None), for
+    :func:`mixdit.kernels.key_block_attention.key_block_attention`, which needs no query-tile layout.
     """
     B, Sq, H, D = q.shape
     NB = block_size.numel()
@@ -317,6 +320,10 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
     else:
         raise ValueError(f"unknown selection {selection!r}")
 
+    total_keys = block_size.sum().to(torch.float32)
+    density = sel_tokens.sum() / (total_keys * (B * H * Sq))
+    if not tile_layout:
+        return RouterOutput(row_select, None, None, density, None)
     # per query tile: OR of the router tiles it holds, blocks expanded to key tiles
     n_qt = triton.cdiv(Sq, q_tile)
     r = q_tile // block_m
@@ -325,8 +332,6 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
         u = torch.nn.functional.pad(u, (0, 0, 0, n_qt * r - n_rt))
     block_union = u.view(B, H, n_qt, r, NB_PAD).amax(3)[..., :NB].bool()
     kv_count, kv_index = compact_tiles(block_union, kv_tile_group)
-    total_keys = block_size.sum().to(torch.float32)
-    density = sel_tokens.sum() / (total_keys * (B * H * Sq))
     tile_density = kv_count.sum().to(torch.float32) / float(B * H * n_qt * n_kt)
     return RouterOutput(row_select, kv_count, kv_index, density, tile_density)
 

@@ -215,7 +215,8 @@ def _chunks(pairs_per_head: list, limit: int):
 def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                         kv_tile: int, scale: float | None = None, block_m: int = 128, block_n: int | None = None,
-                        max_pair_bytes: int = 2 << 30, num_warps: int | None = None, num_stages: int = 2):
+                        max_pair_bytes: int = 2 << 30, num_warps: int | None = None, num_stages: int = 2,
+                        return_work: bool = False, out_dtype: torch.dtype | None = None):
     """Exact attention of every query row over the keys of its selected blocks (see the module docstring).
 
     ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, Sk_pad, H, D]`` (fp16/bf16, last dim contiguous, ``D`` a power of
@@ -223,7 +224,10 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     ``lse [B, H, Sq]`` (fp32, natural log incl. ``scale``) — the contract of
     :func:`mixdit.kernels.block_sparse_attention` with ``row_select`` and ``kv_tile_group`` = block of each tile.
     Every row must select at least one block (VMoBA always selects the query's own block).
-    ``block_n``: key rows per step (default ``kv_tile``, at least 32)."""
+    ``block_n``: key rows per step (default ``kv_tile``, at least 32). ``return_work``: also return the
+    computed (query row, key tile) pairs as a share of all (0-d tensor; like the query-tile kernel's tile density,
+    key-tile padding included; the query padding of each list's last tile is not counted).
+    ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it)."""
     B, Sq, H, D = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError("key_block_attention runs fp16/bf16 q, k, v of one dtype")
@@ -240,7 +244,11 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     NB_PAD = max(32, _next_pow2(NB))
     BM = _count_tile_rows(NB_PAD)
     W = row_select.shape[-1]
-    out = torch.empty_like(q)
+    work = None
+    if return_work:  # as the query-tile kernel counts it: key tiles (padding included) over all key tiles
+        padded_keys = block_tile_count.to(torch.float32).view(1, NB)
+        work = (col_cnt.sum(-1).to(torch.float32) * padded_keys).sum() / (float(B * H * Sq) * kv_tile_len.numel())
+    out = torch.empty(q.shape, device=dev, dtype=out_dtype or q.dtype)
     lse_out = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
     if _POISON_OUTPUTS:
         out.fill_(float("nan"))
@@ -281,4 +289,4 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
         _pair_merge_kernel[(triton.cdiv(Sq, BMm), nh)](
             o_part, lse_part, row_off, rc, out, lse_out, h0, H, Sq,
             out.stride(0), out.stride(1), out.stride(2), D=D, BM=BMm, num_warps=4)
-    return out, lse_out
+    return (out, lse_out, work) if return_work else (out, lse_out)

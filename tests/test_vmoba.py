@@ -173,6 +173,31 @@ def test_sparse_with_text_equals_masked_dense(text_position, text_len, selection
         assert d["calls"] == 1 and 0 < d["density"] < 1 and d["density"] <= d["tile_density"] <= 1
 
 
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
+    """The exact rule through both kernels: key_blocks (inference default) and query_tiles give the masked-dense
+    result; a call that needs gradients takes query_tiles (key_blocks has no backward) and its gradients flow."""
+    import mixdit.attention.vmoba as vm
+
+    grid = (5, 5, 7)
+    q, k, v = _qkv(2, 175, 2, 32, seed=4)
+    outs = {}
+    for kernel in ("key_blocks", "query_tiles"):
+        cfg = VMoBAConfig(exact_kernel=kernel, **SMALL)
+        outs[kernel] = vmoba_attention(q, k, v, grid=grid, layer_index=layer, config=cfg)
+        mask, _ = _vmoba_mask(q, k, grid, layer, cfg, 0, "none")
+        _check(outs[kernel], q, k, v, mask, 1 / math.sqrt(32))
+    if layer != 2:  # the gradient route once (the interpreted backward is slow)
+        return
+    calls = []
+    monkeypatch.setattr(vm, "_key_block_call", lambda *a, **kw: calls.append(1))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = vmoba_attention(*leaves, grid=grid, layer_index=layer, config=VMoBAConfig(**SMALL))
+    assert not calls and torch.equal(out.detach(), outs["query_tiles"])
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in leaves)
+
+
 def test_global_selection_attention_and_cfg_independence():
     grid = (5, 5, 7)
     q, k, v = _qkv(2, 175, 2, 32, seed=3)
