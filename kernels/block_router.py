@@ -48,6 +48,7 @@ Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependen
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -230,6 +231,18 @@ def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TO
     tl.store(SEL_TOKENS + bh.to(tl.int64) * n_rt + rt, tl.sum(tl.sum(tl.where(sel, bsize[None, :], 0.0), axis=1), axis=0))
 
 
+@contextlib.contextmanager
+def _fp32_matmul():
+    """The gates are fp32 matmuls as in the reference, also where a caller allowed TF32 globally (benchmarks do,
+    for the model's own layers)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _threshold_rows(nb_pad: int) -> int:
     # rows per one-warp program of _token_threshold_kernel: ~32 gate values per thread
     return max(1, min(64, 1024 // nb_pad))
@@ -248,7 +261,8 @@ def _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, 
     step = max(1, max_gate_bytes // (Sq * NB * 4))
     for h0 in range(0, BH, step):
         h1 = min(BH, h0 + step)
-        gate = torch.bmm(qbh[h0:h1].float(), means[h0:h1]).contiguous()
+        with _fp32_matmul():
+            gate = torch.bmm(qbh[h0:h1].float(), means[h0:h1]).contiguous()
         _token_threshold_kernel[(n_rt, h1 - h0)](
             gate, q_block, block_size, row_select, union, sel_tokens, Sq, NB, n_rt, h0, float(threshold),
             ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, num_warps=1)
@@ -655,7 +669,8 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     _tile_query_means_kernel[(BH, n_qt)](
         q, qmean, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, n_qt,
         D=D, D_PAD=D_PAD, Q_TILE=q_tile, ROWS=min(q_tile, max(16, 8192 // D_PAD)), num_warps=4)
-    gate = torch.bmm(qmean, means_t)  # [B*H, n_qt, NB_PAD]; zero past the real blocks
+    with _fp32_matmul():
+        gate = torch.bmm(qmean, means_t)  # [B*H, n_qt, NB_PAD]; zero past the real blocks
 
     kv_count = torch.empty(B, H, n_qt, device=dev, dtype=torch.int32)
     kv_index = torch.empty(B, H, n_qt, n_kt, device=dev, dtype=torch.int32)
