@@ -251,7 +251,7 @@ def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, scale: float, 
     out, lse, work = key_block_attention(
         *_kernel_inputs(qb, kb, vb), row_select, block_tile_start=part.block_tile_start,
         block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale,
-        return_work=True, out_dtype=torch.float32 if fp32_out else None, max_block_tiles=part.max_block_tiles)
+        return_work=True, out_dtype=torch.float32 if fp32_out else None)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
 
 

@@ -173,11 +173,6 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
     return _write_result(out, f"vmoba-attention{tag}-{gpu}.json")
 
 
-# --key-blocks launch variants: (BLOCK_M, query tiles per program with the block's K/V resident, 0 = the streaming
-# kernel; warps). Session 9's first run timed the streaming kernel's (BLOCK_M, BLOCK_N, warps): 128 x 32, 4 warps won.
-KEY_BLOCK_VARIANTS = ((128, 0, 4), (64, 2, 4), (64, 4, 4), (64, 8, 4), (64, 4, 8), (128, 2, 8), (128, 4, 8))
-
-
 def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True) -> dict:
     """The exact rule's two kernels on smooth q/k, per layer type: router (per-token, no query-tile layout),
     key-block attention (default launch and, with ``variants``, other BLOCK_M / BLOCK_N / warps), its kernels'
@@ -202,8 +197,7 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
             part = partition_for_layer(grid, layer, cfg, dev)
             qb, kb, vb = (_gather_tokens(t, p) for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
             kw = dict(block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
-                      kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale,
-                      max_block_tiles=part.max_block_tiles)
+                      kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale)
             r0 = route(qb, kb, part, cfg, tile_layout=False)
             router_ms = _bench(lambda: route(qb, kb, part, cfg, tile_layout=False))
             out_kb, _, work = key_block_attention(qb, kb, vb, r0.row_select, return_work=True, **kw)
@@ -219,12 +213,10 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
                         prof[e.key[:60]] = round(t_us / 1e3, 3)
             var = {}
             if variants:
-                # (BLOCK_M, query tiles per program with K/V resident (blocks <= 256 keys; 0: streaming), warps)
-                for bm, grp, nw in KEY_BLOCK_VARIANTS:
-                    vkw = dict(kw, max_block_tiles=part.max_block_tiles if grp else None, group=grp or 1)
+                for bm, bn, nw in ((128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4), (128, 32, 4), (64, 32, 4)):
                     try:
-                        var[f"{bm},{grp},{nw}"] = _bench(lambda: key_block_attention(
-                            qb, kb, vb, r0.row_select, block_m=bm, num_warps=nw, **vkw))
+                        var[f"{bm},{bn},{nw}"] = _bench(lambda: key_block_attention(
+                            qb, kb, vb, r0.row_select, block_m=bm, block_n=bn, num_warps=nw, **kw))
                     except Exception as e:  # out of resources: record and go on
                         print(f"variant {bm},{bn},{nw}: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)
             r1 = route(qb, kb, part, cfg)

@@ -90,52 +90,11 @@ def _pair_fill_kernel(RS, ROW_OFF, COL_OFF, PAIR_Q, PAIR_DST, bh0, Sq, W, NB, n_
 
 
 @triton.jit
-def _resident_tiles(Q, K, V, PAIR_Q, PAIR_DST, TILE_START, TILE_COUNT, KV_TILE_LEN, O_PART, LSE_PART,
-                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                    stride_vb, stride_vs, stride_vh, b, h, c, start, n, jt, qk_scale,
-                    F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, KV_TILE: tl.constexpr,
-                    KEYS: tl.constexpr, GROUP: tl.constexpr):
-    offs_d = tl.arange(0, D)
-    r0 = tl.load(TILE_START + c) * KV_TILE
-    r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
-    kr = r0 + tl.arange(0, KEYS)
-    in_blk = kr < r1
-    tile = kr // KV_TILE
-    real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
-    kt = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + kr.to(tl.int64)[None, :] * stride_ks
-                 + offs_d[:, None], mask=in_blk[None, :], other=0.0)
-    vt = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + kr.to(tl.int64)[:, None] * stride_vs
-                 + offs_d[None, :], mask=in_blk[:, None], other=0.0)
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-    first = jt * GROUP * BLOCK_M
-    n_sub = tl.minimum(GROUP, (n - first + BLOCK_M - 1) // BLOCK_M)
-    for jj in range(0, n_sub):
-        i = first + jj * BLOCK_M + tl.arange(0, BLOCK_M)
-        ok = i < n
-        qrow = tl.load(PAIR_Q + start + i, mask=ok, other=0)
-        q = tl.load(q_base + qrow.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=ok[:, None], other=0.0)
-        s = _mm(q, kt, F32_DOT) * qk_scale
-        s = tl.where(real[None, :], s, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.math.exp2(s - m[:, None])
-        l_ = tl.sum(p, axis=1)
-        o = _mm(p.to(vt.dtype), vt, F32_DOT) / l_[:, None]
-        dst = tl.load(PAIR_DST + start + i, mask=ok, other=0).to(tl.int64)
-        tl.store(O_PART + dst[:, None] * D + offs_d[None, :], o.to(O_PART.dtype.element_ty), mask=ok[:, None])
-        tl.store(LSE_PART + dst, (m + tl.math.log2(l_)) * 0.6931471805599453, mask=ok)
-
-
-@triton.jit
 def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE_LIST, TILE_J,
                            TILE_START, TILE_COUNT, KV_TILE_LEN, O_PART, LSE_PART,
                            stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                            stride_vb, stride_vs, stride_vh, bh0, H, NB, qk_scale,
-                           F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           KV_TILE: tl.constexpr, KEYS: tl.constexpr, GROUP: tl.constexpr):
-    # KEYS == 0: one program per BLOCK_M queries of a list, walking the block's keys in BLOCK_N steps (online
-    # softmax). KEYS > 0 (blocks of <= KEYS padded keys): the block's K/V are loaded once and stay on chip while the
-    # program computes up to GROUP query tiles of the list (single-pass softmax per tile; the tile loop's gathered
-    # q loads are what the pipeliner overlaps).
+                           F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr):
     t = tl.program_id(0)
     lst = tl.load(TILE_LIST + t)  # list = (head in chunk) * NB + block
     jt = tl.load(TILE_J + t)
@@ -145,15 +104,9 @@ def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE
     h = bh % H
     start = tl.load(LIST_START + lst)
     n = tl.load(LIST_LEN + lst)
-    offs_d = tl.arange(0, D)
-    if KEYS > 0:
-        _resident_tiles(Q, K, V, PAIR_Q, PAIR_DST, TILE_START, TILE_COUNT, KV_TILE_LEN, O_PART, LSE_PART,
-                        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                        stride_vb, stride_vs, stride_vh, b, h, c, start, n, jt, qk_scale,
-                        F32_DOT, D, BLOCK_M, KV_TILE, KEYS, GROUP)
-        return
     i = jt * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = i < n
+    offs_d = tl.arange(0, D)
     qrow = tl.load(PAIR_Q + start + i, mask=ok, other=0)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + qrow.to(tl.int64)[:, None] * stride_qs
                 + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -261,10 +214,9 @@ def _chunks(pairs_per_head: list, limit: int):
 
 def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
-                        kv_tile: int, scale: float | None = None, block_m: int | None = None, block_n: int = 32,
+                        kv_tile: int, scale: float | None = None, block_m: int = 128, block_n: int = 32,
                         max_pair_bytes: int = 2 << 30, num_warps: int = 4, num_stages: int = 2,
-                        return_work: bool = False, out_dtype: torch.dtype | None = None,
-                        max_block_tiles: int | None = None, resident_keys: int = 256, group: int = 4):
+                        return_work: bool = False, out_dtype: torch.dtype | None = None):
     """Exact attention of every query row over the keys of its selected blocks (see the module docstring).
 
     ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, Sk_pad, H, D]`` (fp16/bf16, last dim contiguous, ``D`` a power of
@@ -276,9 +228,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     fastest of six launches in every layer type at Wan-1.3B and 14B (H200, ``vmoba_attention.py --key-blocks``). ``return_work``: also return the
     computed (query row, key tile) pairs as a share of all (0-d tensor; like the query-tile kernel's tile density,
     key-tile padding included; the query padding of each list's last tile is not counted).
-    ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it).
-    ``max_block_tiles`` (key tiles of the largest block, static: no host sync): when its keys fit in
-    ``resident_keys``, each program keeps its block's K/V on chip for ``group`` query tiles of ``block_m`` rows."""
+    ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it)."""
     B, Sq, H, D = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError("key_block_attention runs fp16/bf16 q, k, v of one dtype")
@@ -289,15 +239,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     NB = block_tile_start.numel()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = q.device
-    keys = 0
-    if max_block_tiles is not None and max_block_tiles * kv_tile <= resident_keys:
-        keys = max(16, _next_pow2(max_block_tiles * kv_tile))
-        block_m = block_m or 64
-    else:
-        group = 1
-        block_m = block_m or 128
-    per_prog = block_m * group  # queries of one list per program
-    row_cnt, col_cnt, pairs, tiles = key_block_plan(row_select, NB, per_prog)
+    row_cnt, col_cnt, pairs, tiles = key_block_plan(row_select, NB, block_m)
     n_rt = col_cnt.shape[-1]
     NB_PAD = max(32, _next_pow2(NB))
     BM = _count_tile_rows(NB_PAD)
@@ -321,7 +263,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
         col_off = (torch.cumsum(col_flat, 0, dtype=torch.int64) - col_flat).to(torch.int32)
         list_len = cc.sum(-1).reshape(-1)  # [nh * NB]
         list_start = col_off.view(nh * NB, n_rt)[:, 0].contiguous()
-        list_tiles = (list_len + per_prog - 1) // per_prog
+        list_tiles = (list_len + block_m - 1) // block_m
         tile_list = torch.repeat_interleave(torch.arange(nh * NB, device=dev, dtype=torch.int32), list_tiles,
                                             output_size=n_tiles)
         first_tile = torch.cumsum(list_tiles, 0) - list_tiles
@@ -341,7 +283,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
                 block_tile_start, block_tile_count, kv_tile_len, o_part, lse_part,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), h0, H, NB, scale * LOG2E,
-                F32_DOT=_f32_dot(q), D=D, BLOCK_M=block_m, BLOCK_N=block_n, KV_TILE=kv_tile, KEYS=keys, GROUP=group,
+                F32_DOT=_f32_dot(q), D=D, BLOCK_M=block_m, BLOCK_N=block_n, KV_TILE=kv_tile,
                 num_warps=num_warps, num_stages=num_stages)
         BMm = 32
         _pair_merge_kernel[(triton.cdiv(Sq, BMm), nh)](

@@ -26,16 +26,12 @@ def _random_selection(B, H, part, density, device, gen):
     return words.to(torch.int32).to(device)
 
 
-@pytest.mark.parametrize("layer,grid,block,kv_tile,block_m,block_n,D,dtype,density,group", [
-    ("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 32, 32, 32, torch.bfloat16, 0.3, 0),  # partial blocks on every axis
-    ("spatial", (4, 6, 6), (4, 3, 4), 32, 64, 32, 64, torch.float16, 0.4, 0),  # NB = 6, 48-token blocks
-    ("temporal", (5, 4, 6), (2, 4, 6), 32, 16, 64, 16, torch.bfloat16, 0.5, 0),  # block_n > kv_tile
-    # K/V resident for several query tiles per program (ragged last group)
-    ("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 16, 32, 32, torch.bfloat16, 0.3, 3),
-    ("spatial", (4, 6, 6), (4, 3, 4), 32, 16, 32, 64, torch.float16, 0.4, 2),
+@pytest.mark.parametrize("layer,grid,block,kv_tile,block_m,block_n,D,dtype,density", [
+    ("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 32, 32, 32, torch.bfloat16, 0.3),  # partial blocks on every axis
+    ("spatial", (4, 6, 6), (4, 3, 4), 32, 64, 32, 64, torch.float16, 0.4),  # NB = 6, 48-token blocks
+    ("temporal", (5, 4, 6), (2, 4, 6), 32, 16, 64, 16, torch.bfloat16, 0.5),  # block_n > kv_tile
 ])
-def test_matches_reference(assert_close, device, layer, grid, block, kv_tile, block_m, block_n, D, dtype, density,
-                           group):
+def test_matches_reference(assert_close, device, layer, grid, block, kv_tile, block_m, block_n, D, dtype, density):
     gen = torch.Generator().manual_seed(D)
     B, H = 2, 3
     part = get_partition(grid, layer, block, kv_tile, device)
@@ -47,8 +43,7 @@ def test_matches_reference(assert_close, device, layer, grid, block, kv_tile, bl
     scale = 0.3
     out, lse = key_block_attention(q, k, v, rs, block_tile_start=part.block_tile_start,
                                    block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len,
-                                   kv_tile=kv_tile, scale=scale, block_m=block_m, block_n=block_n,
-                                   max_block_tiles=part.max_block_tiles if group else None, group=group or 1)
+                                   kv_tile=kv_tile, scale=scale, block_m=block_m, block_n=block_n)
     layout = dense_layout(B, H, S, k.shape[1], 64, kv_tile, device=device)
     extra = dict(kv_tile_len=part.kv_tile_len, row_select=rs, kv_tile_group=part.kv_tile_group)
     ref32 = block_sparse_attention_reference(q.float(), k.float(), v.float(), *layout, q_tile=64, kv_tile=kv_tile,
