@@ -173,6 +173,13 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
     return _write_result(out, f"vmoba-attention{tag}-{gpu}.json")
 
 
+# --key-blocks launch variants (BLOCK_M, BLOCK_N, warps, stages). Session 9, run 1: of (128|64, 32|64|128, 4|8, 2)
+# 128 x 32 with 4 warps won in every layer type (results/vmoba-key-blocks-variants-session9-*.json); run 2 timed a
+# K/V-resident kernel (several query tiles per program), slower everywhere (...-resident-session9-*.json, removed).
+KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32, 2, 2), (32, 32, 2, 2),
+                      (64, 64, 4, 2), (128, 32, 8, 2))
+
+
 def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True) -> dict:
     """The exact rule's two kernels on smooth q/k, per layer type: router (per-token, no query-tile layout),
     key-block attention (default launch and, with ``variants``, other BLOCK_M / BLOCK_N / warps), its kernels'
@@ -213,10 +220,10 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
                         prof[e.key[:60]] = round(t_us / 1e3, 3)
             var = {}
             if variants:
-                for bm, bn, nw in ((128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4), (128, 32, 4), (64, 32, 4)):
+                for bm, bn, nw, ns in KEY_BLOCK_VARIANTS:
                     try:
-                        var[f"{bm},{bn},{nw}"] = _bench(lambda: key_block_attention(
-                            qb, kb, vb, r0.row_select, block_m=bm, block_n=bn, num_warps=nw, **kw))
+                        var[f"{bm},{bn},{nw},{ns}"] = _bench(lambda: key_block_attention(
+                            qb, kb, vb, r0.row_select, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, **kw))
                     except Exception as e:  # out of resources: record and go on
                         print(f"variant {bm},{bn},{nw}: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)
             r1 = route(qb, kb, part, cfg)
