@@ -9,6 +9,9 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--vmoba-selection", default=None, help="threshold | global | topk (default: threshold)")
     g.add_argument("--vmoba-granularity", default=None,
                    help="token (exact, default) | query_tile (approximate: one selection per query tile; faster)")
+    g.add_argument("--vmoba-exact-kernel", default=None,
+                   help="how the exact rule runs at inference: key_blocks (default: only selected pairs computed) "
+                        "| query_tiles (query-tile kernel with per-row masks)")
     g.add_argument("--vmoba-threshold", type=float, default=None, help="tau in [0, 1] (default 0.25)")
     g.add_argument("--vmoba-dense-steps", type=float, default=None,
                    help="first steps kept dense: a fraction < 1 or a whole count (default 0.24)")
@@ -29,6 +32,8 @@ def features_from_args(args) -> dict:
         fields["selection"] = args.vmoba_selection
     if args.vmoba_granularity is not None:
         fields["granularity"] = args.vmoba_granularity
+    if args.vmoba_exact_kernel is not None:
+        fields["exact_kernel"] = args.vmoba_exact_kernel
     if args.vmoba_threshold is not None:
         fields["threshold"] = args.vmoba_threshold
     if args.vmoba_dense_steps is not None:

@@ -106,7 +106,7 @@ class VMoBAFeature(Feature):
 
     def summary(self):
         return {"config": {"selection": self.config.selection, "threshold": self.config.threshold,
-                           "granularity": self.config.granularity},
+                           "granularity": self.config.granularity, "exact_kernel": self.config.exact_kernel},
                 "density": self.stats.as_dict(),
                 "dense_calls": dict(self.dense_calls),
                 "last_timing": dict(self.last_timing)}

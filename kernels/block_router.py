@@ -187,11 +187,41 @@ def _route_kernel(Q, MEANS_T, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS
 
 
 @triton.jit
+def _threshold_rule(s, valid, is_own, threshold, ROWS: tl.constexpr):
+    """VMoBA's threshold rule on fp32 gates ``s [ROWS, NB_PAD]`` (one row per query or query tile): min-max
+    normalise over the valid blocks, ``remain = max(tau - own/(sum+eps), 0)``, then the reference's cut value = the
+    largest other value v whose "others >= v" share reaches remain, found bit by bit on the fp32 patterns (exact, no
+    sort; ties with v are all taken, as in the reference). If even all others miss the share no candidate passes,
+    the cut stays 0 and every other block is taken (the reference's "last sorted position")."""
+    oth = valid & ~is_own
+    mn = tl.min(tl.where(valid, s, float("inf")), axis=1)
+    mx = tl.max(tl.where(valid, s, float("-inf")), axis=1)
+    den = mx - mn
+    den = tl.where(den <= 1e-6, 1.0, den)
+    norm = tl.where(valid, tl.math.div_rn(s - mn[:, None], den[:, None] + tl.zeros_like(s)), 0.0)
+    te = tl.sum(norm, axis=1) + 1e-6
+    remain = tl.maximum(threshold - tl.math.div_rn(tl.sum(tl.where(is_own, norm, 0.0), axis=1), te), 0.0)
+    # one live [ROWS, NB_PAD] tensor through the search (fewer registers: no spills on sm_90 at 512 blocks): the
+    # others' fp32 bit patterns (norm >= 0: int order == float order), -1 elsewhere, so "bits >= cut" (cut >= 0)
+    # picks others only and the values come back by a bitcast
+    bits = tl.where(oth, norm.to(tl.int32, bitcast=True), -1)
+    top_bits = tl.max(bits, axis=1)
+    prefix = tl.zeros([ROWS], dtype=tl.int32)
+    for b in tl.static_range(29, -1, -1):  # bits 29..0 (TILE_CUT_BITS)
+        cand = prefix | (1 << b)
+        take = bits >= cand[:, None]
+        share = tl.sum(tl.where(take, bits.to(tl.float32, bitcast=True), 0.0), axis=1)
+        ok = (tl.math.div_rn(share, te) >= remain) & (cand <= top_bits)
+        prefix = tl.where(ok, cand, prefix)
+    return is_own | (bits >= prefix[:, None])
+
+
+@triton.jit
 def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS, Sq, NB, n_rt, bh0, threshold,
                             ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr):
-    # The threshold rule for ROWS query rows of one (sample, head) from their precomputed fp32 gate rows
-    # (GATE [heads in chunk, Sq, NB]). Launched with one warp: a row's reductions stay inside the warp (shuffles,
-    # no shared memory or barriers), which is what the rule's 30 masked row sums cost on chip.
+    # The threshold rule (_threshold_rule) for ROWS query rows of one (sample, head) from their precomputed fp32
+    # gate rows (GATE [heads in chunk, Sq, NB]). Launched with one warp: a row's reductions stay inside the warp
+    # (shuffles, no shared memory or barriers), which is what the rule's 30 masked row sums cost on chip.
     rt = tl.program_id(0)
     j = tl.program_id(1)
     bh = bh0 + j
@@ -203,25 +233,7 @@ def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TO
     s = tl.load(GATE + (j.to(tl.int64) * Sq + rows[:, None]) * NB + cols[None, :], mask=valid, other=0.0)
     own = tl.load(Q_BLOCK + rows, mask=row_ok, other=0)
     is_own = valid & (cols[None, :] == own[:, None])
-    oth = valid & ~is_own
-    mn = tl.min(tl.where(valid, s, float("inf")), axis=1)
-    mx = tl.max(tl.where(valid, s, float("-inf")), axis=1)
-    den = mx - mn
-    den = tl.where(den <= 1e-6, 1.0, den)
-    norm = tl.where(valid, tl.math.div_rn(s - mn[:, None], den[:, None] + tl.zeros_like(s)), 0.0)
-    te = tl.sum(norm, axis=1) + 1e-6
-    remain = tl.maximum(threshold - tl.math.div_rn(tl.sum(tl.where(is_own, norm, 0.0), axis=1), te), 0.0)
-    # the reference's cut value, found bit by bit on the others' fp32 patterns (as _tile_route_kernel does)
-    bits = tl.where(oth, norm.to(tl.int32, bitcast=True), -1)
-    top_bits = tl.max(bits, axis=1)
-    prefix = tl.zeros([ROWS], dtype=tl.int32)
-    for b in tl.static_range(29, -1, -1):
-        cand = prefix | (1 << b)
-        take = bits >= cand[:, None]
-        share = tl.sum(tl.where(take, bits.to(tl.float32, bitcast=True), 0.0), axis=1)
-        ok = (tl.math.div_rn(share, te) >= remain) & (cand <= top_bits)
-        prefix = tl.where(ok, cand, prefix)
-    sel = (is_own | (bits >= prefix[:, None])) & valid
+    sel = _threshold_rule(s, valid, is_own, threshold, ROWS) & valid
     shifted = sel.to(tl.int32) << (cols % 32)[None, :]
     words = tl.sum(tl.reshape(shifted, [ROWS, W, 32]), axis=2)
     wcols = tl.arange(0, W)
@@ -563,30 +575,7 @@ def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
             sel = sel | pick
             work = tl.where(pick, float("-inf"), work)
     elif MODE == 0:  # threshold, per tile row
-        mn = tl.min(tl.where(valid, s, float("inf")), axis=1)
-        mx = tl.max(tl.where(valid, s, float("-inf")), axis=1)
-        den = mx - mn
-        den = tl.where(den <= 1e-6, 1.0, den)
-        norm = tl.where(valid, tl.math.div_rn(s - mn[:, None], den[:, None] + tl.zeros_like(s)), 0.0)
-        te = tl.sum(norm, axis=1) + 1e-6
-        remain = tl.maximum(threshold - tl.math.div_rn(tl.sum(tl.where(is_own, norm, 0.0), axis=1), te), 0.0)
-        # one live [TM, NB_PAD] tensor through the search (fewer registers: no spills on sm_90 at 512
-        # blocks): the others' fp32 bit patterns (norm >= 0: int order == float order), -1 elsewhere,
-        # so "bits >= cut" (cut >= 0) picks others only and the values come back by a bitcast
-        bits = tl.where(oth, norm.to(tl.int32, bitcast=True), -1)
-        top_bits = tl.max(bits, axis=1)
-        # the reference's cut value = the largest other value v whose "others >= v" share reaches
-        # remain: found bit by bit (exact, no sort; ties with v are all taken, as in the reference)
-        # (if even all others miss the share, no candidate passes, the cut stays 0 and every other
-        # block is taken: the reference's "last sorted position")
-        prefix = tl.zeros([TM], dtype=tl.int32)
-        for b in tl.static_range(29, -1, -1):  # bits 29..0 (TILE_CUT_BITS)
-            cand = prefix | (1 << b)
-            take = bits >= cand[:, None]
-            share = tl.sum(tl.where(take, bits.to(tl.float32, bitcast=True), 0.0), axis=1)
-            ok = (tl.math.div_rn(share, te) >= remain) & (cand <= top_bits)
-            prefix = tl.where(ok, cand, prefix)
-        sel = is_own | (bits >= prefix[:, None])
+        sel = _threshold_rule(s, valid, is_own, threshold, TM)
     else:  # global (MODE 3: partial sums at the next candidates; MODE 4: select)
         mn, den, te, remain, prefix = _tile_global_state(PART, bh, BH, n_grp, npass, threshold,
                                                          GRP_PAD, NCAND, DIGIT, REC)

@@ -41,9 +41,11 @@ def test_generate_video_mp4(tmp_path):
 def test_generate_with_vmoba_flags(tmp_path):
     out = tmp_path / "v.gif"
     assert main(["generate", "a blue circle", "--model", "tiny-wan", "--steps", "2", "--vmoba",
-                 "--vmoba-threshold", "0.5", "--vmoba-spatial-block", "2", "2", "--out", str(out)]) == 0
+                 "--vmoba-threshold", "0.5", "--vmoba-spatial-block", "2", "2", "--vmoba-exact-kernel", "query_tiles",
+                 "--out", str(out)]) == 0
     meta = json.loads((tmp_path / "v.gif.json").read_text())
     assert meta["features"]["vmoba"]["threshold"] == 0.5
+    assert meta["features"]["vmoba"]["exact_kernel"] == "query_tiles"
     assert meta["features"]["vmoba"]["spatial_block"] == [2, 2]
 
 
@@ -56,6 +58,7 @@ def test_generate_with_vmoba_flags(tmp_path):
     (["generate", "x", "--model", "tiny-cogvideox", "--frames", "10"], "frames"),
     (["generate", "x", "--model", "tiny-wan", "--vmoba", "--vmoba-threshold", "2"], "vmoba.threshold"),
     (["generate", "x", "--model", "tiny-sd3", "--vmoba"], "vmoba"),
+    (["generate", "x", "--model", "tiny-wan", "--vmoba", "--vmoba-exact-kernel", "fast"], "vmoba.exact_kernel"),
     (["generate", "x", "--dtype", "int8"], "dtype"),
 ])
 def test_bad_input_one_line_exit_2(argv, field, capsys, tmp_path):
