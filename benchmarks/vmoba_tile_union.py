@@ -12,7 +12,8 @@ queries by their selection, so that queries with the same blocks share tiles:
 * ``block, then selection``: the same sort inside each block only (queries stay with their own block).
 
 Prints, per layer type: the exact token density (selected keys / all keys, the FLOP floor), the tile density of
-each order and the ratio to the floor. Inputs: ``smooth`` q/k as in ``vmoba_attention.py`` (low-frequency fields
+each order and the ratio to the floor; and, for the key-block-major kernel, what merging 2 or 4 neighbouring blocks
+into one masked key set would do to its pairs (partial-output bytes) and computed keys (:func:`pair_grouping`). Inputs: ``smooth`` q/k as in ``vmoba_attention.py`` (low-frequency fields
 over the grid plus noise) and i.i.d. ``random`` ones; with ``--model``, also the q/k a random-weight Wan2.1-1.3B
 computes in layers 1-3 from smooth latents, as ``benchmarks/vmoba.py`` captures them (a 4-layer stack run on the
 CPU in fp32: a few minutes). Those are far more structured than the synthetic fields (block-order unions ~0.5, not
@@ -44,6 +45,22 @@ def tile_density(sel: torch.Tensor, order: torch.Tensor, kv_tile_group: torch.Te
     ordered = torch.gather(sel, 1, order[..., None].expand(H, S, NB))
     kv_count, _ = tile_layout_from_selection(ordered[None], kv_tile_group, q_tile)
     return float(kv_count.double().sum() / (kv_count.numel() * kv_tile_group.numel()))
+
+
+def pair_grouping(sel: torch.Tensor, block_size: torch.Tensor, group: int) -> tuple[float, float]:
+    """For the key-block-major kernel (``kernels/key_block_attention.py``) with ``group`` consecutive blocks (block
+    index order: neighbours along the last grid axis) merged into one key set per (query, group) with a per-row mask:
+    (pairs, computed keys), each relative to ``group = 1`` (the exact pairs and the FLOP floor). Pairs are what the
+    partial outputs cost in bytes; computed keys what the masked-out halves cost in FLOPs."""
+    H, S, NB = sel.shape
+    n_grp = -(-NB // group)
+    pad = n_grp * group - NB
+    sel_p = torch.nn.functional.pad(sel, (0, pad)).view(H, S, n_grp, group)
+    size_p = torch.nn.functional.pad(block_size.double(), (0, pad)).view(n_grp, group)
+    hit = sel_p.any(-1)  # [H, S, n_grp]
+    pairs = float(hit.double().sum() / sel.double().sum())
+    keys = float((hit.double() * size_p.sum(-1)).sum() / (sel.double() * block_size.double()).sum())
+    return pairs, keys
 
 
 def lexicographic_order(sel: torch.Tensor) -> torch.Tensor:
@@ -115,11 +132,15 @@ def main(argv=None):
         dens = {"block order": tile_density(sel, block_order, part.kv_tile_group, cfg.q_tile),
                 "sorted by selection": tile_density(sel, lex, part.kv_tile_group, cfg.q_tile),
                 "block, then selection": tile_density(sel, within, part.kv_tile_group, cfg.q_tile)}
+        grouping = {g: pair_grouping(sel, part.block_size, g) for g in (2, 4)}
         row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
-                   token_density=token_density, tile_density=dens, seconds=time.time() - t0)
+                   token_density=token_density, tile_density=dens,
+                   key_block_grouping={g: dict(pairs=p, computed_keys=c) for g, (p, c) in grouping.items()},
+                   seconds=time.time() - t0)
         rows.append(row)
         print(f"{kind:6s} {layer_type:14s} blocks {part.num_blocks:4d}  token density {token_density:.3f}  " +
-              "  ".join(f"{name}: tiles {d:.3f} ({d / token_density:.2f}x the floor)" for name, d in dens.items()),
+              "  ".join(f"{name}: tiles {d:.3f} ({d / token_density:.2f}x the floor)" for name, d in dens.items()) +
+              "  | key blocks merged by " + "  ".join(f"{g}: pairs {p:.2f}x, keys {c:.2f}x" for g, (p, c) in grouping.items()),
               flush=True)
     if a.json:
         with open(a.json, "w") as f:
