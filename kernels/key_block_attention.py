@@ -21,7 +21,7 @@ around, as MoBA's reference does with flash-attn varlen, but on the GPU with no 
 Cost beyond the floor: the partials are written and read once (``pairs x (2 D + 4)`` bytes), which matters
 in 3D layers (96-token blocks: ~50 k FLOPs per pair). When the pair buffers would exceed ``max_pair_bytes``
 the (sample, head) pairs are processed in chunks. One host sync per call (the pair count sizes the buffers),
-so this path is for inference; gradients use the query-tile kernel (same selection, same result).
+so this path is for inference; gradients use the query-tile kernel (same selection, equal up to rounding).
 
 Layout conventions are those of :mod:`mixdit.kernels.block_router`: ``q [B, Sq, H, D]`` in block order,
 ``k``/``v`` ``[B, Sk_pad, H, D]`` with block c owning key tiles ``block_tile_start[c] .. + block_tile_count[c]``

@@ -246,7 +246,7 @@ def build_features(form: Form) -> dict:
             vmoba_dense_steps=_float_field("vmoba.dense_steps", form.vmoba_dense_steps,
                                            "a fraction in [0, 1] or a whole number of steps"),
             vmoba_selection=form.vmoba_selection or None,
-            vmoba_granularity=form.vmoba_granularity or None,
+            vmoba_granularity=form.vmoba_granularity or None, vmoba_exact_kernel=None,
             vmoba_temporal_block=None, vmoba_spatial_block=None, vmoba_spatiotemporal_block=None)))
     if form.guidance:
         heads = (form.heads or "").strip() or (form.heads_preset or None)
