@@ -233,6 +233,19 @@ def random_seed() -> int:
     return random.SystemRandom().randrange(2**32)
 
 
+def _cli_args(cli_module, **values) -> argparse.Namespace:
+    """The namespace ``mixdit generate`` would parse for this feature's flags: every flag at its CLI default, then
+    ``values``. So a flag the CLI gains needs no edit here (the UI's form sets only the fields it shows)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    cli_module.add_generate_arguments(parser)
+    args = parser.parse_args([])
+    for name, value in values.items():
+        if not hasattr(args, name):
+            raise AttributeError(f"{cli_module.__name__} has no flag for {name!r}")
+        setattr(args, name, value)
+    return args
+
+
 def build_features(form: Form) -> dict:
     """Feature configs through the CLI's own ``features_from_args`` (same classes, same validation)."""
     from mixdit.attention import vmoba_cli
@@ -240,24 +253,22 @@ def build_features(form: Form) -> dict:
 
     features: dict[str, Any] = {}
     if form.vmoba:
-        features.update(vmoba_cli.features_from_args(argparse.Namespace(
-            vmoba=True,
+        features.update(vmoba_cli.features_from_args(_cli_args(
+            vmoba_cli, vmoba=True,
             vmoba_threshold=_float_field("vmoba.threshold", form.vmoba_threshold, "a number in [0, 1]"),
             vmoba_dense_steps=_float_field("vmoba.dense_steps", form.vmoba_dense_steps,
                                            "a fraction in [0, 1] or a whole number of steps"),
             vmoba_selection=form.vmoba_selection or None,
-            vmoba_granularity=form.vmoba_granularity or None, vmoba_exact_kernel=None,
-            vmoba_temporal_block=None, vmoba_spatial_block=None, vmoba_spatiotemporal_block=None)))
+            vmoba_granularity=form.vmoba_granularity or None)))
     if form.guidance:
         heads = (form.heads or "").strip() or (form.heads_preset or None)
         if heads is None:
             raise ConfigError("guidance.heads", "", "a head spec like 'L13H18,L14H*,L2' or an uploaded preset JSON")
-        features.update(guidance_cli.features_from_args(argparse.Namespace(
-            heads=heads,
+        features.update(guidance_cli.features_from_args(_cli_args(
+            guidance_cli, heads=heads,
             perturb_scale=_float_field("guidance.scale", form.perturb_scale, "a number in [0, 1000]"),
             softpag=_float_field("guidance.softpag", form.softpag, "a number in [0, 1]"),
-            perturb_mode=form.perturb_mode or None,
-            perturb_window=None)))
+            perturb_mode=form.perturb_mode or None)))
     return features
 
 
