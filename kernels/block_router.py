@@ -101,13 +101,29 @@ def _block_means_kernel(K, MEANS_T, TILE_START, TILE_COUNT, TILE_LEN, BLOCK_SIZE
 
 
 @triton.jit
+def _store_selection(sel, bh, rt, rows, row_ok, cols, c_ok, Sq, n_rt, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS,
+                     ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr, STORE_UNION: tl.constexpr):
+    """A router program's outputs for its ``ROWS`` rows' selection ``sel [ROWS, NB_PAD]``: the per-row bitmask
+    ``row_select`` (bit c of word c // 32), with ``STORE_UNION`` the union of the rows' blocks (int8, OR-ed per
+    query tile into the query-tile layout after), and the selected key tokens (the density statistic)."""
+    shifted = sel.to(tl.int32) << (cols % 32)[None, :]
+    words = tl.sum(tl.reshape(shifted, [ROWS, W, 32]), axis=2)
+    wcols = tl.arange(0, W)
+    tl.store(ROW_SELECT + ((bh.to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :]), words, mask=row_ok[:, None])
+    if STORE_UNION:
+        tl.store(UNION + (bh.to(tl.int64) * n_rt + rt) * NB_PAD + cols, tl.max(sel.to(tl.int32), axis=0).to(tl.int8))
+    bsize = tl.load(BLOCK_SIZE + cols, mask=c_ok, other=0).to(tl.float32)
+    tl.store(SEL_TOKENS + bh.to(tl.int64) * n_rt + rt, tl.sum(tl.sum(tl.where(sel, bsize[None, :], 0.0), axis=1), axis=0))
+
+
+@triton.jit
 def _route_kernel(Q, MEANS_T, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS,
                   G_MIN, G_DEN, G_LO, G_STEP, PARTIAL,
                   stride_qb, stride_qs, stride_qh, stride_qd,
                   Sq, H, NB, n_rt, threshold,
                   MODE: tl.constexpr, TOPK: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr,
                   D: tl.constexpr, D_PAD: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  NCAND: tl.constexpr, PRECISION: tl.constexpr):
+                  NCAND: tl.constexpr, PRECISION: tl.constexpr, STORE_UNION: tl.constexpr):
     rt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -172,18 +188,8 @@ def _route_kernel(Q, MEANS_T, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS
         cut = tl.load(G_LO + bh)
         sel = is_own | (is_other & (others >= cut))
 
-    # ---- outputs: per-row bitmask, per-program block union, selected key tokens ----
-    sel = sel & row_ok[:, None]
-    shifted = sel.to(tl.int32) << (cols % 32)[None, :]
-    words = tl.sum(tl.reshape(shifted, [BLOCK_M, W, 32]), axis=2)
-    wcols = tl.arange(0, W)
-    rs_ptr = ROW_SELECT + ((bh.to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :])
-    tl.store(rs_ptr, words, mask=row_ok[:, None])
-    union = tl.max(sel.to(tl.int32), axis=0)
-    tl.store(UNION + (bh.to(tl.int64) * n_rt + rt) * NB_PAD + cols, union.to(tl.int8))
-    bsize = tl.load(BLOCK_SIZE + cols, mask=col_ok, other=0).to(tl.float32)
-    ntok = tl.sum(tl.sum(tl.where(sel, bsize[None, :], 0.0), axis=1), axis=0)
-    tl.store(SEL_TOKENS + bh.to(tl.int64) * n_rt + rt, ntok)
+    _store_selection(sel & row_ok[:, None], bh, rt, rows, row_ok, cols, col_ok, Sq, n_rt, BLOCK_SIZE, ROW_SELECT,
+                     UNION, SEL_TOKENS, BLOCK_M, NB_PAD, W, STORE_UNION)
 
 
 @triton.jit
@@ -218,7 +224,7 @@ def _threshold_rule(s, valid, is_own, threshold, ROWS: tl.constexpr):
 
 @triton.jit
 def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS, Sq, NB, n_rt, bh0, threshold,
-                            ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr):
+                            ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr, STORE_UNION: tl.constexpr):
     # The threshold rule (_threshold_rule) for ROWS query rows of one (sample, head) from their precomputed fp32
     # gate rows (GATE [heads in chunk, Sq, NB]). Launched with one warp: a row's reductions stay inside the warp
     # (shuffles, no shared memory or barriers), which is what the rule's 30 masked row sums cost on chip.
@@ -233,14 +239,9 @@ def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TO
     s = tl.load(GATE + (j.to(tl.int64) * Sq + rows[:, None]) * NB + cols[None, :], mask=valid, other=0.0)
     own = tl.load(Q_BLOCK + rows, mask=row_ok, other=0)
     is_own = valid & (cols[None, :] == own[:, None])
-    sel = _threshold_rule(s, valid, is_own, threshold, ROWS) & valid
-    shifted = sel.to(tl.int32) << (cols % 32)[None, :]
-    words = tl.sum(tl.reshape(shifted, [ROWS, W, 32]), axis=2)
-    wcols = tl.arange(0, W)
-    tl.store(ROW_SELECT + ((bh.to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :]), words, mask=row_ok[:, None])
-    tl.store(UNION + (bh.to(tl.int64) * n_rt + rt) * NB_PAD + cols, tl.max(sel.to(tl.int32), axis=0).to(tl.int8))
-    bsize = tl.load(BLOCK_SIZE + cols, mask=c_ok, other=0).to(tl.float32)
-    tl.store(SEL_TOKENS + bh.to(tl.int64) * n_rt + rt, tl.sum(tl.sum(tl.where(sel, bsize[None, :], 0.0), axis=1), axis=0))
+    sel = _threshold_rule(s, valid, is_own, threshold, ROWS)  # within valid: own and other blocks only
+    _store_selection(sel, bh, rt, rows, row_ok, cols, c_ok, Sq, n_rt, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS,
+                     ROWS, NB_PAD, W, STORE_UNION)
 
 
 @contextlib.contextmanager
@@ -266,7 +267,7 @@ def _threshold_rows(nb_pad: int) -> int:
 
 
 def _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, sel_tokens, NB, rows, threshold,
-                            max_gate_bytes: int = 1 << 30):
+                            store_union: bool, max_gate_bytes: int = 1 << 30):
     """Per-token threshold rule: the gate ``q . mean`` as fp32 batched matmuls over chunks of (sample, head)
     (what the reference's fp32 einsum computes), then :func:`_token_threshold_kernel` on it."""
     B, Sq, H, D = q.shape
@@ -282,7 +283,7 @@ def _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, 
             gate = torch.bmm(qbh[h0:h1].float(), means[h0:h1]).contiguous()
         _token_threshold_kernel[(n_rt, h1 - h0)](
             gate, q_block, block_size, row_select, union, sel_tokens, Sq, NB, n_rt, h0, float(threshold),
-            ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, num_warps=1)
+            ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=store_union, num_warps=1)
 
 
 def _next_pow2(n: int) -> int:
@@ -369,9 +370,10 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
                               max_block_tiles)
 
     row_select = torch.empty(B, H, Sq, W, device=dev, dtype=torch.int32)
-    union = torch.empty(B * H, n_rt, NB_PAD, device=dev, dtype=torch.int8)
     sel_tokens = torch.empty(B * H, n_rt, device=dev, dtype=torch.float32)
     dummy = torch.zeros(1, device=dev, dtype=torch.float32)
+    # per-program block unions feed only the query-tile layout ([B*H, Sq, NB_PAD] bytes at one row per program)
+    union = torch.empty(B * H, n_rt, NB_PAD, device=dev, dtype=torch.int8) if tile_layout else dummy
     num_warps = 4 if NB_PAD * block_m < 8192 else 8
     grid = (n_rt, B * H)
 
@@ -383,10 +385,11 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
             Sq, H, NB, n_rt, float(threshold),
             MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, W=W, D=D, D_PAD=D_PAD,
             D_CHUNK=D_CHUNK, BLOCK_M=block_m, NCAND=GLOBAL_CANDIDATES,
-            PRECISION=precision, num_warps=num_warps)
+            PRECISION=precision, STORE_UNION=tile_layout, num_warps=num_warps)
 
     if fast_threshold:
-        _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, sel_tokens, NB, block_m, threshold)
+        _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, sel_tokens, NB, block_m, threshold,
+                                tile_layout)
     elif selection == "topk":
         launch(MODE_TOPK)
     elif selection == "global":
