@@ -36,16 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _f32_dot, _mm
+from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
 __all__ = ["key_block_attention", "key_block_plan"]
 
 # Test hook (as in block_sparse_attention): fill the outputs and the pair buffers with NaN / -1 before the
 # kernels run, so a test proves every element is written.
 _POISON_OUTPUTS = False
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -181,8 +178,8 @@ def _count_tile_rows(nb_pad: int) -> int:
 
 
 def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128):
-    """Counts of the pairs of a selection: ``(row_cnt [B*H, Sq], col_cnt [B*H, NB, n_rt], pairs_per_head,
-    tiles_per_head)`` (the last two as host lists: the one host sync of a call)."""
+    """Counts of the pairs of a selection: ``(row_cnt [B*H, Sq], col_cnt [B*H, NB, n_rt], list_len [B*H, NB],
+    pairs_per_head, tiles_per_head)`` (the last two as host lists: the one host sync of a call)."""
     B, H, Sq, W = row_select.shape
     NB_PAD = max(32, _next_pow2(num_blocks))
     if W * 32 < num_blocks:
@@ -197,7 +194,7 @@ def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128
     list_len = col_cnt.sum(-1)
     per_head = torch.stack([row_cnt.sum(1, dtype=torch.int64),
                             ((list_len + block_m - 1) // block_m).sum(1, dtype=torch.int64)], 1).tolist()
-    return row_cnt, col_cnt, [p[0] for p in per_head], [p[1] for p in per_head]
+    return row_cnt, col_cnt, list_len, [p[0] for p in per_head], [p[1] for p in per_head]
 
 
 def _chunks(pairs_per_head: list, limit: int):
@@ -239,7 +236,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     NB = block_tile_start.numel()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = q.device
-    row_cnt, col_cnt, pairs, tiles = key_block_plan(row_select, NB, block_m)
+    row_cnt, col_cnt, list_len_all, pairs, tiles = key_block_plan(row_select, NB, block_m)
     n_rt = col_cnt.shape[-1]
     NB_PAD = max(32, _next_pow2(NB))
     BM = _count_tile_rows(NB_PAD)
@@ -247,7 +244,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     work = None
     if return_work:  # as the query-tile kernel counts it: key tiles (padding included) over all key tiles
         padded_keys = block_tile_count.to(torch.float32).view(1, NB)
-        work = (col_cnt.sum(-1).to(torch.float32) * padded_keys).sum() / (float(B * H * Sq) * kv_tile_len.numel())
+        work = (list_len_all.to(torch.float32) * padded_keys).sum() / (float(B * H * Sq) * kv_tile_len.numel())
     out = torch.empty(q.shape, device=dev, dtype=out_dtype or q.dtype)
     lse_out = torch.empty(B, H, Sq, device=dev, dtype=torch.float32)
     if _POISON_OUTPUTS:
@@ -261,7 +258,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
         row_off = (torch.cumsum(rc.reshape(-1), 0, dtype=torch.int64) - rc.reshape(-1)).to(torch.int32)
         col_flat = cc.reshape(-1)
         col_off = (torch.cumsum(col_flat, 0, dtype=torch.int64) - col_flat).to(torch.int32)
-        list_len = cc.sum(-1).reshape(-1)  # [nh * NB]
+        list_len = list_len_all[h0:h0 + nh].reshape(-1)  # [nh * NB]
         list_start = col_off.view(nh * NB, n_rt)[:, 0].contiguous()
         list_tiles = (list_len + block_m - 1) // block_m
         tile_list = torch.repeat_interleave(torch.arange(nh * NB, device=dev, dtype=torch.int32), list_tiles,
@@ -282,7 +279,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
                 q, k, v, pair_q, pair_dst, list_start, list_len.to(torch.int32), tile_list, tile_j,
                 block_tile_start, block_tile_count, kv_tile_len, o_part, lse_part,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), h0, H, NB, scale * LOG2E,
+                v.stride(0), v.stride(1), v.stride(2), h0, H, NB, scale * _LOG2E,
                 F32_DOT=_f32_dot(q), D=D, BLOCK_M=block_m, BLOCK_N=block_n, KV_TILE=kv_tile,
                 num_warps=num_warps, num_stages=num_stages)
         BMm = 32
