@@ -182,75 +182,67 @@ KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32,
 
 def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True) -> dict:
     """The exact rule's two kernels on smooth q/k, per layer type: router (per-token, no query-tile layout),
-    key-block attention (default launch and, with ``variants``, other BLOCK_M / BLOCK_N / warps), its kernels'
-    GPU time (profiler), the query-tile kernel on the same selection (router with layout + kernel) and cuDNN
-    dense; max |key_blocks - query_tiles| of the outputs. Writes ``vmoba-key-blocks-<gpu>.json``."""
-    from mixdit.attention.vmoba import _gather_tokens, _kernel_attention, partition_for_layer, route
+    key-block attention (default launch and, with ``variants``, ``KEY_BLOCK_VARIANTS``), its kernels' GPU time
+    (profiler), the query-tile kernel on the same selection (router with layout + kernel) and cuDNN dense; max
+    |key_blocks - query_tiles| of the outputs. Writes ``vmoba-key-blocks-<gpu>.json``."""
+    from mixdit.attention.vmoba import _kernel_attention, route
     from mixdit.kernels.key_block_attention import key_block_attention
 
-    dev, dt = "cuda", torch.bfloat16
     cfg = VMoBAConfig(min_tokens=0, dense_layers=())
     gpu = torch.cuda.get_device_name().replace(" ", "-")
-    rows = []
-    for name, grid, H, D, B in shapes:
-        S = grid[0] * grid[1] * grid[2]
+    rows, dense = [], {}
+    for name, B, D, layer_type, part, qb, kb, vb, r1, raster in _smooth_layers(shapes, layer_types, cfg):
+        H, S = qb.shape[2], qb.shape[1]
         scale = 1 / math.sqrt(D)
-        q, k = _smooth(B, grid, H, D, dev, dt, 1), _smooth(B, grid, H, D, dev, dt, 2)
-        v = torch.randn(B, S, H, D, device=dev, dtype=dt)
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-            dense_ms = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
-        for layer in (LAYER_OF_TYPE[t] for t in layer_types):
-            part = partition_for_layer(grid, layer, cfg, dev)
-            qb, kb, vb = (_gather_tokens(t, p) for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
-            kw = dict(block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
-                      kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale)
-            r0 = route(qb, kb, part, cfg, tile_layout=False)
-            router_ms = _bench(lambda: route(qb, kb, part, cfg, tile_layout=False))
-            out_kb, _, work = key_block_attention(qb, kb, vb, r0.row_select, return_work=True, **kw)
-            kb_ms = _bench(lambda: key_block_attention(qb, kb, vb, r0.row_select, **kw))
-            prof = {}
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as pr:
-                key_block_attention(qb, kb, vb, r0.row_select, **kw)
-                torch.cuda.synchronize()
-            for e in pr.key_averages():
-                if e.device_type == torch.autograd.DeviceType.CUDA or getattr(e, "device_time_total", 0):
-                    t_us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
-                    if t_us:
-                        prof[e.key[:60]] = round(t_us / 1e3, 3)
-            var = {}
-            if variants:
-                for bm, bn, nw, ns in KEY_BLOCK_VARIANTS:
-                    try:
-                        var[f"{bm},{bn},{nw},{ns}"] = _bench(lambda: key_block_attention(
-                            qb, kb, vb, r0.row_select, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, **kw))
-                    except Exception as e:  # out of resources: record and go on
-                        print(f"variant {bm},{bn},{nw}: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)
-            r1 = route(qb, kb, part, cfg)
-            router_layout_ms = _bench(lambda: route(qb, kb, part, cfg))
+        if (name, B) not in dense:  # cuDNN dense attention on the raster tensors, once per shape
+            qh, kh, vh = (t.transpose(1, 2) for t in raster)
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+                dense[name, B] = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=scale))
+            del qh, kh, vh
+        dense_ms = dense[name, B]
+        kw = dict(block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
+                  kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale)
+        r0 = route(qb, kb, part, cfg, tile_layout=False)
+        router_ms = _bench(lambda: route(qb, kb, part, cfg, tile_layout=False))
+        out_kb, _, work = key_block_attention(qb, kb, vb, r0.row_select, return_work=True, **kw)
+        kb_ms = _bench(lambda: key_block_attention(qb, kb, vb, r0.row_select, **kw))
+        prof = {}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as pr:
+            key_block_attention(qb, kb, vb, r0.row_select, **kw)
+            torch.cuda.synchronize()
+        for e in pr.key_averages():  # GPU time per kernel (CPU-side ops report 0)
+            if e.device_time_total:
+                prof[e.key[:60]] = round(e.device_time_total / 1e3, 3)
+        var = {}
+        if variants:
+            for bm, bn, nw, ns in KEY_BLOCK_VARIANTS:
+                try:
+                    var[f"{bm},{bn},{nw},{ns}"] = _bench(lambda: key_block_attention(
+                        qb, kb, vb, r0.row_select, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, **kw))
+                except Exception as e:  # out of resources: record and go on
+                    print(f"variant {bm},{bn},{nw},{ns}: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)
+        router_layout_ms = _bench(lambda: route(qb, kb, part, cfg))
 
-            def qt():
-                return _kernel_attention(qb, kb, vb, r1.kv_count, r1.kv_index, q_tile=cfg.q_tile, kv_tile=part.kv_tile,
-                                         scale=scale, kv_tile_len=part.kv_tile_len, row_select=r1.row_select,
-                                         kv_tile_group=part.kv_tile_group)
-            out_qt = qt()[0]
-            qt_ms = _bench(qt)
-            diff = (out_kb.float() - out_qt.float()).abs().max().item()
-            row = dict(model=name, B=B, H=H, tokens=S, layer_type=part.layer_type, blocks=part.num_blocks,
-                       density=float(r0.density), key_block_work=float(work), query_tile_work=float(r1.tile_density),
-                       router_ms=router_ms, key_blocks_ms=kb_ms, key_blocks_total_ms=router_ms + kb_ms,
-                       key_blocks_kernels_ms=prof, key_blocks_variants_ms=var, router_with_layout_ms=router_layout_ms,
-                       query_tiles_ms=qt_ms, query_tiles_total_ms=router_layout_ms + qt_ms, dense_cudnn_ms=dense_ms,
-                       max_abs_diff=diff)
-            rows.append(row)
-            print(f"{name:13s} {part.layer_type:14s} dens {row['density']:.3f} work kb {work:.3f} qt "
-                  f"{row['query_tile_work']:.3f} | router {router_ms:6.2f} keyblk {kb_ms:7.2f} = {router_ms + kb_ms:7.2f}"
-                  f" | qtiles {router_layout_ms:6.2f}+{qt_ms:7.2f} | dense {dense_ms:7.2f} | diff {diff:.2e}", flush=True)
-            print("   kernels:", prof, flush=True)
-            print("   variants:", {kk: round(vv, 2) for kk, vv in var.items()}, flush=True)
-            del qb, kb, vb, r0, r1, out_kb, out_qt
-            torch.cuda.empty_cache()
-        del q, k, v, qh, kh, vh
+        def qt():
+            return _kernel_attention(qb, kb, vb, r1.kv_count, r1.kv_index, q_tile=cfg.q_tile, kv_tile=part.kv_tile,
+                                     scale=scale, kv_tile_len=part.kv_tile_len, row_select=r1.row_select,
+                                     kv_tile_group=part.kv_tile_group)
+        out_qt = qt()[0]
+        qt_ms = _bench(qt)
+        diff = (out_kb.float() - out_qt.float()).abs().max().item()
+        row = dict(model=name, B=B, H=H, tokens=S, layer_type=part.layer_type, blocks=part.num_blocks,
+                   density=float(r0.density), key_block_work=float(work), query_tile_work=float(r1.tile_density),
+                   router_ms=router_ms, key_blocks_ms=kb_ms, key_blocks_total_ms=router_ms + kb_ms,
+                   key_blocks_kernels_ms=prof, key_blocks_variants_ms=var, router_with_layout_ms=router_layout_ms,
+                   query_tiles_ms=qt_ms, query_tiles_total_ms=router_layout_ms + qt_ms, dense_cudnn_ms=dense_ms,
+                   max_abs_diff=diff)
+        rows.append(row)
+        print(f"{name:13s} {part.layer_type:14s} dens {row['density']:.3f} work kb {work:.3f} qt "
+              f"{row['query_tile_work']:.3f} | router {router_ms:6.2f} keyblk {kb_ms:7.2f} = {router_ms + kb_ms:7.2f}"
+              f" | qtiles {router_layout_ms:6.2f}+{qt_ms:7.2f} | dense {dense_ms:7.2f} | diff {diff:.2e}", flush=True)
+        print("   kernels:", prof, flush=True)
+        print("   variants:", {kk: round(vv, 2) for kk, vv in var.items()}, flush=True)
+        del qb, kb, vb, r0, r1, out_kb, out_qt
         torch.cuda.empty_cache()
     return _write_result(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                               triton=__import__("triton").__version__, rows=rows), f"vmoba-key-blocks-{gpu}.json")
@@ -350,7 +342,8 @@ def router_times(batch: int = 2, reps: int = 50, grid=(21, 30, 52), heads: int =
 
 def _smooth_layers(shapes, layer_types, cfg, requires_grad: bool = False):
     """Per shape and layer type: smooth q/k and random v in the layer's block order, with the layer's partition
-    and route. Yields ``(name, B, D, layer_type, part, qb, kb, vb, r)``."""
+    and route. Yields ``(name, B, D, layer_type, part, qb, kb, vb, r, raster)``, ``raster`` = the ``(q, k, v)`` they
+    were gathered from."""
     from mixdit.attention.vmoba import _gather_tokens, partition_for_layer, route
 
     dev, dt = "cuda", torch.bfloat16
@@ -362,7 +355,7 @@ def _smooth_layers(shapes, layer_types, cfg, requires_grad: bool = False):
             part = partition_for_layer(grid, LAYER_OF_TYPE[layer_type], cfg, dev)
             qb, kb, vb = (_gather_tokens(t, p).requires_grad_(requires_grad)
                           for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
-            yield name, B, D, layer_type, part, qb, kb, vb, route(qb.detach(), kb.detach(), part, cfg)
+            yield name, B, D, layer_type, part, qb, kb, vb, route(qb.detach(), kb.detach(), part, cfg), (q, k, v)
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -376,7 +369,7 @@ def layout_probe():
 
     cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
     rows = []
-    for name, B, D, layer_type, part, qb, kb, vb, r in _smooth_layers((SHAPES[2], SHAPES[0]), LAYER_OF_TYPE, cfg):
+    for name, B, D, layer_type, part, qb, kb, vb, r, _ in _smooth_layers((SHAPES[2], SHAPES[0]), LAYER_OF_TYPE, cfg):
         T, n_kt, dev = part.kv_tile, part.num_kv_tiles, qb.device
 
         def timed(count, index, lengths):
@@ -412,7 +405,7 @@ def bwd_ab(reps: int = 100, switches=None):
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
     cfg = VMoBAConfig(min_tokens=0, dense_layers=(), granularity="query_tile")
     rows = []
-    for name, B, D, layer_type, part, qb, kb, vb, r in _smooth_layers((SHAPES[0], SHAPES[2]), ("spatial", "temporal"),
+    for name, B, D, layer_type, part, qb, kb, vb, r, _ in _smooth_layers((SHAPES[0], SHAPES[2]), ("spatial", "temporal"),
                                                                      cfg, requires_grad=True):
         grad = torch.randn_like(qb)
 
