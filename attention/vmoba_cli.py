@@ -10,7 +10,8 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--vmoba-granularity", default=None,
                    help="token (exact, default) | query_tile (approximate: one selection per query tile; faster)")
     g.add_argument("--vmoba-exact-kernel", default=None,
-                   help="how the exact rule runs at inference: key_blocks (default: only selected pairs computed) "
+                   help="how the exact rule runs at inference: auto (default: query_tiles in layers of <= 32 blocks, "
+                        "key_blocks in the others) | key_blocks (only selected pairs computed) "
                         "| query_tiles (query-tile kernel with per-row masks)")
     g.add_argument("--vmoba-threshold", type=float, default=None, help="tau in [0, 1] (default 0.25)")
     g.add_argument("--vmoba-dense-steps", type=float, default=None,

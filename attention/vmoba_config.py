@@ -18,7 +18,10 @@ LAYER_TYPES = ("temporal", "spatial", "spatiotemporal")
 SELECTIONS = ("threshold", "global", "topk")
 ROUTER_PRECISIONS = ("tf32x3", "ieee", "tf32")
 GRANULARITIES = ("token", "query_tile")
-EXACT_KERNELS = ("key_blocks", "query_tiles")
+EXACT_KERNELS = ("auto", "key_blocks", "query_tiles")
+# layers with at most this many blocks keep a row's selection in one int32 word; the query-tile kernel sorts
+# their queries by it (mixdit.attention.vmoba._sorted_query_tile_call)
+SORTED_QUERY_MAX_BLOCKS = 32
 
 
 @dataclass
@@ -56,12 +59,17 @@ class VMoBAConfig:
         overlaps kept). Per-token selections of a 128-query tile cover almost every key tile, so
         the exact rule saves little compute; ``query_tile`` makes the computed tiles match the
         selected density. Its fidelity is measured in ``benchmarks/vmoba.py``.
-    exact_kernel: how the exact per-token rule is computed. ``"key_blocks"`` (default, inference): each block
-        attends to the queries that selected it, gathered into dense tiles, and each query's partial outputs are
-        merged by log-sum-exp (:mod:`mixdit.kernels.key_block_attention`): only selected (query, key) pairs are
-        computed. ``"query_tiles"``: the block-sparse kernel over 128-query tiles with a per-row bitmask
-        (computes each tile's union of selections, 52-58% of the keys in 2D/3D layers against ~16% selected);
-        it is also what any call that needs gradients uses (``key_blocks`` has no backward).
+    exact_kernel: how the exact per-token rule is computed. ``"auto"`` (default): layers of at most 32 blocks
+        (1D layers at Wan sizes) take ``"query_tiles"`` with sorted queries, the others ``"key_blocks"``.
+        ``"key_blocks"`` (inference): each block attends to the queries that selected it, gathered into dense
+        tiles, and each query's partial outputs are merged by log-sum-exp
+        (:mod:`mixdit.kernels.key_block_attention`): only selected (query, key) pairs are computed.
+        ``"query_tiles"``: the block-sparse kernel over 128-query tiles with a per-row bitmask; it computes each
+        tile's union of selections. In layers of at most 32 blocks each (sample, head)'s queries are first sorted
+        by their selection (exact: only the order changes), so equal sets share tiles (1D at Wan-1.3B: 28% of
+        the key tiles instead of 54%; 2D/3D selections are too diverse for any order to help,
+        ``benchmarks/NOTES.md``). It is also what any call that needs gradients uses (``key_blocks`` has no
+        backward).
     max_tile_density: the dense-fallback rule that keeps VMoBA from being slower than dense. On a
         layer's first sparse call and every 50 calls after (one host sync each time) the layer is
         measured; it then runs dense until the next measurement when the key tiles its selection
@@ -91,7 +99,7 @@ class VMoBAConfig:
     granularity: str = "token"
     max_tile_density: float = 0.5
     kv_tile_spatiotemporal: int | None = 32
-    exact_kernel: str = "key_blocks"
+    exact_kernel: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.spatial_block, list):

@@ -99,7 +99,7 @@ def time_forward(model, inputs, backend=None):
 
 def attention_times(store, grid, config):
     """Per captured layer: dense cuDNN ms, VMoBA ms (router + permutation + kernel), router ms, density."""
-    from mixdit.attention.vmoba import (VMoBAStats, layer_type_for, partition_for_layer, route,
+    from mixdit.attention.vmoba import (VMoBAStats, attention_path, layer_type_for, partition_for_layer, route,
                                         vmoba_attention)
 
     out = {}
@@ -113,7 +113,8 @@ def attention_times(store, grid, config):
         part = partition_for_layer(grid, layer, config, q.device)
         qb = q[:, part.q_perm].contiguous() if not part.q_is_identity else q
         kb = k[:, part.kv_perm].contiguous() if not part.kv_is_identity else k
-        router_ms = bench(lambda: route(qb, kb, part, config))
+        layout = attention_path(config, part, qb, kb, v) == "query_tiles"  # the route vmoba_attention runs
+        router_ms = bench(lambda: route(qb, kb, part, config, tile_layout=layout))
         vmoba_attention(q, k, v, grid=grid, layer_index=layer, config=config, stats=stats)
         with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             ref = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
@@ -124,6 +125,24 @@ def attention_times(store, grid, config):
                           router_ms=router_ms, density=d.get("density"), tile_density=d.get("tile_density"),
                           attn_rel_l2=rel)
     return out
+
+
+def attention_totals(per_layer, counts, config):
+    """Attention ms summed over the model's layers: dense, VMoBA as installed (a layer type runs dense when the
+    dense-fallback rule says so: its sparse call was slower than dense, or its tile density is over
+    ``max_tile_density``), VMoBA with every layer sparse, and the router's part of the as-installed time."""
+    dense_layer = per_layer[1]["dense_ms"]
+    by_type = {r["layer_type"]: r for r in per_layer.values()}
+    falls_back = {t: r["vmoba_ms"] > r["dense_ms"] or (r["tile_density"] or 0) > config.max_tile_density
+                  for t, r in by_type.items()}
+    dense_total = sum(counts.values()) * dense_layer
+    all_sparse = counts["dense"] * dense_layer + sum(counts[t] * r["vmoba_ms"] for t, r in by_type.items())
+    as_run = counts["dense"] * dense_layer + sum(counts[t] * (r["dense_ms"] if falls_back[t] else r["vmoba_ms"])
+                                                 for t, r in by_type.items())
+    router = sum(counts[t] * r["router_ms"] for t, r in by_type.items() if not falls_back[t])
+    return dict(attention_dense_ms=dense_total, attention_vmoba_ms=as_run, attention_speedup=dense_total / as_run,
+                attention_vmoba_all_sparse_ms=all_sparse, attention_dense_fallback=falls_back,
+                router_ms_total=router, router_share_of_attention=router / as_run)
 
 
 def layer_counts(num_layers, config):
@@ -151,12 +170,9 @@ def run_wan13b(device, configs, rows):
     store = capture_qkv(model, inputs, {0, 1, 2, 3})
     for label, config in configs:
         per_layer = attention_times({k_: v_ for k_, v_ in store.items() if k_ != 0}, grid, config)
-        dense_attn_layer = per_layer[1]["dense_ms"]
         counts = layer_counts(30, config)
         by_type = {r["layer_type"]: r for r in per_layer.values()}
-        attn_dense_total = 30 * dense_attn_layer
-        attn_vmoba_total = counts["dense"] * dense_attn_layer + sum(counts[t] * by_type[t]["vmoba_ms"] for t in by_type)
-        router_total = sum(counts[t] * by_type[t]["router_ms"] for t in by_type)
+        totals = attention_totals(per_layer, counts, config)
         # the whole transformer with VMoBA installed
         mixdit.apply(model, vmoba=config)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # layer 0 (dense) uses cuDNN too
@@ -177,11 +193,8 @@ def run_wan13b(device, configs, rows):
         rows.append(dict(shape="wan2.1-1.3b 480p 81f", config=label, tokens=32760, gpu=torch.cuda.get_device_name(),
                          dense_cudnn_ms=t_cudnn, dense_flash_ms=t_flash, vmoba_ms=t_vmoba,
                          forward_speedup=t_dense / t_vmoba, generation_speedup_with_dense_steps=gen_speedup,
-                         attention_dense_ms=attn_dense_total, attention_vmoba_ms=attn_vmoba_total,
-                         attention_speedup=attn_dense_total / attn_vmoba_total,
-                         attention_share_of_dense_forward=attn_dense_total / t_cudnn,
-                         amdahl_ceiling=1.0 / (1 - attn_dense_total / t_cudnn),
-                         router_ms_total=router_total, router_share_of_attention=router_total / attn_vmoba_total,
+                         **totals, attention_share_of_dense_forward=totals["attention_dense_ms"] / t_cudnn,
+                         amdahl_ceiling=1.0 / (1 - totals["attention_dense_ms"] / t_cudnn),
                          density_per_layer_type={t: by_type[t]["density"] for t in by_type},
                          tile_density_per_layer_type={t: by_type[t]["tile_density"] for t in by_type},
                          summary_density=summary, mean_density=density_avg,
@@ -232,10 +245,7 @@ def _compose_14b(config, label, per_layer, times, summary, rel14, rows):
     t40_dense = overhead + 40 * layer_dense
     sparse_layers = 40 - counts["dense"]
     t40_vmoba = overhead + counts["dense"] * layer_dense + sparse_layers * layer_vmoba
-    dense_attn_layer = per_layer[1]["dense_ms"]
-    attn_dense_total = 40 * dense_attn_layer
-    attn_vmoba_total = counts["dense"] * dense_attn_layer + sum(counts[t] * by_type[t]["vmoba_ms"] for t in by_type)
-    router_total = sum(counts[t] * by_type[t]["router_ms"] for t in by_type)
+    totals = attention_totals(per_layer, counts, config)
     attn_ratio = 40 / (counts["dense"] + sum(counts[t] * (by_type[t]["density"] or 1) for t in by_type))
     attn_flops_layer = 4 * 40 * (75600 ** 2) * 128
     lin_flops_layer = 2 * 75600 * (4 * 5120 * 5120 + 2 * 5120 * 13824) + 2 * 75600 * 2 * 5120 * 5120
@@ -246,11 +256,8 @@ def _compose_14b(config, label, per_layer, times, summary, rel14, rows):
     rows.append(dict(shape="wan2.1-14b 720p 81f", config=label, tokens=75600, gpu=torch.cuda.get_device_name(),
                      dense_cudnn_ms=t40_dense, vmoba_ms=t40_vmoba, forward_speedup=t40_dense / t40_vmoba,
                      generation_speedup_with_dense_steps=gen_speedup,
-                     attention_dense_ms=attn_dense_total, attention_vmoba_ms=attn_vmoba_total,
-                     attention_speedup=attn_dense_total / attn_vmoba_total,
-                     attention_share_of_dense_forward=attn_dense_total / t40_dense,
-                     amdahl_ceiling=1.0 / (1 - min(0.999, attn_dense_total / t40_dense)),
-                     router_ms_total=router_total, router_share_of_attention=router_total / attn_vmoba_total,
+                     **totals, attention_share_of_dense_forward=totals["attention_dense_ms"] / t40_dense,
+                     amdahl_ceiling=1.0 / (1 - min(0.999, totals["attention_dense_ms"] / t40_dense)),
                      density_per_layer_type={t: by_type[t]["density"] for t in by_type},
                      tile_density_per_layer_type={t: by_type[t]["tile_density"] for t in by_type},
                      summary_density=summary, flops_ratio_attention=attn_ratio, flops_ratio_transformer=whole_ratio,
@@ -267,15 +274,17 @@ def write(rows):
     with open(path + ".json", "w") as f:
         json.dump(rows, f, indent=1, default=float)
     lines = [f"# VMoBA in the Wan transformer ({torch.cuda.get_device_name()})", "",
-             "| shape | config | dense ms | VMoBA ms | forward speed-up | per generation (24% dense steps) | attention dense ms | attention VMoBA ms | attention speed-up | attention share (dense) | Amdahl ceiling | router share | density 1D/2D/3D | FLOPs ratio attn / whole | rel. L2 vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | config | dense ms | VMoBA ms | forward speed-up | per generation (24% dense steps) | attention dense ms | attention VMoBA ms (all sparse) | attention speed-up | layer types run dense by the fallback rule | attention share (dense) | Amdahl ceiling | router share | density 1D/2D/3D | FLOPs ratio attn / whole | rel. L2 vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["density_per_layer_type"]
         dens = "/".join(f"{d.get(t) or 0:.3f}" for t in ("temporal", "spatial", "spatiotemporal"))
         rel = r.get("output_rel_l2_vs_dense", r.get("output_rel_l2_vs_dense_4_layers"))
         lines.append(f"| {r['shape']}{' (composed)' if r['composed'] else ''} | {r['config']} | {r['dense_cudnn_ms']:.1f} | {r['vmoba_ms']:.1f} | "
                      f"{r['forward_speedup']:.2f}x | {r['generation_speedup_with_dense_steps']:.2f}x | {r['attention_dense_ms']:.1f} | "
-                     f"{r['attention_vmoba_ms']:.1f} | {r['attention_speedup']:.2f}x | {r['attention_share_of_dense_forward']:.0%} | "
+                     f"{r['attention_vmoba_ms']:.1f} ({r['attention_vmoba_all_sparse_ms']:.1f}) | {r['attention_speedup']:.2f}x | "
+                     f"{', '.join(t for t, d in r['attention_dense_fallback'].items() if d) or 'none'} | "
+                     f"{r['attention_share_of_dense_forward']:.0%} | "
                      f"{r['amdahl_ceiling']:.2f}x | {r['router_share_of_attention']:.1%} | {dens} | "
                      f"{r['flops_ratio_attention']:.2f}x / {r['flops_ratio_transformer']:.2f}x | {rel:.4f} |")
     with open(path + ".md", "w") as f:

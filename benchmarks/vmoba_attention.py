@@ -183,9 +183,10 @@ KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32,
 def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True) -> dict:
     """The exact rule's two kernels on smooth q/k, per layer type: router (per-token, no query-tile layout),
     key-block attention (default launch and, with ``variants``, ``KEY_BLOCK_VARIANTS``), its kernels' GPU time
-    (profiler), the query-tile kernel on the same selection (router with layout + kernel) and cuDNN dense; max
-    |key_blocks - query_tiles| of the outputs. Writes ``vmoba-key-blocks-<gpu>.json``."""
-    from mixdit.attention.vmoba import _kernel_attention, route
+    (profiler), the query-tile kernel on the same selection (router with layout + kernel; in layers of at most
+    ``SORTED_QUERY_MAX_BLOCKS`` blocks also with the queries sorted by selection: sort, gathers, layout, kernel)
+    and cuDNN dense; max |key_blocks - query_tiles| of the outputs. Writes ``vmoba-key-blocks-<gpu>.json``."""
+    from mixdit.attention.vmoba import SORTED_QUERY_MAX_BLOCKS, _kernel_attention, _sorted_query_tile_call, route
     from mixdit.kernels.key_block_attention import key_block_attention
 
     cfg = VMoBAConfig(min_tokens=0, dense_layers=())
@@ -230,16 +231,28 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
         out_qt = qt()[0]
         qt_ms = _bench(qt)
         diff = (out_kb.float() - out_qt.float()).abs().max().item()
+        sorted_qt = {}
+        if part.num_blocks <= SORTED_QUERY_MAX_BLOCKS:
+            out_s, _, work_s = _sorted_query_tile_call(qb, kb, vb, r0.row_select, part, cfg, scale)
+            sorted_ms = _bench(lambda: _sorted_query_tile_call(qb, kb, vb, r0.row_select, part, cfg, scale))
+            sorted_qt = dict(sorted_query_tiles_ms=sorted_ms, sorted_query_tiles_total_ms=router_ms + sorted_ms,
+                             sorted_query_tile_work=float(work_s),
+                             sorted_max_abs_diff=(out_kb.float() - out_s.float()).abs().max().item())
+            del out_s
         row = dict(model=name, B=B, H=H, tokens=S, layer_type=part.layer_type, blocks=part.num_blocks,
                    density=float(r0.density), key_block_work=float(work), query_tile_work=float(r1.tile_density),
                    router_ms=router_ms, key_blocks_ms=kb_ms, key_blocks_total_ms=router_ms + kb_ms,
                    key_blocks_kernels_ms=prof, key_blocks_variants_ms=var, router_with_layout_ms=router_layout_ms,
                    query_tiles_ms=qt_ms, query_tiles_total_ms=router_layout_ms + qt_ms, dense_cudnn_ms=dense_ms,
-                   max_abs_diff=diff)
+                   max_abs_diff=diff, **sorted_qt)
         rows.append(row)
         print(f"{name:13s} {part.layer_type:14s} dens {row['density']:.3f} work kb {work:.3f} qt "
               f"{row['query_tile_work']:.3f} | router {router_ms:6.2f} keyblk {kb_ms:7.2f} = {router_ms + kb_ms:7.2f}"
               f" | qtiles {router_layout_ms:6.2f}+{qt_ms:7.2f} | dense {dense_ms:7.2f} | diff {diff:.2e}", flush=True)
+        if sorted_qt:
+            print(f"   sorted query tiles: work {sorted_qt['sorted_query_tile_work']:.3f}, router {router_ms:6.2f} + "
+                  f"{sorted_qt['sorted_query_tiles_ms']:7.2f} = {sorted_qt['sorted_query_tiles_total_ms']:7.2f} ms, "
+                  f"diff {sorted_qt['sorted_max_abs_diff']:.2e}", flush=True)
         print("   kernels:", prof, flush=True)
         print("   variants:", {kk: round(vv, 2) for kk, vv in var.items()}, flush=True)
         del qb, kb, vb, r0, r1, out_kb, out_qt

@@ -175,27 +175,47 @@ def test_sparse_with_text_equals_masked_dense(text_position, text_len, selection
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
-    """The exact rule through both kernels: key_blocks (inference default) and query_tiles give the masked-dense
-    result; a call that needs gradients takes query_tiles (key_blocks has no backward) and its gradients flow."""
+    """The exact rule through every kernel path gives the masked-dense result: key_blocks, query_tiles with the
+    queries sorted by selection (layers of <= 32 blocks, what "auto" picks there) and in block order; a call that
+    needs gradients takes the query tiles (key_blocks has no backward) and its gradients match the reference's."""
     import mixdit.attention.vmoba as vm
 
-    grid = (5, 5, 7)
+    grid = (5, 5, 7)  # SMALL blocks: 3 / 9 / 27 per layer type, all <= 32
     q, k, v = _qkv(2, 175, 2, 32, seed=4)
-    outs = {}
-    for kernel in ("key_blocks", "query_tiles"):
-        cfg = VMoBAConfig(exact_kernel=kernel, **SMALL)
-        outs[kernel] = vmoba_attention(q, k, v, grid=grid, layer_index=layer, config=cfg)
-        mask, _ = _vmoba_mask(q, k, grid, layer, cfg, 0, "none")
-        _check(outs[kernel], q, k, v, mask, 1 / math.sqrt(32))
-    if layer != 2:  # the gradient route once (the interpreted backward is slow)
+    mask, _ = _vmoba_mask(q, k, grid, layer, VMoBAConfig(**SMALL), 0, "none")
+    outs, work = {}, {}
+    for kernel, max_sorted in (("key_blocks", 32), ("query_tiles", 32), ("auto", 32), ("query_tiles", 0)):
+        monkeypatch.setattr(vm, "SORTED_QUERY_MAX_BLOCKS", max_sorted)
+        stats = VMoBAStats()
+        out = vmoba_attention(q, k, v, grid=grid, layer_index=layer, config=VMoBAConfig(exact_kernel=kernel, **SMALL),
+                              stats=stats)
+        _check(out, q, k, v, mask, 1 / math.sqrt(32))
+        outs[kernel, max_sorted] = out
+        work[kernel, max_sorted] = stats.as_dict()[layer_type_for(layer, VMoBAConfig(**SMALL))]["tile_density"]
+    assert torch.equal(outs["auto", 32], outs["query_tiles", 32])  # auto = sorted query tiles here
+    assert work["query_tiles", 32] <= work["query_tiles", 0]  # sorting never makes a tile's union larger
+    if layer == 0:
+        assert work["query_tiles", 32] < work["query_tiles", 0]  # and here (3 blocks) it saves tiles
+    if layer != 0:  # the gradient route once (the interpreted backward is slow)
         return
+    monkeypatch.setattr(vm, "SORTED_QUERY_MAX_BLOCKS", 32)
     calls = []
     monkeypatch.setattr(vm, "_key_block_call", lambda *a, **kw: calls.append(1))
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = vmoba_attention(*leaves, grid=grid, layer_index=layer, config=VMoBAConfig(**SMALL))
-    assert not calls and torch.equal(out.detach(), outs["query_tiles"])
-    out.float().square().sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in leaves)
+    out = vmoba_attention(*leaves, grid=grid, layer_index=layer, config=VMoBAConfig(exact_kernel="key_blocks", **SMALL))
+    assert not calls and torch.equal(out.detach(), outs["query_tiles", 32])
+    g_out = torch.randn_like(out)
+    out.backward(g_out)
+    for dtype, name in ((torch.float32, "ref32"), (q.dtype, "same")):
+        ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        _masked_attention(*ref_leaves, mask, 1 / math.sqrt(32), dtype).backward(g_out.to(dtype))
+        if name == "ref32":
+            ref32 = [t.grad.float() for t in ref_leaves]
+        else:
+            same = [t.grad.float() for t in ref_leaves]
+    for leaf, r32, rs in zip(leaves, ref32, same):
+        tol = 2 * (rs - r32).abs().max().item() + 1e-5
+        assert torch.isfinite(leaf.grad).all() and (leaf.grad.float() - r32).abs().max().item() <= tol
 
 
 def test_global_selection_attention_and_cfg_independence():
