@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _LOG2E, _f32_dot, _mm, _tma_ok
+from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
 __all__ = ["key_block_attention", "key_block_plan"]
 
@@ -90,9 +90,8 @@ def _pair_fill_kernel(RS, ROW_OFF, COL_OFF, PAIR_Q, PAIR_DST, bh0, Sq, W, NB, n_
 def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE_LIST, TILE_J,
                            TILE_START, TILE_COUNT, KV_TILE_LEN, O_PART, LSE_PART,
                            stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                           stride_vb, stride_vs, stride_vh, bh0, H, NB, Sk, qk_scale,
-                           F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           KV_TILE: tl.constexpr, USE_TMA: tl.constexpr):
+                           stride_vb, stride_vs, stride_vh, bh0, H, NB, qk_scale,
+                           F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr):
     t = tl.program_id(0)
     lst = tl.load(TILE_LIST + t)  # list = (head in chunk) * NB + block
     jt = tl.load(TILE_J + t)
@@ -112,9 +111,6 @@ def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE
     r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
     k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
-    if USE_TMA:  # Hopper bulk copies of the block's [BLOCK_N, D] key / value tiles (async, no address math)
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[stride_ks, 1], block_shape=[BLOCK_N, D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, D], strides=[stride_vs, 1], block_shape=[BLOCK_N, D])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -123,22 +119,14 @@ def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE
         in_blk = kr < r1
         tile = kr // KV_TILE
         real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
-        if USE_TMA:  # a block spans whole key tiles and BLOCK_N divides KV_TILE: every step lies inside it
-            s = _mm(q, tl.trans(k_desc.load([r, 0])), F32_DOT) * qk_scale
-        else:
-            kt = tl.load(k_base + kr.to(tl.int64)[None, :] * stride_ks + offs_d[:, None], mask=in_blk[None, :],
-                         other=0.0)
-            s = _mm(q, kt, F32_DOT) * qk_scale
+        kt = tl.load(k_base + kr.to(tl.int64)[None, :] * stride_ks + offs_d[:, None], mask=in_blk[None, :], other=0.0)
+        s = _mm(q, kt, F32_DOT) * qk_scale
         s = tl.where(real[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every block's first tile has a real key: finite
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if USE_TMA:
-            vt = v_desc.load([r, 0])
-        else:
-            vt = tl.load(v_base + kr.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], mask=in_blk[:, None],
-                         other=0.0)
+        vt = tl.load(v_base + kr.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], mask=in_blk[:, None], other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(vt.dtype), vt, F32_DOT)
         m_i = m_new
     o = acc / l_i[:, None]
@@ -225,7 +213,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                         kv_tile: int, scale: float | None = None, block_m: int = 128, block_n: int = 32,
                         max_pair_bytes: int = 2 << 30, num_warps: int = 4, num_stages: int = 2,
-                        use_tma: bool | None = None, return_work: bool = False, out_dtype: torch.dtype | None = None):
+                        return_work: bool = False, out_dtype: torch.dtype | None = None):
     """Exact attention of every query row over the keys of its selected blocks (see the module docstring).
 
     ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, Sk_pad, H, D]`` (fp16/bf16, last dim contiguous, ``D`` a power of
@@ -237,9 +225,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     fastest of six launches in every layer type at Wan-1.3B and 14B (H200, ``vmoba_attention.py --key-blocks``). ``return_work``: also return the
     computed (query row, key tile) pairs as a share of all (0-d tensor; like the query-tile kernel's tile density,
     key-tile padding included; the query padding of each list's last tile is not counted).
-    ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it).
-    ``use_tma``: K/V tiles by Hopper TMA (None: wherever :func:`~mixdit.kernels.block_sparse_attention._tma_ok`
-    allows it: sm_90+, aligned strides, not interpreted; and ``block_n`` dividing ``kv_tile``)."""
+    ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it)."""
     B, Sq, H, D = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError("key_block_attention runs fp16/bf16 q, k, v of one dtype")
@@ -250,8 +236,6 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     NB = block_tile_start.numel()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = q.device
-    # TMA steps must not cross a block's end (the pointer path masks such rows instead)
-    tma = use_tma is not False and kv_tile % block_n == 0 and _tma_ok(k, v)
     row_cnt, col_cnt, list_len_all, pairs, tiles = key_block_plan(row_select, NB, block_m)
     n_rt = col_cnt.shape[-1]
     NB_PAD = max(32, _next_pow2(NB))
@@ -295,8 +279,8 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
                 q, k, v, pair_q, pair_dst, list_start, list_len.to(torch.int32), tile_list, tile_j,
                 block_tile_start, block_tile_count, kv_tile_len, o_part, lse_part,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), h0, H, NB, k.shape[1], scale * _LOG2E,
-                F32_DOT=_f32_dot(q), D=D, BLOCK_M=block_m, BLOCK_N=block_n, KV_TILE=kv_tile, USE_TMA=tma,
+                v.stride(0), v.stride(1), v.stride(2), h0, H, NB, scale * _LOG2E,
+                F32_DOT=_f32_dot(q), D=D, BLOCK_M=block_m, BLOCK_N=block_n, KV_TILE=kv_tile,
                 num_warps=num_warps, num_stages=num_stages)
         BMm = 32
         _pair_merge_kernel[(triton.cdiv(Sq, BMm), nh)](
