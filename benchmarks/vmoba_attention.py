@@ -179,6 +179,9 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
 # Session 10, run 3 (results/vmoba-key-blocks-tma-session10-*.json): K/V by TMA (in-kernel descriptors) lost in
 # 2D/3D (1.3B spatial 6.9 vs 6.6 ms, 3D 14.1 vs 13.4) and won only in 1D with 64-key steps (5.1 vs 5.6 ms), where
 # the sorted query tiles already run; removed again.
+# Run 4 (...-maxnreg-session10-*.json): the attention kernel takes 255 registers per thread (2 programs per SM, ncu);
+# capped by ptx .maxnreg: 128 x 32 at 168 or 128 registers spilled (1.4-2.3x slower); 64 x 32 at 128 registers
+# was 5% slower in 2D, 5% faster in 3D, 10% faster in 1D; not kept (2D is where the key blocks run).
 KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32, 2, 2), (32, 32, 2, 2),
                       (64, 64, 4, 2), (128, 32, 8, 2))
 
