@@ -9,7 +9,12 @@ queries by their selection, so that queries with the same blocks share tiles:
 * ``block order``: today's tiles (queries in block order);
 * ``sorted by selection``: each head's queries sorted lexicographically by their selection bit vector, blocks taken
   in order of how often they are selected (most common first), so that equal and similar sets are adjacent;
-* ``block, then selection``: the same sort inside each block only (queries stay with their own block).
+* ``block, then selection``: the same sort inside each block only (queries stay with their own block);
+* ``sorted by selection word``: layers of at most 32 blocks only: each head's queries sorted by their selection as one
+  integer (bit c = block c), what ``exact_kernel="auto"`` runs there (``attention/vmoba.py``);
+* ``clustered by q`` / ``clustered by selection``: each head's queries split recursively at the median of their
+  principal axis into groups of one query tile (a PCA tree; the directions of q, or the selection bit vectors), so
+  that queries close in q-space or in their selected sets share tiles (session 10).
 
 Prints, per layer type: the exact token density (selected keys / all keys, the FLOP floor), the tile density of
 each order and the ratio to the floor; and, for the key-block-major kernel, what merging 2 or 4 neighbouring blocks
@@ -77,6 +82,31 @@ def lexicographic_order(sel: torch.Tensor) -> torch.Tensor:
     return order
 
 
+def pca_tree_order(x: torch.Tensor, leaf: int, power_steps: int = 8) -> torch.Tensor:
+    """Per head, a query order from a PCA tree: the rows of ``x [H, S, d]`` are split recursively at the median
+    of their top principal axis (power iteration from a fixed start) into groups of ``leaf`` rows, each group
+    contiguous in the order (a split keeps whole tiles on each side). Returns long ``[H, S]``."""
+    H, S, d = x.shape
+    orders = []
+    for h in range(H):
+        pending, done = [torch.arange(S)], []
+        while pending:
+            idx = pending.pop()
+            if idx.numel() <= leaf:
+                done.append(idx)
+                continue
+            xc = x[h, idx] - x[h, idx].mean(0)
+            axis = torch.ones(d, dtype=x.dtype)
+            for _ in range(power_steps):
+                axis = xc.T @ (xc @ axis)
+                axis = axis / axis.norm().clamp_min(1e-30)
+            ranked = idx[torch.argsort(xc @ axis)]
+            cut = max(leaf, (idx.numel() // leaf + 1) // 2 * leaf)
+            pending += [ranked[cut:], ranked[:cut]]  # the lower half is split (and emitted) first
+        orders.append(torch.cat(done))
+    return torch.stack(orders)
+
+
 def model_qk(layers=(1, 2, 3)):
     """{layer: (q, k)} ([1, S, H, D], fp32) of a random-weight Wan2.1-1.3B's self-attention at 480p / 81 frames,
     from smooth latents (the first max(layers) + 1 blocks only, on the CPU)."""
@@ -129,9 +159,17 @@ def main(argv=None):
         block_order = torch.arange(S).expand(H, S)
         lex = lexicographic_order(sel)
         within = torch.gather(lex, 1, torch.argsort(part.q_block[lex], dim=1, stable=True))  # own block first
+        q_dir = torch.nn.functional.normalize(qb[0].float().transpose(0, 1), dim=-1)  # [H, S, D]
         dens = {"block order": tile_density(sel, block_order, part.kv_tile_group, cfg.q_tile),
                 "sorted by selection": tile_density(sel, lex, part.kv_tile_group, cfg.q_tile),
-                "block, then selection": tile_density(sel, within, part.kv_tile_group, cfg.q_tile)}
+                "block, then selection": tile_density(sel, within, part.kv_tile_group, cfg.q_tile),
+                "clustered by q": tile_density(sel, pca_tree_order(q_dir, cfg.q_tile), part.kv_tile_group, cfg.q_tile),
+                "clustered by selection": tile_density(sel, pca_tree_order(sel.float(), cfg.q_tile),
+                                                       part.kv_tile_group, cfg.q_tile)}
+        if part.num_blocks <= 32:
+            word = (sel.long() << torch.arange(part.num_blocks)).sum(-1)  # [H, S]
+            dens["sorted by selection word"] = tile_density(sel, torch.argsort(word, dim=1, stable=True),
+                                                            part.kv_tile_group, cfg.q_tile)
         grouping = {g: pair_grouping(sel, part.block_size, g) for g in (2, 4)}
         row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
                    token_density=token_density, tile_density=dens,
