@@ -181,7 +181,8 @@ def run(quick: bool = False, selection: str = "threshold", kv_tile_3d: int | Non
 # the sorted query tiles already run; removed again.
 # Run 4 (...-maxnreg-session10-*.json): the attention kernel takes 255 registers per thread (2 programs per SM, ncu);
 # capped by ptx .maxnreg: 128 x 32 at 168 or 128 registers spilled (1.4-2.3x slower); 64 x 32 at 128 registers
-# was 5% slower in 2D, 5% faster in 3D, 10% faster in 1D; not kept (2D is where the key blocks run).
+# was 5% slower in 2D, 5% faster in 3D, 10% faster in 1D; not kept (2D is where the key blocks run). Run 5
+# (...-m256-session10-*.json): 256-query tiles, 8 or 16 warps, 10-25% slower in 2D and 3D.
 KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32, 2, 2), (32, 32, 2, 2),
                       (64, 64, 4, 2), (128, 32, 8, 2))
 
