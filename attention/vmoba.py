@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mixdit.attention.vmoba_config import (  # noqa: F401  (re-exported: the settings live there, torch-free)
     GRANULARITIES, LAYER_TYPES, SELECTIONS, SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, layer_type_for, vmoba_dense_reason,
-    vmoba_should_run_dense,
+    vmoba_fallback_reason, vmoba_should_run_dense,
 )
 from mixdit.config import check_choice
 from mixdit.errors import ConfigError
@@ -253,6 +253,12 @@ def attention_path(config: VMoBAConfig, part: VMoBAPartition, qb, kb, vb) -> str
     return "sorted_query_tiles" if few_blocks else "query_tiles"
 
 
+def selection_word_order(row_select: torch.Tensor) -> torch.Tensor:
+    """Per (sample, head), the query rows sorted by their selection as one int32 word (``row_select [B, H, Sq, 1]``,
+    at most ``SORTED_QUERY_MAX_BLOCKS`` blocks): equal sets adjacent, block order kept among equals (stable)."""
+    return torch.argsort(row_select[..., 0], dim=-1, stable=True)
+
+
 def _sorted_query_tile_call(qb, kb, vb, row_select, part: VMoBAPartition, config: VMoBAConfig, scale: float):
     """The exact rule through the query-tile kernel, each (sample, head)'s queries sorted by their selection word.
 
@@ -260,13 +266,13 @@ def _sorted_query_tile_call(qb, kb, vb, row_select, part: VMoBAPartition, config
     (1D at Wan-1.3B: the union is 54% of the key tiles against 22% selected), sorted equal sets share tiles (28%).
     Exact: only the order changes (per-row masks as usual; output and lse are put back in block order).
     Needs ``num_blocks <= 32`` (the selection is one int32 word). Returns ``(out, lse, tile_density)``."""
-    from mixdit.kernels.router_reference import tile_layout_from_selection
+    from mixdit.kernels.router_reference import row_select_to_selection, tile_layout_from_selection
 
     B, Sq, H, D = qb.shape
-    order = torch.argsort(row_select[..., 0], dim=-1, stable=True)  # [B, H, Sq]; stable: block order among equals
+    order = selection_word_order(row_select)
     rs = torch.gather(row_select, 2, order.unsqueeze(-1))
-    bits = torch.arange(part.num_blocks, device=qb.device, dtype=rs.dtype)
-    kv_count, kv_index = tile_layout_from_selection(((rs >> bits) & 1).bool(), part.kv_tile_group, config.q_tile)
+    kv_count, kv_index = tile_layout_from_selection(row_select_to_selection(rs, part.num_blocks), part.kv_tile_group,
+                                                    config.q_tile)
     # q as a [B, Sq, H, D] view of [B, H, Sq, D] storage (the kernel takes strided rows)
     qs = torch.gather(qb.transpose(1, 2), 2, order.unsqueeze(-1).expand(B, H, Sq, D)).transpose(1, 2)
     out_s, lse_s = _kernel_attention(qs, kb, vb, kv_count, kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile,
@@ -551,7 +557,8 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
 
 __all__ = [
     "VMoBAConfig", "VMoBAPartition", "VMoBAStats", "get_partition", "layer_type_for", "partition_for_layer",
-    "vmoba_attention", "attention_path", "vmoba_should_run_dense", "vmoba_dense_reason", "merge_attention_lse",
+    "vmoba_attention", "attention_path", "selection_word_order", "vmoba_should_run_dense", "vmoba_dense_reason",
+    "vmoba_fallback_reason", "merge_attention_lse",
     "route", "route_reference",
     "route_query_tiles", "route_query_tiles_reference",
     "LAYER_TYPES", "SELECTIONS",

@@ -1,7 +1,7 @@
 """VMoBA's settings and layer rules (no torch: the CLI builds its options from these without loading torch).
 
 :class:`VMoBAConfig` (defaults = the published Wan2.1-T2V-1.3B configuration), the layer cycle
-(:func:`layer_type_for`) and the dense rules (:func:`vmoba_dense_reason`). The attention itself is in
+(:func:`layer_type_for`) and the dense rules (:func:`vmoba_dense_reason`, :func:`vmoba_fallback_reason`). The attention itself is in
 :mod:`mixdit.attention.vmoba`, which re-exports these names.
 """
 
@@ -180,3 +180,18 @@ def vmoba_should_run_dense(config: VMoBAConfig, step_index: int | None, num_step
     """Whether this call runs dense attention: a dense layer, a dense early step, or too few
     video tokens (``num_tokens < min_tokens``); see :func:`vmoba_dense_reason`."""
     return vmoba_dense_reason(config, step_index, num_steps, layer_index, num_tokens) is not None
+
+
+def vmoba_fallback_reason(config: VMoBAConfig, tile_density: float | None, sparse_ms: float | None = None,
+                          dense_ms: float | None = None) -> str | None:
+    """The dense-fallback rule's verdict on one measured layer (``VMoBAConfig.max_tile_density``): ``"max_tile_density"``
+    when its kernel computes more than that share of the key tiles, ``"slower_than_dense"`` when its sparse path
+    (router + kernel) took longer than dense attention on the same inputs, else None (stay sparse). Off at
+    ``max_tile_density >= 1``."""
+    if config.max_tile_density >= 1.0:
+        return None
+    if tile_density is not None and tile_density > config.max_tile_density:
+        return "max_tile_density"
+    if sparse_ms is not None and dense_ms is not None and sparse_ms > dense_ms:
+        return "slower_than_dense"
+    return None

@@ -10,6 +10,7 @@ import torch
 
 from mixdit.api import Feature, register_feature
 from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention, vmoba_dense_reason
+from mixdit.attention.vmoba_config import vmoba_fallback_reason
 
 RECHECK_EVERY = 50  # calls between two measurements of a layer (~once per 50-step generation)
 
@@ -95,11 +96,7 @@ class VMoBAFeature(Feature):
             entry[1] -= 1
             return
         tiles = [float(t) for t in probe.tile_sums.values()]  # one host sync
-        entry[0] = None
-        if tiles and max(tiles) > self.config.max_tile_density:
-            entry[0] = "max_tile_density"
-        elif timing is not None and timing[0] > timing[1]:
-            entry[0] = "slower_than_dense"
+        entry[0] = vmoba_fallback_reason(self.config, max(tiles) if tiles else None, *(timing or ()))
         if timing is not None:
             self.last_timing[key[0]] = {"sparse_ms": round(timing[0], 3), "dense_ms": round(timing[1], 3)}
         entry[1] = 0 if time_next_call and entry[0] is None else RECHECK_EVERY - 1

@@ -131,9 +131,11 @@ def attention_totals(per_layer, counts, config):
     """Attention ms summed over the model's layers: dense, VMoBA as installed (a layer type runs dense when the
     dense-fallback rule says so: its sparse call was slower than dense, or its tile density is over
     ``max_tile_density``), VMoBA with every layer sparse, and the router's part of the as-installed time."""
+    from mixdit.attention.vmoba import vmoba_fallback_reason
+
     dense_layer = per_layer[1]["dense_ms"]
     by_type = {r["layer_type"]: r for r in per_layer.values()}
-    falls_back = {t: r["vmoba_ms"] > r["dense_ms"] or (r["tile_density"] or 0) > config.max_tile_density
+    falls_back = {t: vmoba_fallback_reason(config, r["tile_density"], r["vmoba_ms"], r["dense_ms"]) is not None
                   for t, r in by_type.items()}
     dense_total = sum(counts.values()) * dense_layer
     all_sparse = counts["dense"] * dense_layer + sum(counts[t] * r["vmoba_ms"] for t, r in by_type.items())

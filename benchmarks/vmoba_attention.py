@@ -190,10 +190,10 @@ KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32,
 def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True) -> dict:
     """The exact rule's two kernels on smooth q/k, per layer type: router (per-token, no query-tile layout),
     key-block attention (default launch and, with ``variants``, ``KEY_BLOCK_VARIANTS``), its kernels' GPU time
-    (profiler), the query-tile kernel on the same selection (router with layout + kernel; in layers of at most
-    ``SORTED_QUERY_MAX_BLOCKS`` blocks also with the queries sorted by selection: sort, gathers, layout, kernel)
+    (profiler), the query-tile kernel on the same selection (router with layout + kernel; where the default
+    ``exact_kernel="auto"`` sorts the queries by selection, that path too: sort, gathers, layout, kernel)
     and cuDNN dense; max |key_blocks - query_tiles| of the outputs. Writes ``vmoba-key-blocks-<gpu>.json``."""
-    from mixdit.attention.vmoba import SORTED_QUERY_MAX_BLOCKS, _kernel_attention, _sorted_query_tile_call, route
+    from mixdit.attention.vmoba import _kernel_attention, _sorted_query_tile_call, attention_path, route
     from mixdit.kernels.key_block_attention import key_block_attention
 
     cfg = VMoBAConfig(min_tokens=0, dense_layers=())
@@ -239,7 +239,7 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
         qt_ms = _bench(qt)
         diff = (out_kb.float() - out_qt.float()).abs().max().item()
         sorted_qt = {}
-        if part.num_blocks <= SORTED_QUERY_MAX_BLOCKS:
+        if attention_path(cfg, part, qb, kb, vb) == "sorted_query_tiles":
             out_s, _, work_s = _sorted_query_tile_call(qb, kb, vb, r0.row_select, part, cfg, scale)
             sorted_ms = _bench(lambda: _sorted_query_tile_call(qb, kb, vb, r0.row_select, part, cfg, scale))
             sorted_qt = dict(sorted_query_tiles_ms=sorted_ms, sorted_query_tiles_total_ms=router_ms + sorted_ms,

@@ -121,7 +121,8 @@ def model_qk(layers=(1, 2, 3)):
 
 
 def main(argv=None):
-    from mixdit.attention.vmoba import VMoBAConfig, _gather_tokens, partition_for_layer
+    from mixdit.attention.vmoba import (SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, _gather_tokens, partition_for_layer,
+                                        selection_word_order)
     from mixdit.kernels import router_reference as rr
     from vmoba_attention import LAYER_OF_TYPE, _smooth
 
@@ -166,10 +167,9 @@ def main(argv=None):
                 "clustered by q": tile_density(sel, pca_tree_order(q_dir, cfg.q_tile), part.kv_tile_group, cfg.q_tile),
                 "clustered by selection": tile_density(sel, pca_tree_order(sel.float(), cfg.q_tile),
                                                        part.kv_tile_group, cfg.q_tile)}
-        if part.num_blocks <= 32:
-            word = (sel.long() << torch.arange(part.num_blocks)).sum(-1)  # [H, S]
-            dens["sorted by selection word"] = tile_density(sel, torch.argsort(word, dim=1, stable=True),
-                                                            part.kv_tile_group, cfg.q_tile)
+        if part.num_blocks <= SORTED_QUERY_MAX_BLOCKS:
+            word_order = selection_word_order(rr.selection_to_row_select(sel[None]))[0]
+            dens["sorted by selection word"] = tile_density(sel, word_order, part.kv_tile_group, cfg.q_tile)
         grouping = {g: pair_grouping(sel, part.block_size, g) for g in (2, 4)}
         row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
                    token_density=token_density, tile_density=dens,

@@ -130,8 +130,8 @@ def selection_to_row_select(selected: torch.Tensor) -> torch.Tensor:
 def row_select_to_selection(row_select: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """Inverse of :func:`selection_to_row_select`: boolean ``[B, H, Sq, num_blocks]``."""
     g = torch.arange(num_blocks, device=row_select.device)
-    words = row_select.long()[..., g // 32]
-    return ((words >> (g % 32)) & 1).bool()
+    words = row_select.to(torch.int32)[..., g // 32]  # int32 shifts: no int64 copy (the sorted-query path runs this)
+    return ((words >> (g % 32).to(torch.int32)) & 1).bool()
 
 
 def tile_layout_from_selection(selected: torch.Tensor, kv_tile_group: torch.Tensor, q_tile: int):

@@ -6,6 +6,7 @@ import torch
 from mixdit.attention.vmoba import get_partition
 from mixdit.kernels.key_block_attention import _chunks, key_block_attention, key_block_plan
 from mixdit.kernels.reference import block_sparse_attention_reference, dense_layout
+from mixdit.kernels.router_reference import row_select_to_selection, selection_to_row_select
 
 
 @pytest.fixture(autouse=True)
@@ -19,11 +20,7 @@ def _random_selection(B, H, part, density, device, gen):
     S, NB = part.q_block.numel(), part.num_blocks
     sel = torch.rand(B, H, S, NB, generator=gen) < density
     sel[..., torch.arange(S), part.q_block.long().cpu()] = True
-    W = -(-NB // 32)
-    sel = torch.nn.functional.pad(sel, (0, W * 32 - NB)).view(B, H, S, W, 32).long()
-    words = (sel << torch.arange(32)).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).to(device)
+    return selection_to_row_select(sel).to(device)
 
 
 @pytest.mark.parametrize("layer,grid,block,kv_tile,block_m,block_n,D,dtype,density", [
@@ -77,8 +74,7 @@ def test_plan_counts_pairs(device):
     part = get_partition((2, 4, 4), "spatiotemporal", (1, 2, 2), 16, device)
     rs = _random_selection(1, 2, part, 0.3, device, gen)
     row_cnt, col_cnt, list_len, pairs, _ = key_block_plan(rs, part.num_blocks)
-    bits = (rs.long().unsqueeze(-1) >> torch.arange(32, device=device)) & 1
-    bits = bits.flatten(-2)[..., :part.num_blocks]  # [1, 2, S, NB]
+    bits = row_select_to_selection(rs, part.num_blocks).long()  # [1, 2, S, NB]
     assert torch.equal(row_cnt.long(), bits.sum(-1).flatten(0, 1))
     assert torch.equal(col_cnt.sum(-1).long(), bits.sum(-2).flatten(0, 1))
     assert torch.equal(list_len.long(), bits.sum(-2).flatten(0, 1))

@@ -193,7 +193,7 @@ def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
         outs[kernel, max_sorted] = out
         work[kernel, max_sorted] = stats.as_dict()[layer_type_for(layer, VMoBAConfig(**SMALL))]["tile_density"]
     assert torch.equal(outs["auto", 32], outs["query_tiles", 32])  # auto = sorted query tiles here
-    assert work["query_tiles", 32] <= work["query_tiles", 0]  # sorting never makes a tile's union larger
+    assert work["query_tiles", 32] <= work["query_tiles", 0]  # sorted tiles compute no more here
     if layer == 0:
         assert work["query_tiles", 32] < work["query_tiles", 0]  # and here (3 blocks) it saves tiles
     if layer != 0:  # the gradient route once (the interpreted backward is slow)
@@ -206,16 +206,48 @@ def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
     assert not calls and torch.equal(out.detach(), outs["query_tiles", 32])
     g_out = torch.randn_like(out)
     out.backward(g_out)
-    for dtype, name in ((torch.float32, "ref32"), (q.dtype, "same")):
+
+    def reference_grads(dtype):
         ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
         _masked_attention(*ref_leaves, mask, 1 / math.sqrt(32), dtype).backward(g_out.to(dtype))
-        if name == "ref32":
-            ref32 = [t.grad.float() for t in ref_leaves]
-        else:
-            same = [t.grad.float() for t in ref_leaves]
-    for leaf, r32, rs in zip(leaves, ref32, same):
+        return [t.grad.float() for t in ref_leaves]
+
+    for leaf, r32, rs in zip(leaves, reference_grads(torch.float32), reference_grads(q.dtype)):
         tol = 2 * (rs - r32).abs().max().item() + 1e-5
         assert torch.isfinite(leaf.grad).all() and (leaf.grad.float() - r32).abs().max().item() <= tol
+
+
+def test_attention_path_rule(monkeypatch):
+    """The one dispatch rule: "auto" sorts the queries in layers of few blocks and takes key blocks in the others;
+    gradients, a CPU tensor the kernels don't take, "query_tiles" and the approximations never get key blocks."""
+    import mixdit.attention.vmoba as vm
+
+    grid = (5, 5, 7)
+    q, k, v = _qkv(1, 175, 2, 32, seed=7)
+    few, many = (partition_for_layer(grid, layer, VMoBAConfig(**SMALL), DEV) for layer in (0, 2))  # 3 / 27 blocks
+    monkeypatch.setattr(vm, "SORTED_QUERY_MAX_BLOCKS", 8)
+    path = vm.attention_path
+    assert path(VMoBAConfig(**SMALL), few, q, k, v) == "sorted_query_tiles"
+    assert path(VMoBAConfig(**SMALL), many, q, k, v) == "key_blocks"
+    assert path(VMoBAConfig(exact_kernel="key_blocks", **SMALL), few, q, k, v) == "key_blocks"
+    assert path(VMoBAConfig(exact_kernel="query_tiles", **SMALL), many, q, k, v) == "query_tiles"
+    assert path(VMoBAConfig(exact_kernel="query_tiles", **SMALL), few, q, k, v) == "sorted_query_tiles"
+    assert path(VMoBAConfig(**SMALL), many, q.clone().requires_grad_(True), k, v) == "query_tiles"
+    assert path(VMoBAConfig(**SMALL), many, q.float(), k.float(), v.float()) == ("key_blocks" if DEV == "cuda"
+                                                                                 else "query_tiles")
+    for approx in (dict(granularity="query_tile"), dict(tile_union_only=True)):
+        assert path(VMoBAConfig(**approx, **SMALL), few, q, k, v) == "query_tiles"
+
+
+def test_fallback_reason_rule():
+    from mixdit.attention.vmoba import vmoba_fallback_reason
+
+    c = VMoBAConfig()  # max_tile_density 0.5
+    assert vmoba_fallback_reason(c, 0.6) == "max_tile_density"
+    assert vmoba_fallback_reason(c, 0.6, 1.0, 2.0) == "max_tile_density"  # the tile share is checked first
+    assert vmoba_fallback_reason(c, 0.3, 2.0, 1.0) == "slower_than_dense"
+    assert vmoba_fallback_reason(c, 0.3, 1.0, 2.0) is None and vmoba_fallback_reason(c, 0.3) is None
+    assert vmoba_fallback_reason(VMoBAConfig(max_tile_density=1.0), 0.9, 2.0, 1.0) is None  # rule off
 
 
 def test_global_selection_attention_and_cfg_independence():
