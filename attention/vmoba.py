@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mixdit.attention.vmoba_config import (  # noqa: F401  (re-exported: the settings live there, torch-free)
-    GRANULARITIES, LAYER_TYPES, SELECTIONS, SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, layer_type_for, vmoba_dense_reason,
+    GRANULARITIES, HYBRID_MIN_FILL, LAYER_TYPES, SELECTIONS, SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, layer_type_for, vmoba_dense_reason,
     vmoba_fallback_reason, vmoba_should_run_dense,
 )
 from mixdit.config import check_choice
@@ -239,17 +239,20 @@ def _kernel_runs(q) -> bool:
 def attention_path(config: VMoBAConfig, part: VMoBAPartition, qb, kb, vb) -> str:
     """How :func:`vmoba_attention` computes a sparse call: ``"query_tiles"`` (one key set per query tile:
     ``granularity="query_tile"`` or ``tile_union_only``, or the exact rule in block order), ``"sorted_query_tiles"``
-    (the exact rule, queries sorted by selection: layers of at most ``SORTED_QUERY_MAX_BLOCKS`` blocks) or
-    ``"key_blocks"`` (:func:`mixdit.kernels.key_block_attention.key_block_attention`: ``exact_kernel="key_blocks"``,
-    or ``"auto"`` in layers of more blocks; Triton available and no gradient wanted: it has no backward and syncs
-    the host once per call, so training takes the query tiles, same selection)."""
+    (the exact rule, queries sorted by selection: layers of at most ``SORTED_QUERY_MAX_BLOCKS`` blocks),
+    ``"hybrid"`` (:func:`mixdit.kernels.key_block_attention.hybrid_block_attention`: ``"auto"`` in layers of more
+    blocks, or ``exact_kernel="hybrid"``) or ``"key_blocks"`` (:func:`~mixdit.kernels.key_block_attention.
+    key_block_attention`, ``exact_kernel="key_blocks"``). The last two need Triton and no gradient: they have no
+    backward and sync the host once per call, so training takes the query tiles, same selection."""
     if config.granularity != "token" or config.tile_union_only:
         return "query_tiles"
     few_blocks = part.num_blocks <= SORTED_QUERY_MAX_BLOCKS
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))
-    key_blocks = config.exact_kernel == "key_blocks" or (config.exact_kernel == "auto" and not few_blocks)
-    if key_blocks and not wants_grad and _kernel_runs(qb):
-        return "key_blocks"
+    kernel = config.exact_kernel
+    if kernel == "auto":
+        kernel = "query_tiles" if few_blocks else "hybrid"
+    if kernel in ("hybrid", "key_blocks") and not wants_grad and _kernel_runs(qb):
+        return kernel
     return "sorted_query_tiles" if few_blocks else "query_tiles"
 
 
@@ -284,14 +287,20 @@ def _sorted_query_tile_call(qb, kb, vb, row_select, part: VMoBAPartition, config
     return out, torch.gather(lse_s, 2, inv), work
 
 
-def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, scale: float, fp32_out: bool):
-    """``fp32_out``: keep the output in fp32 (text parts are merged into it before the one final rounding)."""
-    from mixdit.kernels.key_block_attention import key_block_attention
+def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, config: VMoBAConfig, scale: float, fp32_out: bool,
+                    hybrid: bool):
+    """The key-block or (``hybrid``) the hybrid kernel. ``fp32_out``: keep the output in fp32 (text parts are
+    merged into it before the one final rounding)."""
+    from mixdit.kernels.key_block_attention import hybrid_block_attention, key_block_attention
 
-    out, lse, work = key_block_attention(
-        *_kernel_inputs(qb, kb, vb), row_select, block_tile_start=part.block_tile_start,
-        block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale,
-        return_work=True, out_dtype=torch.float32 if fp32_out else None)
+    kw = dict(block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
+              kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale, return_work=True,
+              out_dtype=torch.float32 if fp32_out else None)
+    if hybrid:
+        out, lse, work = hybrid_block_attention(*_kernel_inputs(qb, kb, vb), row_select, kv_tile_group=part.kv_tile_group,
+                                                q_tile=config.q_tile, min_fill=HYBRID_MIN_FILL, **kw)
+    else:
+        out, lse, work = key_block_attention(*_kernel_inputs(qb, kb, vb), row_select, **kw)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
 
 
@@ -527,8 +536,9 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
     path = attention_path(config, part, qb, kb, vb)
     r = route(qb, kb, part, config, tile_layout=path == "query_tiles")
-    if path == "key_blocks":
-        out_b, lse_b, work = _key_block_call(qb, kb, vb, r.row_select, part, scale, fp32_out=T > 0)
+    if path in ("key_blocks", "hybrid"):
+        out_b, lse_b, work = _key_block_call(qb, kb, vb, r.row_select, part, config, scale, fp32_out=T > 0,
+                                             hybrid=path == "hybrid")
     elif path == "sorted_query_tiles":
         out_b, lse_b, work = _sorted_query_tile_call(qb, kb, vb, r.row_select, part, config, scale)
     else:

@@ -11,7 +11,8 @@ def add_generate_arguments(parser) -> None:
                    help="token (exact, default) | query_tile (approximate: one selection per query tile; faster)")
     g.add_argument("--vmoba-exact-kernel", default=None,
                    help="how the exact rule runs at inference: auto (default: query_tiles in layers of <= 32 blocks, "
-                        "key_blocks in the others) | key_blocks (only selected pairs computed) "
+                        "hybrid in the others) | hybrid (per query tile and block, query tiles where many rows "
+                        "selected the block, key blocks elsewhere) | key_blocks (only selected pairs computed) "
                         "| query_tiles (query-tile kernel with per-row masks)")
     g.add_argument("--vmoba-threshold", type=float, default=None, help="tau in [0, 1] (default 0.25)")
     g.add_argument("--vmoba-dense-steps", type=float, default=None,

@@ -187,19 +187,28 @@ KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32,
                       (64, 64, 4, 2), (128, 32, 8, 2))
 
 
-def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True) -> dict:
+HYBRID_FILLS = (0.125, 0.25, 0.375, 0.5, 0.625)
+
+
+def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True,
+                     source: str = "smooth", kv_tile_3d: int | None = None) -> dict:
     """The exact rule's two kernels on smooth q/k, per layer type: router (per-token, no query-tile layout),
     key-block attention (default launch and, with ``variants``, ``KEY_BLOCK_VARIANTS``), its kernels' GPU time
     (profiler), the query-tile kernel on the same selection (router with layout + kernel; where the default
     ``exact_kernel="auto"`` sorts the queries by selection, that path too: sort, gathers, layout, kernel)
-    and cuDNN dense; max |key_blocks - query_tiles| of the outputs. Writes ``vmoba-key-blocks-<gpu>.json``."""
-    from mixdit.attention.vmoba import _kernel_attention, _sorted_query_tile_call, attention_path, route
-    from mixdit.kernels.key_block_attention import key_block_attention
+    and cuDNN dense; max |key_blocks - query_tiles| of the outputs; the hybrid kernel (``exact_kernel="hybrid"``)
+    at each of ``HYBRID_FILLS`` and its kernels' GPU time at ``HYBRID_MIN_FILL``. ``source="model"``: the q/k/v of
+    a random-weight Wan2.1-1.3B (:func:`_model_layers`) instead of the synthetic smooth fields. ``kv_tile_3d``: key
+    tile of the 3D layers (default ``VMoBAConfig``'s). Writes ``vmoba-key-blocks[-model]-<gpu>.json``."""
+    from mixdit.attention.vmoba import HYBRID_MIN_FILL, _kernel_attention, _sorted_query_tile_call, attention_path, route
+    from mixdit.kernels.key_block_attention import hybrid_block_attention, key_block_attention
 
-    cfg = VMoBAConfig(min_tokens=0, dense_layers=())
+    cfg = VMoBAConfig(min_tokens=0, dense_layers=(), **({} if kv_tile_3d is None else
+                                                        dict(kv_tile_spatiotemporal=kv_tile_3d)))
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     rows, dense = [], {}
-    for name, B, D, layer_type, part, qb, kb, vb, r1, raster in _smooth_layers(shapes, layer_types, cfg):
+    layers = _model_layers(layer_types, cfg) if source == "model" else _smooth_layers(shapes, layer_types, cfg)
+    for name, B, D, layer_type, part, qb, kb, vb, r1, raster in layers:
         H, S = qb.shape[2], qb.shape[1]
         scale = 1 / math.sqrt(D)
         if (name, B) not in dense:  # cuDNN dense attention on the raster tensors, once per shape
@@ -229,6 +238,21 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
                         qb, kb, vb, r0.row_select, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, **kw))
                 except Exception as e:  # out of resources: record and go on
                     print(f"variant {bm},{bn},{nw},{ns}: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)
+        hyb = {}
+        for fill in HYBRID_FILLS:
+            hkw = dict(kv_tile_group=part.kv_tile_group, q_tile=cfg.q_tile, min_fill=fill, **kw)
+            out_h, _, work_h = hybrid_block_attention(qb, kb, vb, r0.row_select, return_work=True, **hkw)
+            hyb[fill] = dict(ms=_bench(lambda: hybrid_block_attention(qb, kb, vb, r0.row_select, **hkw)),
+                             work=float(work_h), max_abs_diff=(out_h.float() - out_kb.float()).abs().max().item())
+            del out_h
+        hyb_prof = {}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as pr:
+            hybrid_block_attention(qb, kb, vb, r0.row_select, kv_tile_group=part.kv_tile_group, q_tile=cfg.q_tile,
+                                   min_fill=HYBRID_MIN_FILL, **kw)
+            torch.cuda.synchronize()
+        for e in pr.key_averages():
+            if e.device_time_total:
+                hyb_prof[e.key[:60]] = round(e.device_time_total / 1e3, 3)
         router_layout_ms = _bench(lambda: route(qb, kb, part, cfg))
 
         def qt():
@@ -246,14 +270,15 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
                              sorted_query_tile_work=float(work_s),
                              sorted_max_abs_diff=(out_kb.float() - out_s.float()).abs().max().item())
             del out_s
-        row = dict(model=name, B=B, H=H, tokens=S, layer_type=part.layer_type, blocks=part.num_blocks,
+        row = dict(model=name, B=B, H=H, tokens=S, layer_type=part.layer_type, blocks=part.num_blocks, kv_tile=part.kv_tile,
                    density=float(r0.density), key_block_work=float(work), query_tile_work=float(r1.tile_density),
                    router_ms=router_ms, key_blocks_ms=kb_ms, key_blocks_total_ms=router_ms + kb_ms,
                    key_blocks_kernels_ms=prof, key_blocks_variants_ms=var, router_with_layout_ms=router_layout_ms,
                    query_tiles_ms=qt_ms, query_tiles_total_ms=router_layout_ms + qt_ms, dense_cudnn_ms=dense_ms,
-                   max_abs_diff=diff, **sorted_qt)
+                   max_abs_diff=diff, hybrid={str(f): h for f, h in hyb.items()}, hybrid_kernels_ms=hyb_prof,
+                   **sorted_qt)
         rows.append(row)
-        print(f"{name:13s} {part.layer_type:14s} dens {row['density']:.3f} work kb {work:.3f} qt "
+        print(f"{name:13s} {part.layer_type:14s} kv_tile {part.kv_tile:3d} dens {row['density']:.3f} work kb {work:.3f} qt "
               f"{row['query_tile_work']:.3f} | router {router_ms:6.2f} keyblk {kb_ms:7.2f} = {router_ms + kb_ms:7.2f}"
               f" | qtiles {router_layout_ms:6.2f}+{qt_ms:7.2f} | dense {dense_ms:7.2f} | diff {diff:.2e}", flush=True)
         if sorted_qt:
@@ -262,10 +287,14 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
                   f"diff {sorted_qt['sorted_max_abs_diff']:.2e}", flush=True)
         print("   kernels:", prof, flush=True)
         print("   variants:", {kk: round(vv, 2) for kk, vv in var.items()}, flush=True)
+        print("   hybrid (min_fill: ms / work / diff):", "  ".join(
+            f"{f}: {h['ms']:.2f} / {h['work']:.3f} / {h['max_abs_diff']:.1e}" for f, h in hyb.items()), flush=True)
+        print("   hybrid kernels:", hyb_prof, flush=True)
         del qb, kb, vb, r0, r1, out_kb, out_qt
         torch.cuda.empty_cache()
     return _write_result(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                              triton=__import__("triton").__version__, rows=rows), f"vmoba-key-blocks-{gpu}.json")
+                              triton=__import__("triton").__version__, rows=rows),
+                         f"vmoba-key-blocks{'-model' if source == 'model' else ''}-{gpu}.json")
 
 
 def _count_kernels(fn) -> int:
@@ -378,6 +407,34 @@ def _smooth_layers(shapes, layer_types, cfg, requires_grad: bool = False):
             yield name, B, D, layer_type, part, qb, kb, vb, route(qb.detach(), kb.detach(), part, cfg), (q, k, v)
         del q, k, v
         torch.cuda.empty_cache()
+
+
+def _model_layers(layer_types, cfg):
+    """As :func:`_smooth_layers`, but q/k/v are what a random-weight Wan2.1-1.3B's self-attention computes in layers
+    1-3 from smooth latents at 480p / 81 frames (``benchmarks/vmoba.py``'s capture): far more structured than the
+    synthetic fields (tile unions ~0.5 instead of ~0.98 in 2D/3D), so the split between kernels is realistic."""
+    import sys
+
+    from mixdit.attention.vmoba import _gather_tokens, partition_for_layer, route
+    from mixdit.pipelines.random_models import random_transformer
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from vmoba import capture_qkv, model_inputs
+
+    layers = {t: LAYER_OF_TYPE[t] for t in layer_types}
+    model = random_transformer("wan2.1-1.3b", device="cuda", dtype=torch.bfloat16,
+                               num_layers=max(layers.values()) + 1).eval()
+    store = capture_qkv(model, model_inputs((21, 60, 104), "cuda"), set(layers.values()))
+    del model
+    torch.cuda.empty_cache()
+    grid = (21, 30, 52)
+    for layer_type, layer in layers.items():
+        q, k, v = store.pop(layer)
+        part = partition_for_layer(grid, layer, cfg, "cuda")
+        qb, kb, vb = (_gather_tokens(t, p).contiguous()
+                      for t, p in ((q, part.q_perm), (k, part.kv_perm), (v, part.kv_perm)))
+        yield "wan1.3b-model", 1, q.shape[-1], layer_type, part, qb, kb, vb, route(qb, kb, part, cfg), (q, k, v)
+        del q, k, v
 
 
 def layout_probe():
@@ -527,10 +584,12 @@ if __name__ == "__main__":
     ap.add_argument("--profile-router", action="store_true",
                     help="only profile the fused query_tile router's kernels per layer type (B = 2)")
     ap.add_argument("--key-blocks", action="store_true",
-                    help="only the exact rule's kernels: key-block attention (+ variants) vs query tiles vs dense")
+                    help="only the exact rule's kernels: key-block attention (+ variants), hybrid, query tiles, dense")
+    ap.add_argument("--model-qk", action="store_true",
+                    help="--key-blocks on a random-weight Wan2.1-1.3B's own q/k/v instead of synthetic fields")
     a = ap.parse_args()
     if a.key_blocks:
-        key_blocks_study(variants=not a.quick)
+        key_blocks_study(variants=not a.quick, source="model" if a.model_qk else "smooth")
     elif a.gathers:
         time_gathers()
     elif a.bwd_ab:

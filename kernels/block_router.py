@@ -15,7 +15,8 @@ Kernels
 1. ``_block_means_kernel``: fp32 mean of the real keys of each (sample, head, block), stored
    transposed ``[B*H, D_PAD, NB_PAD]`` (zeros in the padding).
 2. Threshold rule (the default), ``_token_threshold_kernel``: the fp32 gate ``q . mean`` of every (row, block)
-   comes from batched matmuls (chunks of (sample, head), ``[rows, NB]`` fp32, like the reference's einsum); one
+   comes from ``_token_gate_kernel`` (chunks of (sample, head), ``[rows, NB]`` fp32 from TF32 tensor-core products
+   at about fp32 accuracy; an fp32 cuBLAS batched matmul took 1.3 ms of a 3D layer's 3.1 ms router); one
    warp per program applies the rule to a few rows: min-max normalise over the blocks, ``remain = max(tau -
    own/(sum+eps), 0)``, then the reference's cut value found bit by bit on the fp32 patterns of the others'
    normalised gates (30 masked row sums, no sort; ties with the cut all taken). On one warp a row's reductions
@@ -62,6 +63,13 @@ MODE_TOPK = 1
 MODE_GLOBAL_SELECT = 2
 MODE_GLOBAL_MINMAX = 3
 MODE_GLOBAL_SUMS = 4
+
+# the threshold rule's cut search stops once the remaining bits cannot change the selection (_threshold_rule);
+# False: all 30 bits (the A/B and the test that both select the same blocks)
+_RULE_EARLY_EXIT = True
+# token gate launch: rows x blocks per step, warps (H200, Wan-1.3B's q/k: benchmarks/NOTES.md, session 11)
+_GATE_TILES = (128, 64)
+_GATE_WARPS = 8
 
 GLOBAL_CANDIDATES = 16  # candidates per global search pass
 GLOBAL_PASSES = 7  # 15**-7 ~ 6e-9 resolution on the normalised cut value
@@ -193,7 +201,7 @@ def _route_kernel(Q, MEANS_T, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS
 
 
 @triton.jit
-def _threshold_rule(s, valid, is_own, threshold, ROWS: tl.constexpr):
+def _threshold_rule(s, valid, is_own, threshold, ROWS: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """VMoBA's threshold rule on fp32 gates ``s [ROWS, NB_PAD]`` (one row per query or query tile): min-max
     normalise over the valid blocks, ``remain = max(tau - own/(sum+eps), 0)``, then the reference's cut value = the
     largest other value v whose "others >= v" share reaches remain, found bit by bit on the fp32 patterns (exact, no
@@ -212,19 +220,31 @@ def _threshold_rule(s, valid, is_own, threshold, ROWS: tl.constexpr):
     # picks others only and the values come back by a bitcast
     bits = tl.where(oth, norm.to(tl.int32, bitcast=True), -1)
     top_bits = tl.max(bits, axis=1)
+    # Bits 29..0 (TILE_CUT_BITS), three per round. After a round the cut lies in [prefix, prefix + 2^b - 1]; once
+    # that interval holds at most one other value in every row the remaining bits cannot change the selected set
+    # (the one value is the cut itself, or the cut is below it), so "bits >= prefix" is already the final set and
+    # the search stops: ~half the rounds at Wan sizes, and the result is bit-identical to the full search.
     prefix = tl.zeros([ROWS], dtype=tl.int32)
-    for b in tl.static_range(29, -1, -1):  # bits 29..0 (TILE_CUT_BITS)
-        cand = prefix | (1 << b)
-        take = bits >= cand[:, None]
-        share = tl.sum(tl.where(take, bits.to(tl.float32, bitcast=True), 0.0), axis=1)
-        ok = (tl.math.div_rn(share, te) >= remain) & (cand <= top_bits)
-        prefix = tl.where(ok, cand, prefix)
+    b = tl.program_id(0) * 0 + 30
+    open_rows = b
+    while (b > 0) & (open_rows > 0):
+        for i in tl.static_range(3):
+            cand = prefix | (1 << (b - 1 - i))
+            take = bits >= cand[:, None]
+            share = tl.sum(tl.where(take, bits.to(tl.float32, bitcast=True), 0.0), axis=1)
+            ok = (tl.math.div_rn(share, te) >= remain) & (cand <= top_bits)
+            prefix = tl.where(ok, cand, prefix)
+        b -= 3
+        if EARLY_EXIT:  # (False: the full search, for the A/B and the test that the two agree)
+            in_interval = (bits >= prefix[:, None]) & (bits <= (prefix + ((1 << b) - 1))[:, None])
+            open_rows = tl.sum((tl.sum(in_interval.to(tl.int32), axis=1) > 1).to(tl.int32), axis=0)
     return is_own | (bits >= prefix[:, None])
 
 
 @triton.jit
 def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS, Sq, NB, n_rt, bh0, threshold,
-                            ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr, STORE_UNION: tl.constexpr):
+                            ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr, STORE_UNION: tl.constexpr,
+                            EARLY_EXIT: tl.constexpr):
     # The threshold rule (_threshold_rule) for ROWS query rows of one (sample, head) from their precomputed fp32
     # gate rows (GATE [heads in chunk, Sq, NB]). Launched with one warp: a row's reductions stay inside the warp
     # (shuffles, no shared memory or barriers), which is what the rule's 30 masked row sums cost on chip.
@@ -239,9 +259,85 @@ def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TO
     s = tl.load(GATE + (j.to(tl.int64) * Sq + rows[:, None]) * NB + cols[None, :], mask=valid, other=0.0)
     own = tl.load(Q_BLOCK + rows, mask=row_ok, other=0)
     is_own = valid & (cols[None, :] == own[:, None])
-    sel = _threshold_rule(s, valid, is_own, threshold, ROWS)  # within valid: own and other blocks only
+    sel = _threshold_rule(s, valid, is_own, threshold, ROWS, EARLY_EXIT)  # within valid: own and other blocks only
     _store_selection(sel, bh, rt, rows, row_ok, cols, c_ok, Sq, n_rt, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS,
                      ROWS, NB_PAD, W, STORE_UNION)
+
+
+# _token_gate_kernel modes (constexpr: jit code may read module globals only as such)
+GATE_ONE_PRODUCT, GATE_TF32_SPLIT, GATE_BF16_SPLIT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _token_gate_kernel(Q, M1, M2, M3, GATE, stride_qb, stride_qs, stride_qh, stride_qd, Sq, H, NB, NB_PAD, bh0,
+                       D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       MODE: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
+    # GATE[j, rows, :] = q . mean (fp32) for head bh0 + j, on tensor cores: the q tile is loaded once and walks the
+    # blocks BN at a time. The means come split into parts exact in the product's input type, so that the products
+    # are exact and only the fp32 accumulation rounds (about what an fp32 matmul does):
+    #   GATE_BF16_SPLIT (bf16 q): three bf16 parts (8 + 8 + 8 bits), three bf16 products;
+    #   GATE_TF32_SPLIT (fp16 q, exact in TF32): a TF32 head and remainder (~21 bits), two TF32 products;
+    #   GATE_ONE_PRODUCT (fp32 q): M1 = the mean, one product at PRECISION (3xTF32; fp32 in the interpreter).
+    rt = tl.program_id(0)
+    j = tl.program_id(1)
+    bh = bh0 + j
+    b = bh // H
+    h = bh % H
+    rows = rt * BM + tl.arange(0, BM)
+    row_ok = rows < Sq
+    offs_d = tl.arange(0, D_PAD)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows.to(tl.int64)[:, None] * stride_qs
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    if MODE != GATE_BF16_SPLIT or F32_DOT:  # (F32_DOT: the CPU interpreter's bf16 dot is not exact)
+        q = q.to(tl.float32)
+    m_base = (bh.to(tl.int64) * D_PAD + offs_d[:, None]) * NB_PAD
+    g_base = GATE + (j.to(tl.int64) * Sq + rows[:, None]) * NB
+    for c0 in range(0, NB, BN):
+        cols = c0 + tl.arange(0, BN)
+        m_offs = m_base + cols[None, :]  # NB_PAD columns, zero past NB: no mask needed
+        if MODE == GATE_BF16_SPLIT:
+            g = tl.dot(q, tl.load(M3 + m_offs).to(q.dtype), out_dtype=tl.float32)
+            g = tl.dot(q, tl.load(M2 + m_offs).to(q.dtype), g, out_dtype=tl.float32)
+            g = tl.dot(q, tl.load(M1 + m_offs).to(q.dtype), g, out_dtype=tl.float32)
+        elif MODE == GATE_TF32_SPLIT:
+            g = tl.dot(q, tl.load(M2 + m_offs), input_precision=PRECISION)
+            g = tl.dot(q, tl.load(M1 + m_offs), g, input_precision=PRECISION)
+        else:
+            g = tl.dot(q, tl.load(M1 + m_offs), input_precision=PRECISION)
+        tl.store(g_base + cols[None, :], g, mask=row_ok[:, None] & (cols < NB)[None, :])
+
+
+def _gate_operands(q_dtype: torch.dtype, means_t: torch.Tensor, interpret: bool):
+    """``(mode, (m1, m2, m3), precision)`` for ``_token_gate_kernel``: the means split so that each part times q is
+    exact in the product's input type (parts sum to the mean to ~24 bits for bf16, ~21 for TF32)."""
+    if q_dtype == torch.bfloat16:
+        m1 = means_t.to(torch.bfloat16)
+        r = means_t - m1.float()
+        m2 = r.to(torch.bfloat16)
+        return GATE_BF16_SPLIT, (m1, m2, (r - m2.float()).to(torch.bfloat16)), "ieee"
+    if q_dtype == torch.float16:
+        hi = (means_t.view(torch.int32) & -8192).view(torch.float32)  # low 13 mantissa bits cleared: exact TF32
+        return GATE_TF32_SPLIT, (hi, means_t - hi, hi), "ieee" if interpret else "tf32"
+    return GATE_ONE_PRODUCT, (means_t, means_t, means_t), "ieee" if interpret else "tf32x3"
+
+
+def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int, h1: int) -> torch.Tensor:
+    """fp32 gate ``[h1 - h0, Sq, num_blocks]`` of (sample, head) ``h0 .. h1`` (flat ``b * H + h``): every query row of
+    ``q [B, Sq, H, D]`` against every block's key mean (``means_t [B*H, D_PAD, NB_PAD]``, :func:`block_key_means`).
+    Tensor cores at about fp32 accuracy (see ``_token_gate_kernel``)."""
+    B, Sq, H, D = q.shape
+    means_t = means_t.contiguous()
+    D_PAD, NB_PAD = means_t.shape[1], means_t.shape[2]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    mode, parts, precision = _gate_operands(q.dtype, means_t, interpret)
+    gate = torch.empty(h1 - h0, Sq, num_blocks, device=q.device, dtype=torch.float32)
+    BM, BN = (64, 32) if interpret else _GATE_TILES
+    BN = min(BN, NB_PAD)
+    _token_gate_kernel[(triton.cdiv(Sq, BM), h1 - h0)](
+        q, *parts, gate, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, num_blocks, NB_PAD, h0,
+        D=D, D_PAD=D_PAD, BM=BM, BN=BN, MODE=mode, PRECISION=precision, F32_DOT=interpret,
+        num_warps=_GATE_WARPS, num_stages=2)
+    return gate
 
 
 @contextlib.contextmanager
@@ -268,22 +364,20 @@ def _threshold_rows(nb_pad: int) -> int:
 
 def _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, sel_tokens, NB, rows, threshold,
                             store_union: bool, max_gate_bytes: int = 1 << 30):
-    """Per-token threshold rule: the gate ``q . mean`` as fp32 batched matmuls over chunks of (sample, head)
-    (what the reference's fp32 einsum computes), then :func:`_token_threshold_kernel` on it."""
+    """Per-token threshold rule: the gate ``q . mean`` (:func:`token_gate`, about fp32 like the reference's fp32
+    einsum) over chunks of (sample, head), then :func:`_token_threshold_kernel` on it."""
     B, Sq, H, D = q.shape
     BH = B * H
     NB_PAD = means_t.shape[-1]
     n_rt = triton.cdiv(Sq, rows)
-    qbh = q.permute(0, 2, 1, 3).reshape(BH, Sq, D)  # a view when B == 1
-    means = means_t[:, :D, :NB]
     step = max(1, max_gate_bytes // (Sq * NB * 4))
     for h0 in range(0, BH, step):
         h1 = min(BH, h0 + step)
-        with _fp32_matmul():
-            gate = torch.bmm(qbh[h0:h1].float(), means[h0:h1]).contiguous()
+        gate = token_gate(q, means_t, NB, h0, h1)
         _token_threshold_kernel[(n_rt, h1 - h0)](
             gate, q_block, block_size, row_select, union, sel_tokens, Sq, NB, n_rt, h0, float(threshold),
-            ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=store_union, num_warps=1)
+            ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=store_union, EARLY_EXIT=_RULE_EARLY_EXIT,
+            num_warps=1)
 
 
 def _next_pow2(n: int) -> int:
@@ -578,7 +672,7 @@ def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
             sel = sel | pick
             work = tl.where(pick, float("-inf"), work)
     elif MODE == 0:  # threshold, per tile row
-        sel = _threshold_rule(s, valid, is_own, threshold, TM)
+        sel = _threshold_rule(s, valid, is_own, threshold, TM, True)
     else:  # global (MODE 3: partial sums at the next candidates; MODE 4: select)
         mn, den, te, remain, prefix = _tile_global_state(PART, bh, BH, n_grp, npass, threshold,
                                                          GRP_PAD, NCAND, DIGIT, REC)

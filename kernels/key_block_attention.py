@@ -23,6 +23,10 @@ in 3D layers (96-token blocks: ~50 k FLOPs per pair). When the pair buffers woul
 the (sample, head) pairs are processed in chunks. One host sync per call (the pair count sizes the buffers),
 so this path is for inference; gradients use the query-tile kernel (same selection, equal up to rounding).
 
+:func:`hybrid_block_attention` combines the two forms per (query tile, block) pair: the blocks most rows of a
+query tile selected go to the query-tile kernel (whole tiles, per-row masks, no partials), the rest through the
+key-block kernel above, whose merge takes the query-tile result as one more partial.
+
 Layout conventions are those of :mod:`mixdit.kernels.block_router`: ``q [B, Sq, H, D]`` in block order,
 ``k``/``v`` ``[B, Sk_pad, H, D]`` with block c owning key tiles ``block_tile_start[c] .. + block_tile_count[c]``
 of ``kv_tile`` rows, of which the first ``kv_tile_len[t]`` are real.
@@ -38,7 +42,7 @@ import triton.language as tl
 
 from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
-__all__ = ["key_block_attention", "key_block_plan"]
+__all__ = ["hybrid_block_attention", "key_block_attention", "key_block_plan", "split_by_tile_fill"]
 
 # Test hook (as in block_sparse_attention): fill the outputs and the pair buffers with NaN / -1 before the
 # kernels run, so a test proves every element is written.
@@ -46,10 +50,11 @@ _POISON_OUTPUTS = False
 
 
 @triton.jit
-def _row_bits(RS, bh, rows, row_ok, Sq, W, cols):
-    # [BM, NB_PAD] int32 0/1: bit c of row_select[bh, row] (word c // 32)
+def _row_bits(RS, bh, rows, row_ok, Sq, W, NB, cols):
+    # [BM, NB_PAD] int32 0/1: bit c of row_select[bh, row] (word c // 32); 0 past NB (W = ceil(NB / 32) words
+    # need not fill NB_PAD: the columns past them would read the next row)
     ptrs = RS + (bh.to(tl.int64) * Sq + rows[:, None]) * W + (cols // 32)[None, :]
-    words = tl.load(ptrs, mask=row_ok[:, None], other=0)
+    words = tl.load(ptrs, mask=row_ok[:, None] & (cols < NB)[None, :], other=0)
     return (words >> (cols % 32)[None, :]) & 1
 
 
@@ -61,7 +66,7 @@ def _pair_count_kernel(RS, ROW_CNT, COL_CNT, bh0, Sq, W, NB, n_rt,
     rows = rt * BM + tl.arange(0, BM)
     row_ok = rows < Sq
     cols = tl.arange(0, NB_PAD)
-    bits = _row_bits(RS, bh0 + j, rows, row_ok, Sq, W, cols)
+    bits = _row_bits(RS, bh0 + j, rows, row_ok, Sq, W, NB, cols)
     tl.store(ROW_CNT + j.to(tl.int64) * Sq + rows, tl.sum(bits, axis=1), mask=row_ok)
     # [chunk, NB, n_rt]: flattened, its exclusive cumsum orders the pairs by (head, block, row tile)
     tl.store(COL_CNT + (j.to(tl.int64) * NB + cols) * n_rt + rt, tl.sum(bits, axis=0), mask=cols < NB)
@@ -75,7 +80,7 @@ def _pair_fill_kernel(RS, ROW_OFF, COL_OFF, PAIR_Q, PAIR_DST, bh0, Sq, W, NB, n_
     rows = rt * BM + tl.arange(0, BM)
     row_ok = rows < Sq
     cols = tl.arange(0, NB_PAD)
-    bits = _row_bits(RS, bh0 + j, rows, row_ok, Sq, W, cols)
+    bits = _row_bits(RS, bh0 + j, rows, row_ok, Sq, W, NB, cols)
     rank = tl.cumsum(bits, axis=0) - bits  # rows of this tile before it that selected the block
     slot = tl.cumsum(bits, axis=1) - bits  # the row's selected blocks before this one
     base = tl.load(COL_OFF + (j.to(tl.int64) * NB + cols) * n_rt + rt, mask=cols < NB, other=0)
@@ -137,8 +142,9 @@ def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE
 
 
 @triton.jit
-def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, bh0, H, Sq,
-                       stride_ob, stride_os, stride_oh, D: tl.constexpr, BM: tl.constexpr):
+def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, BASE_O, BASE_LSE, bh0, H, Sq,
+                       stride_ob, stride_os, stride_oh, stride_bb, stride_bs, stride_bh,
+                       D: tl.constexpr, BM: tl.constexpr, HAS_BASE: tl.constexpr):
     rt = tl.program_id(0)
     j = tl.program_id(1)
     bh = bh0 + j
@@ -149,9 +155,15 @@ def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, bh0, H,
     offs_d = tl.arange(0, D)
     off = tl.load(ROW_OFF + j.to(tl.int64) * Sq + rows, mask=row_ok, other=0).to(tl.int64)
     cnt = tl.load(ROW_CNT + j.to(tl.int64) * Sq + rows, mask=row_ok, other=0)
-    m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_ = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, D], dtype=tl.float32)
+    if HAS_BASE:  # one more partial per row, from the query-tile kernel (lse -inf: the row had none there)
+        m = tl.load(BASE_LSE + bh.to(tl.int64) * Sq + rows, mask=row_ok, other=float("-inf"))
+        l_ = tl.where(m == float("-inf"), 0.0, 1.0)
+        acc = tl.load(BASE_O + b.to(tl.int64) * stride_bb + h * stride_bh + rows.to(tl.int64)[:, None] * stride_bs
+                      + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * l_[:, None]
+    else:
+        m = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_ = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, D], dtype=tl.float32)
     for s in range(0, tl.max(cnt, axis=0)):
         take = row_ok & (s < cnt)
         lse = tl.load(LSE_PART + off + s, mask=take, other=float("-inf"))
@@ -166,6 +178,35 @@ def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, bh0, H,
     tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_os
              + offs_d[None, :], (acc / l_[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE_OUT + bh.to(tl.int64) * Sq + rows, m + tl.log(l_), mask=row_ok)
+
+
+@triton.jit
+def _tile_fill_split_kernel(RS, DENSE_RS, SPARSE_RS, UNION, Sq, W, NB, n_qt, min_fill,
+                            Q_TILE: tl.constexpr, R: tl.constexpr, NB_PAD: tl.constexpr, W_PAD: tl.constexpr):
+    # Program (query tile, b*h): per block, how many of the tile's rows selected it; the blocks at least min_fill
+    # of the rows selected are the tile's dense set (UNION, int8); every row's words split into the bits of the
+    # dense set (DENSE_RS) and the rest (SPARSE_RS).
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    r0 = t * Q_TILE
+    cols = tl.arange(0, NB_PAD)
+    cnt = tl.zeros([NB_PAD], dtype=tl.int32)
+    for r in range(0, Q_TILE, R):
+        rows = r0 + r + tl.arange(0, R)
+        cnt += tl.sum(_row_bits(RS, bh, rows, rows < Sq, Sq, W, NB, cols), axis=0)
+    n_rows = tl.minimum(Q_TILE, Sq - r0).to(tl.float32)
+    dense = (cnt > 0) & (cnt.to(tl.float32) >= min_fill * n_rows)
+    tl.store(UNION + (bh.to(tl.int64) * n_qt + t) * NB_PAD + cols, dense.to(tl.int8))
+    # distinct bits: their sum is their OR (bit 31 wraps to the sign, as in the router's words)
+    dense_words = tl.sum(tl.reshape(dense.to(tl.int32) << (cols % 32), [W_PAD, 32]), axis=1)
+    wcols = tl.arange(0, W_PAD)
+    for r in range(0, Q_TILE, R):
+        rows = r0 + r + tl.arange(0, R)
+        ok = (rows < Sq)[:, None] & (wcols < W)[None, :]
+        offs = (bh.to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :]
+        words = tl.load(RS + offs, mask=ok, other=0)
+        tl.store(DENSE_RS + offs, words & dense_words[None, :], mask=ok)
+        tl.store(SPARSE_RS + offs, words & ~dense_words[None, :], mask=ok)
 
 
 def _next_pow2(n: int) -> int:
@@ -213,14 +254,16 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                         kv_tile: int, scale: float | None = None, block_m: int = 128, block_n: int = 32,
                         max_pair_bytes: int = 2 << 30, num_warps: int = 4, num_stages: int = 2,
-                        return_work: bool = False, out_dtype: torch.dtype | None = None):
+                        return_work: bool = False, out_dtype: torch.dtype | None = None, base=None):
     """Exact attention of every query row over the keys of its selected blocks (see the module docstring).
 
     ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, Sk_pad, H, D]`` (fp16/bf16, last dim contiguous, ``D`` a power of
     two >= 16), ``row_select`` int32 ``[B, H, Sq, W]``. Returns ``out [B, Sq, H, D]`` (input dtype) and
     ``lse [B, H, Sq]`` (fp32, natural log incl. ``scale``) — the contract of
     :func:`mixdit.kernels.block_sparse_attention` with ``row_select`` and ``kv_tile_group`` = block of each tile.
-    Every row must select at least one block (VMoBA always selects the query's own block).
+    Every row must select at least one block (VMoBA always selects the query's own block), or have keys in
+    ``base = (out, lse)``: attention over other keys of the same rows (``lse`` -inf where a row had none), merged
+    in as one more partial (what :func:`hybrid_block_attention` passes from the query-tile kernel).
     ``block_n`` / ``num_warps``: key rows per step / warps; the defaults (128 queries x 32 keys, 4 warps) were the
     fastest of six launches in every layer type at Wan-1.3B and 14B (H200, ``vmoba_attention.py --key-blocks``). ``return_work``: also return the
     computed (query row, key tile) pairs as a share of all (0-d tensor; like the query-tile kernel's tile density,
@@ -250,6 +293,11 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     if _POISON_OUTPUTS:
         out.fill_(float("nan"))
         lse_out.fill_(float("nan"))
+    base_o, base_lse = (out, lse_out) if base is None else base  # dummies when there is no base (never read)
+    if base is not None and (base_o.shape != q.shape or base_o.stride(-1) != 1 or base_lse.shape != (B, H, Sq)
+                             or not base_lse.is_contiguous()):
+        raise ValueError("base must be (out [B, Sq, H, D] with a contiguous last dim, lse [B, H, Sq] contiguous)")
+    base_strides = (base_o.stride(0), base_o.stride(1), base_o.stride(2))
     limit = max(1, max_pair_bytes // (D * q.element_size() + 12))
     for h0, nh in _chunks(pairs, limit):
         n_pairs, n_tiles = sum(pairs[h0:h0 + nh]), sum(tiles[h0:h0 + nh])
@@ -284,6 +332,65 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
                 num_warps=num_warps, num_stages=num_stages)
         BMm = 32
         _pair_merge_kernel[(triton.cdiv(Sq, BMm), nh)](
-            o_part, lse_part, row_off, rc, out, lse_out, h0, H, Sq,
-            out.stride(0), out.stride(1), out.stride(2), D=D, BM=BMm, num_warps=4)
+            o_part, lse_part, row_off, rc, out, lse_out, base_o, base_lse, h0, H, Sq,
+            out.stride(0), out.stride(1), out.stride(2), *base_strides, D=D, BM=BMm, HAS_BASE=base is not None,
+            num_warps=4)
     return (out, lse_out, work) if return_work else (out, lse_out)
+
+
+def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int = 128, min_fill: float = 0.25):
+    """Split a per-row selection by how full each (query tile, block) pair is.
+
+    For each tile of ``q_tile`` consecutive rows of a (sample, head), the blocks that at least ``min_fill`` of
+    its rows selected form the tile's *dense set*. Returns ``(dense_rs, sparse_rs, dense_union)``: the rows'
+    bits inside their tile's dense set, the remaining bits (``dense_rs | sparse_rs == row_select``, disjoint),
+    and the dense sets as bool ``[B, H, n_query_tiles, num_blocks]`` (the query-tile kernel's layout)."""
+    B, H, Sq, W = row_select.shape
+    if row_select.dtype != torch.int32 or not row_select.is_contiguous():
+        raise ValueError("row_select must be a contiguous int32 [B, H, Sq, words] tensor")
+    if W * 32 < num_blocks:
+        raise ValueError(f"row_select has {W} words for {num_blocks} blocks")
+    if q_tile & (q_tile - 1):
+        raise ValueError(f"q_tile {q_tile} must be a power of two")
+    W_PAD = _next_pow2(W)
+    NB_PAD = 32 * W_PAD
+    n_qt = triton.cdiv(Sq, q_tile)
+    dense = torch.empty_like(row_select)
+    sparse = torch.empty_like(row_select)
+    union = torch.empty(B * H, n_qt, NB_PAD, device=row_select.device, dtype=torch.int8)
+    R = max(1, min(q_tile, 8192 // NB_PAD))
+    _tile_fill_split_kernel[(n_qt, B * H)](row_select, dense, sparse, union, Sq, W, num_blocks, n_qt, float(min_fill),
+                                           Q_TILE=q_tile, R=R, NB_PAD=NB_PAD, W_PAD=W_PAD, num_warps=4)
+    return dense, sparse, union.view(B, H, n_qt, NB_PAD)[..., :num_blocks].bool()
+
+
+def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
+                           block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
+                           kv_tile_group: torch.Tensor, kv_tile: int, scale: float | None = None, q_tile: int = 128,
+                           min_fill: float = 0.25, return_work: bool = False, out_dtype: torch.dtype | None = None,
+                           **key_block_kw):
+    """Exact attention over per-row block selections, each (query tile, block) pair computed where it is cheaper.
+
+    A block that many rows of a query tile selected is cheapest in the query-tile kernel (whole tiles, masked per
+    row: no gathers, no partial outputs); one that few rows selected, in the key-block kernel (only the selected
+    rows, at the price of a partial output per pair). :func:`split_by_tile_fill` sends every pair whose block at
+    least ``min_fill`` of its tile's rows selected to the first; the query-tile kernel's output and lse enter the
+    key-block merge as one more partial. Exact like both (every selected key once, no other key).
+    Arguments and returns as :func:`key_block_attention` (``return_work``: key tiles computed by both kernels as a
+    share of all, padding included); ``kv_tile_group`` the block of each key tile; ``q`` in block order."""
+    from .block_sparse_attention import block_sparse_attention_forward
+    from .router_reference import compact_tiles
+
+    B, Sq, H, _ = q.shape
+    NB = block_tile_start.numel()
+    dense_rs, sparse_rs, union = split_by_tile_fill(row_select, NB, q_tile, min_fill)
+    kv_count, kv_index = compact_tiles(union, kv_tile_group)
+    base = block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=scale,
+                                          kv_tile_len=kv_tile_len, row_select=dense_rs, kv_tile_group=kv_tile_group)
+    res = key_block_attention(q, k, v, sparse_rs, block_tile_start=block_tile_start, block_tile_count=block_tile_count,
+                              kv_tile_len=kv_tile_len, kv_tile=kv_tile, scale=scale, return_work=return_work,
+                              out_dtype=out_dtype, base=base, **key_block_kw)
+    if not return_work:
+        return res
+    dense_work = kv_count.sum(dtype=torch.float32) / float(kv_count.numel() * kv_tile_group.numel())
+    return res[0], res[1], res[2] + dense_work

@@ -212,3 +212,64 @@ def test_block_key_means_rejects_a_layout_of_another_key_tile():
     k = torch.randn(1, part.num_kv_tiles * 32, 2, 32, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="kv_tile=16"):
         block_key_means(k, part.block_tile_start, part.block_tile_count, part.kv_tile_len, part.block_size, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_token_gate_is_fp32_accurate(dtype):
+    """The threshold rule's gate (tensor-core products of q with the means split into bf16 / TF32 parts, or 3xTF32
+    for fp32 q) is q . mean to about fp32 rounding, for 70 blocks (a partial column tile) and an odd head dim."""
+    from mixdit.kernels.block_router import token_gate
+
+    g = torch.Generator().manual_seed(21)
+    B, S, H, D, NB, NB_PAD, D_PAD = 2, 150, 3, 24, 70, 128, 32
+    q = torch.randn(B, S, H, D, generator=g).to(DEV, dtype)
+    means_t = torch.zeros(B * H, D_PAD, NB_PAD)
+    means_t[:, :D, :NB] = torch.randn(B * H, D, NB, generator=g) * torch.rand(1, 1, NB, generator=g)
+    means_t = means_t.to(DEV)
+    gate = token_gate(q, means_t, NB, 1, B * H)  # heads 1.. (an offset chunk)
+    qbh = q.permute(0, 2, 1, 3).reshape(B * H, S, D).double()
+    exact = torch.bmm(qbh, means_t[:, :D, :NB].double())[1:]
+    bound = torch.bmm(qbh.abs(), means_t[:, :D, :NB].abs().double())[1:]  # sum |q| |m|
+    err = (gate.double() - exact).abs()
+    # 2^-19 of sum |q| |m|: fp32 summation over D terms and the means' 21-24 bits (one bf16 / TF32 product: 2^-8 / 2^-11)
+    assert gate.shape == (B * H - 1, S, NB)
+    assert bool((err <= 2.0 ** -19 * bound).all()), float((err / bound).max())
+
+
+def test_threshold_rule_early_exit_selects_as_the_full_search(monkeypatch):
+    """The cut search stops once the remaining bits cannot change the selection: on gates built to be hard for it
+    (many exact ties, values one ulp apart, a single other block, all-equal rows, tiny and large ranges) it selects
+    exactly the blocks the full 30-bit search selects, at several thresholds."""
+    import triton
+
+    from mixdit.kernels import block_router as br
+
+    g = torch.Generator().manual_seed(5)
+    Sq, NB = 96, 45
+    NB_PAD = 64
+    base = torch.randn(1, Sq, NB, generator=g)
+    rows = [base[0, :16],
+            torch.round(base[0, 16:32] * 2) / 2,  # a few distinct values: many ties
+            torch.nextafter(base[0, 32:48], torch.full_like(base[0, 32:48], 9.0)),  # then 1 ulp apart, below
+            torch.ones(16, NB),  # all equal
+            base[0, 64:80] * 1e-30 + 1.0,  # one value (1.0 after rounding): degenerate range
+            base[0, 80:96] * 1e4]
+    rows[2] = torch.where(torch.arange(NB) % 2 == 0, rows[2], base[0, 32:48])
+    gate = torch.cat(rows)[None].contiguous().to(DEV)
+    q_block = (torch.arange(Sq) % NB).to(DEV, torch.int32)
+    q_block[-1] = 0
+    block_size = torch.randint(1, 50, (NB,), generator=g).to(DEV, torch.int32)
+    for threshold in (0.02, 0.25, 0.6, 2.0):
+        out = {}
+        for early in (False, True):
+            rs = torch.full((1, 1, Sq, NB_PAD // 32), -7, device=DEV, dtype=torch.int32)
+            tokens = torch.empty(1, triton.cdiv(Sq, 2), device=DEV)
+            br._token_threshold_kernel[(triton.cdiv(Sq, 2), 1)](
+                gate, q_block, block_size, rs, tokens, tokens, Sq, NB, triton.cdiv(Sq, 2), 0, threshold,
+                ROWS=2, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=False, EARLY_EXIT=early, num_warps=1)
+            out[early] = rs
+        assert torch.equal(out[True], out[False]), threshold
+        sel = rr.row_select_to_selection(out[True], NB)[0, 0]
+        assert sel[torch.arange(Sq), q_block.long()].all()  # own block always
+        if threshold == 2.0:
+            assert sel.all()

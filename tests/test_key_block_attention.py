@@ -1,18 +1,21 @@
 """mixdit.kernels.key_block_attention vs the naive reference (CPU via TRITON_INTERPRET, and CUDA)."""
 
+import importlib
+
 import pytest
 import torch
 
 from mixdit.attention.vmoba import get_partition
-from mixdit.kernels.key_block_attention import _chunks, key_block_attention, key_block_plan
+from mixdit.kernels.key_block_attention import (_chunks, hybrid_block_attention, key_block_attention, key_block_plan,
+                                                split_by_tile_fill)
 from mixdit.kernels.reference import block_sparse_attention_reference, dense_layout
 from mixdit.kernels.router_reference import row_select_to_selection, selection_to_row_select
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    import importlib
-    monkeypatch.setattr(importlib.import_module("mixdit.kernels.key_block_attention"), "_POISON_OUTPUTS", True)
+    for name in ("key_block_attention", "block_sparse_attention"):
+        monkeypatch.setattr(importlib.import_module(f"mixdit.kernels.{name}"), "_POISON_OUTPUTS", True)
 
 
 def _random_selection(B, H, part, density, device, gen):
@@ -27,6 +30,7 @@ def _random_selection(B, H, part, density, device, gen):
     ("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 32, 32, 32, torch.bfloat16, 0.3),  # partial blocks on every axis
     ("spatial", (4, 6, 6), (4, 3, 4), 32, 64, 32, 64, torch.float16, 0.4),  # NB = 6, 48-token blocks
     ("temporal", (5, 4, 6), (2, 4, 6), 32, 16, 64, 16, torch.bfloat16, 0.5),  # block_n > kv_tile
+    ("spatiotemporal", (6, 6, 8), (1, 2, 2), 16, 32, 16, 32, torch.bfloat16, 0.2),  # NB = 72: 3 words, not 2^n
 ])
 def test_matches_reference(assert_close, device, layer, grid, block, kv_tile, block_m, block_n, D, dtype, density):
     gen = torch.Generator().manual_seed(D)
@@ -80,3 +84,66 @@ def test_plan_counts_pairs(device):
     assert torch.equal(list_len.long(), bits.sum(-2).flatten(0, 1))
     assert pairs == bits.sum((-1, -2)).flatten().tolist()
     assert _chunks([5, 5, 5], 10) == [(0, 2), (2, 1)] and _chunks([12, 1], 10) == [(0, 1), (1, 1)]
+
+
+def _reference_pair(q, k, v, rs, part, scale, device):
+    """(same-dtype, fp32) masked-dense references of attention over the row-selected blocks."""
+    B, S, H, _ = q.shape
+    layout = dense_layout(B, H, S, k.shape[1], 64, part.kv_tile, device=device)
+    extra = dict(kv_tile_len=part.kv_tile_len, row_select=rs, kv_tile_group=part.kv_tile_group)
+    ref32 = block_sparse_attention_reference(q.float(), k.float(), v.float(), *layout, q_tile=64,
+                                             kv_tile=part.kv_tile, scale=scale, **extra)
+    same = block_sparse_attention_reference(q, k, v, *layout, q_tile=64, kv_tile=part.kv_tile, scale=scale,
+                                            upcast=False, **extra)
+    return same, ref32
+
+
+def test_split_by_tile_fill(device):
+    """The dense set of a (query tile, block) is the blocks at least min_fill of the tile's rows selected; the two
+    masks partition every row's bits (72 blocks: 3 words; a last tile of 32 rows)."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, S, NB, q_tile, min_fill = 2, 3, 160, 72, 64, 0.3
+    sel = torch.rand(B, H, S, NB, generator=gen) < torch.rand(B, H, 1, NB, generator=gen)  # per-block rates
+    rs = selection_to_row_select(sel).to(device)
+    dense, sparse, union = split_by_tile_fill(rs, NB, q_tile, min_fill)
+    n_qt = -(-S // q_tile)
+    rows = torch.tensor([min(q_tile, S - t * q_tile) for t in range(n_qt)], dtype=torch.float32)
+    cnt = torch.stack([sel[:, :, t * q_tile:(t + 1) * q_tile].sum(2) for t in range(n_qt)], 2).float()
+    want = (cnt > 0) & (cnt >= min_fill * rows[:, None])
+    assert torch.equal(union.cpu(), want)
+    assert 0 < int(want.sum()) < want.numel()  # both kinds occur
+    tile_of_row = torch.arange(S) // q_tile
+    dense_bits = sel & want[:, :, tile_of_row]
+    assert torch.equal(row_select_to_selection(dense.cpu(), NB), dense_bits)
+    assert torch.equal(row_select_to_selection(sparse.cpu(), NB), sel & ~dense_bits)
+    assert torch.equal(dense.cpu() | sparse.cpu(), rs.cpu()) and not (dense.cpu() & sparse.cpu()).any()
+
+
+@pytest.mark.parametrize("min_fill", [0.0, 0.35, 1.01])  # all pairs to query tiles / mixed / all to key blocks
+@pytest.mark.parametrize("layer,grid,block,kv_tile,D,dtype,density", [
+    ("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 32, torch.bfloat16, 0.3),
+    ("spatiotemporal", (6, 6, 8), (1, 2, 2), 16, 16, torch.float16, 0.25),  # 72 blocks
+])
+def test_hybrid_matches_reference(assert_close, device, min_fill, layer, grid, block, kv_tile, D, dtype, density):
+    gen = torch.Generator().manual_seed(int(min_fill * 100) + D)
+    B, H = 2, 2
+    part = get_partition(grid, layer, block, kv_tile, device)
+    S = part.q_block.numel()
+    x = [torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(3)]
+    q = x[0][:, part.q_perm]
+    k, v = (t[:, part.kv_perm].contiguous() for t in x[1:])
+    rs = _random_selection(B, H, part, density, device, gen)
+    out, lse, work = hybrid_block_attention(
+        q, k, v, rs, block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
+        kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, kv_tile=kv_tile, scale=0.3, q_tile=32,
+        min_fill=min_fill, return_work=True, block_m=16)
+    same, ref32 = _reference_pair(q, k, v, rs, part, 0.3, device)
+    assert_close("out", out, same[0], ref32[0])
+    assert_close("lse", lse, same[1], ref32[1])
+    _, key_work = key_block_attention(q, k, v, rs, block_tile_start=part.block_tile_start,
+                                      block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len,
+                                      kv_tile=kv_tile, return_work=True)[1:]
+    if min_fill > 1:  # nothing dense: the key-block kernel's own work
+        assert abs(float(work) - float(key_work)) < 1e-6
+    else:  # whole tiles of the dense blocks: at least the selected keys' tiles
+        assert float(work) >= float(key_work) - 1e-6

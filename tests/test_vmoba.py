@@ -175,16 +175,18 @@ def test_sparse_with_text_equals_masked_dense(text_position, text_len, selection
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
-    """The exact rule through every kernel path gives the masked-dense result: key_blocks, query_tiles with the
-    queries sorted by selection (layers of <= 32 blocks, what "auto" picks there) and in block order; a call that
-    needs gradients takes the query tiles (key_blocks has no backward) and its gradients match the reference's."""
+    """The exact rule through every kernel path gives the masked-dense result: key_blocks, hybrid, query_tiles with
+    the queries sorted by selection (layers of <= 32 blocks, what "auto" picks there) and in block order; a call
+    that needs gradients takes the query tiles (key_blocks / hybrid have no backward) and its gradients match the
+    reference's."""
     import mixdit.attention.vmoba as vm
 
     grid = (5, 5, 7)  # SMALL blocks: 3 / 9 / 27 per layer type, all <= 32
     q, k, v = _qkv(2, 175, 2, 32, seed=4)
     mask, _ = _vmoba_mask(q, k, grid, layer, VMoBAConfig(**SMALL), 0, "none")
     outs, work = {}, {}
-    for kernel, max_sorted in (("key_blocks", 32), ("query_tiles", 32), ("auto", 32), ("query_tiles", 0)):
+    for kernel, max_sorted in (("key_blocks", 32), ("hybrid", 32), ("query_tiles", 32), ("auto", 32),
+                               ("query_tiles", 0)):
         monkeypatch.setattr(vm, "SORTED_QUERY_MAX_BLOCKS", max_sorted)
         stats = VMoBAStats()
         out = vmoba_attention(q, k, v, grid=grid, layer_index=layer, config=VMoBAConfig(exact_kernel=kernel, **SMALL),
@@ -202,8 +204,9 @@ def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
     calls = []
     monkeypatch.setattr(vm, "_key_block_call", lambda *a, **kw: calls.append(1))
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = vmoba_attention(*leaves, grid=grid, layer_index=layer, config=VMoBAConfig(exact_kernel="key_blocks", **SMALL))
-    assert not calls and torch.equal(out.detach(), outs["query_tiles", 32])
+    for kernel in ("hybrid", "key_blocks"):
+        out = vmoba_attention(*leaves, grid=grid, layer_index=layer, config=VMoBAConfig(exact_kernel=kernel, **SMALL))
+        assert not calls and torch.equal(out.detach(), outs["query_tiles", 32])
     g_out = torch.randn_like(out)
     out.backward(g_out)
 
@@ -218,7 +221,7 @@ def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
 
 
 def test_attention_path_rule(monkeypatch):
-    """The one dispatch rule: "auto" sorts the queries in layers of few blocks and takes key blocks in the others;
+    """The one dispatch rule: "auto" sorts the queries in layers of few blocks and takes the hybrid in the others;
     gradients, a CPU tensor the kernels don't take, "query_tiles" and the approximations never get key blocks."""
     import mixdit.attention.vmoba as vm
 
@@ -228,12 +231,16 @@ def test_attention_path_rule(monkeypatch):
     monkeypatch.setattr(vm, "SORTED_QUERY_MAX_BLOCKS", 8)
     path = vm.attention_path
     assert path(VMoBAConfig(**SMALL), few, q, k, v) == "sorted_query_tiles"
-    assert path(VMoBAConfig(**SMALL), many, q, k, v) == "key_blocks"
+    assert path(VMoBAConfig(**SMALL), many, q, k, v) == "hybrid"
     assert path(VMoBAConfig(exact_kernel="key_blocks", **SMALL), few, q, k, v) == "key_blocks"
+    assert path(VMoBAConfig(exact_kernel="key_blocks", **SMALL), many, q, k, v) == "key_blocks"
+    assert path(VMoBAConfig(exact_kernel="hybrid", **SMALL), few, q, k, v) == "hybrid"
     assert path(VMoBAConfig(exact_kernel="query_tiles", **SMALL), many, q, k, v) == "query_tiles"
     assert path(VMoBAConfig(exact_kernel="query_tiles", **SMALL), few, q, k, v) == "sorted_query_tiles"
     assert path(VMoBAConfig(**SMALL), many, q.clone().requires_grad_(True), k, v) == "query_tiles"
-    assert path(VMoBAConfig(**SMALL), many, q.float(), k.float(), v.float()) == ("key_blocks" if DEV == "cuda"
+    assert path(VMoBAConfig(exact_kernel="hybrid", **SMALL), few, q.clone().requires_grad_(True), k, v) == \
+        "sorted_query_tiles"
+    assert path(VMoBAConfig(**SMALL), many, q.float(), k.float(), v.float()) == ("hybrid" if DEV == "cuda"
                                                                                  else "query_tiles")
     for approx in (dict(granularity="query_tile"), dict(tile_union_only=True)):
         assert path(VMoBAConfig(**approx, **SMALL), few, q, k, v) == "query_tiles"
