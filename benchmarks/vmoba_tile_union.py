@@ -17,8 +17,9 @@ queries by their selection, so that queries with the same blocks share tiles:
   that queries close in q-space or in their selected sets share tiles (session 10).
 
 Prints, per layer type: the exact token density (selected keys / all keys, the FLOP floor), the tile density of
-each order and the ratio to the floor; and, for the key-block-major kernel, what merging 2 or 4 neighbouring blocks
-into one masked key set would do to its pairs (partial-output bytes) and computed keys (:func:`pair_grouping`). Inputs: ``smooth`` q/k as in ``vmoba_attention.py`` (low-frequency fields
+each order and the ratio to the floor; for the key-block-major kernel, what merging 2 or 4 neighbouring blocks
+into one masked key set would do to its pairs (partial-output bytes) and computed keys (:func:`pair_grouping`); and
+how the hybrid kernel would split the pairs at several fills (:func:`hybrid_split`, session 11). Inputs: ``smooth`` q/k as in ``vmoba_attention.py`` (low-frequency fields
 over the grid plus noise) and i.i.d. ``random`` ones; with ``--model``, also the q/k a random-weight Wan2.1-1.3B
 computes in layers 1-3 from smooth latents, as ``benchmarks/vmoba.py`` captures them (a 4-layer stack run on the
 CPU in fp32: a few minutes). Those are far more structured than the synthetic fields (block-order unions ~0.5, not
@@ -66,6 +67,31 @@ def pair_grouping(sel: torch.Tensor, block_size: torch.Tensor, group: int) -> tu
     pairs = float(hit.double().sum() / sel.double().sum())
     keys = float((hit.double() * size_p.sum(-1)).sum() / (sel.double() * block_size.double()).sum())
     return pairs, keys
+
+
+HYBRID_FILLS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+
+
+def hybrid_split(sel: torch.Tensor, block_size: torch.Tensor, q_tile: int, fills=HYBRID_FILLS) -> dict:
+    """For ``exact_kernel="hybrid"`` (``kernels/key_block_attention.py``): per (query tile, block) pair in block
+    order, the block goes to the query-tile kernel when at least ``fill`` of the tile's rows selected it. Per fill:
+    the share of the selected (query, block) pairs that go there (partials saved), the keys its whole tiles compute
+    and the keys the key-block kernel still computes, both relative to the exact selection's (the FLOP floor)."""
+    H, S, NB = sel.shape
+    n_qt = -(-S // q_tile)
+    pad = n_qt * q_tile - S
+    cnt = torch.nn.functional.pad(sel, (0, 0, 0, pad)).view(H, n_qt, q_tile, NB).sum(2).float()
+    rows = torch.full((n_qt,), float(q_tile))
+    rows[-1] = q_tile - pad
+    bs = block_size.float().cpu()
+    pairs, floor = cnt.sum(), (cnt * bs).sum()
+    out = {}
+    for fill in fills:
+        dense = (cnt > 0) & (cnt >= fill * rows[None, :, None])
+        out[fill] = dict(pairs_to_query_tiles=float((cnt * dense).sum() / pairs),
+                         query_tile_keys=float((dense * rows[None, :, None] * bs).sum() / floor),
+                         key_block_keys=float((cnt * ~dense * bs).sum() / floor))
+    return out
 
 
 def lexicographic_order(sel: torch.Tensor) -> torch.Tensor:
@@ -171,15 +197,19 @@ def main(argv=None):
             word_order = selection_word_order(rr.selection_to_row_select(sel[None]))[0]
             dens["sorted by selection word"] = tile_density(sel, word_order, part.kv_tile_group, cfg.q_tile)
         grouping = {g: pair_grouping(sel, part.block_size, g) for g in (2, 4)}
+        hybrid = hybrid_split(sel, part.block_size, cfg.q_tile)
         row = dict(input=kind, layer_type=layer_type, grid=list(grid), heads=H, blocks=part.num_blocks,
                    token_density=token_density, tile_density=dens,
                    key_block_grouping={g: dict(pairs=p, computed_keys=c) for g, (p, c) in grouping.items()},
-                   seconds=time.time() - t0)
+                   hybrid_split={str(f): h for f, h in hybrid.items()}, seconds=time.time() - t0)
         rows.append(row)
         print(f"{kind:6s} {layer_type:14s} blocks {part.num_blocks:4d}  token density {token_density:.3f}  " +
               "  ".join(f"{name}: tiles {d:.3f} ({d / token_density:.2f}x the floor)" for name, d in dens.items()) +
               "  | key blocks merged by " + "  ".join(f"{g}: pairs {p:.2f}x, keys {c:.2f}x" for g, (p, c) in grouping.items()),
               flush=True)
+        print("   hybrid split (fill: pairs to query tiles / their keys / key-block keys, x the floor): " + "  ".join(
+            f"{f}: {h['pairs_to_query_tiles']:.3f} / {h['query_tile_keys']:.2f} / {h['key_block_keys']:.2f}"
+            for f, h in hybrid.items()), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(rows=rows, threshold=cfg.threshold, q_tile=cfg.q_tile), f, indent=1)

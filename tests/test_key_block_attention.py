@@ -26,6 +26,29 @@ def _random_selection(B, H, part, density, device, gen):
     return selection_to_row_select(sel).to(device)
 
 
+def _layer_inputs(layer, grid, block, kv_tile, B, H, D, dtype, density, device, seed):
+    """A partition, fresh random q (block order) / k / v (padded block layout) and a random row selection."""
+    gen = torch.Generator().manual_seed(seed)
+    part = get_partition(grid, layer, block, kv_tile, device)
+    S = part.q_block.numel()
+    x = [torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(3)]
+    q = x[0][:, part.q_perm]
+    k, v = (t[:, part.kv_perm].contiguous() for t in x[1:])
+    return part, q, k, v, _random_selection(B, H, part, density, device, gen)
+
+
+def _reference_pair(q, k, v, rs, part, scale, device):
+    """(same-dtype, fp32) masked-dense references of attention over the row-selected blocks."""
+    B, S, H, _ = q.shape
+    layout = dense_layout(B, H, S, k.shape[1], 64, part.kv_tile, device=device)
+    extra = dict(kv_tile_len=part.kv_tile_len, row_select=rs, kv_tile_group=part.kv_tile_group)
+    ref32 = block_sparse_attention_reference(q.float(), k.float(), v.float(), *layout, q_tile=64,
+                                             kv_tile=part.kv_tile, scale=scale, **extra)
+    same = block_sparse_attention_reference(q, k, v, *layout, q_tile=64, kv_tile=part.kv_tile, scale=scale,
+                                            upcast=False, **extra)
+    return same, ref32
+
+
 @pytest.mark.parametrize("layer,grid,block,kv_tile,block_m,block_n,D,dtype,density", [
     ("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 32, 32, 32, torch.bfloat16, 0.3),  # partial blocks on every axis
     ("spatial", (4, 6, 6), (4, 3, 4), 32, 64, 32, 64, torch.float16, 0.4),  # NB = 6, 48-token blocks
@@ -33,24 +56,11 @@ def _random_selection(B, H, part, density, device, gen):
     ("spatiotemporal", (6, 6, 8), (1, 2, 2), 16, 32, 16, 32, torch.bfloat16, 0.2),  # NB = 72: 3 words, not 2^n
 ])
 def test_matches_reference(assert_close, device, layer, grid, block, kv_tile, block_m, block_n, D, dtype, density):
-    gen = torch.Generator().manual_seed(D)
-    B, H = 2, 3
-    part = get_partition(grid, layer, block, kv_tile, device)
-    S = part.q_block.numel()
-    x = [torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(3)]
-    q = x[0][:, part.q_perm]
-    k, v = (t[:, part.kv_perm].contiguous() for t in x[1:])
-    rs = _random_selection(B, H, part, density, device, gen)
-    scale = 0.3
+    part, q, k, v, rs = _layer_inputs(layer, grid, block, kv_tile, 2, 3, D, dtype, density, device, seed=D)
     out, lse = key_block_attention(q, k, v, rs, block_tile_start=part.block_tile_start,
                                    block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len,
-                                   kv_tile=kv_tile, scale=scale, block_m=block_m, block_n=block_n)
-    layout = dense_layout(B, H, S, k.shape[1], 64, kv_tile, device=device)
-    extra = dict(kv_tile_len=part.kv_tile_len, row_select=rs, kv_tile_group=part.kv_tile_group)
-    ref32 = block_sparse_attention_reference(q.float(), k.float(), v.float(), *layout, q_tile=64, kv_tile=kv_tile,
-                                             scale=scale, **extra)
-    same = block_sparse_attention_reference(q, k, v, *layout, q_tile=64, kv_tile=kv_tile, scale=scale,
-                                            upcast=False, **extra)
+                                   kv_tile=kv_tile, scale=0.3, block_m=block_m, block_n=block_n)
+    same, ref32 = _reference_pair(q, k, v, rs, part, 0.3, device)
     assert_close("out", out, same[0], ref32[0])
     assert_close("lse", lse, same[1], ref32[1])
 
@@ -86,18 +96,6 @@ def test_plan_counts_pairs(device):
     assert _chunks([5, 5, 5], 10) == [(0, 2), (2, 1)] and _chunks([12, 1], 10) == [(0, 1), (1, 1)]
 
 
-def _reference_pair(q, k, v, rs, part, scale, device):
-    """(same-dtype, fp32) masked-dense references of attention over the row-selected blocks."""
-    B, S, H, _ = q.shape
-    layout = dense_layout(B, H, S, k.shape[1], 64, part.kv_tile, device=device)
-    extra = dict(kv_tile_len=part.kv_tile_len, row_select=rs, kv_tile_group=part.kv_tile_group)
-    ref32 = block_sparse_attention_reference(q.float(), k.float(), v.float(), *layout, q_tile=64,
-                                             kv_tile=part.kv_tile, scale=scale, **extra)
-    same = block_sparse_attention_reference(q, k, v, *layout, q_tile=64, kv_tile=part.kv_tile, scale=scale,
-                                            upcast=False, **extra)
-    return same, ref32
-
-
 def test_split_by_tile_fill(device):
     """The dense set of a (query tile, block) is the blocks at least min_fill of the tile's rows selected; the two
     masks partition every row's bits (72 blocks: 3 words; a last tile of 32 rows)."""
@@ -125,14 +123,8 @@ def test_split_by_tile_fill(device):
     ("spatiotemporal", (6, 6, 8), (1, 2, 2), 16, 16, torch.float16, 0.25),  # 72 blocks
 ])
 def test_hybrid_matches_reference(assert_close, device, min_fill, layer, grid, block, kv_tile, D, dtype, density):
-    gen = torch.Generator().manual_seed(int(min_fill * 100) + D)
-    B, H = 2, 2
-    part = get_partition(grid, layer, block, kv_tile, device)
-    S = part.q_block.numel()
-    x = [torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(3)]
-    q = x[0][:, part.q_perm]
-    k, v = (t[:, part.kv_perm].contiguous() for t in x[1:])
-    rs = _random_selection(B, H, part, density, device, gen)
+    part, q, k, v, rs = _layer_inputs(layer, grid, block, kv_tile, 2, 2, D, dtype, density, device,
+                                      seed=int(min_fill * 100) + D)
     out, lse, work = hybrid_block_attention(
         q, k, v, rs, block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
         kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, kv_tile=kv_tile, scale=0.3, q_tile=32,
