@@ -15,11 +15,13 @@ Kernels
 1. ``_block_means_kernel``: fp32 mean of the real keys of each (sample, head, block), stored
    transposed ``[B*H, D_PAD, NB_PAD]`` (zeros in the padding).
 2. Threshold rule (the default), ``_token_threshold_kernel``: the fp32 gate ``q . mean`` of every (row, block)
-   comes from ``_token_gate_kernel`` (chunks of (sample, head), ``[rows, NB]`` fp32 from TF32 tensor-core products
-   at about fp32 accuracy; an fp32 cuBLAS batched matmul took 1.3 ms of a 3D layer's 3.1 ms router); one
+   comes from ``_token_gate_kernel`` (chunks of (sample, head), ``[rows, NB]`` fp32 from exact tensor-core products
+   of q with the means split into bf16 / TF32 parts, about fp32 accuracy; the fp32 cuBLAS batched matmul it
+   replaced took 1.3 ms of a 3D layer's 3.1 ms router); one
    warp per program applies the rule to a few rows: min-max normalise over the blocks, ``remain = max(tau -
    own/(sum+eps), 0)``, then the reference's cut value found bit by bit on the fp32 patterns of the others'
-   normalised gates (30 masked row sums, no sort; ties with the cut all taken). On one warp a row's reductions
+   normalised gates (up to 30 masked row sums, no sort; ties with the cut all taken; the search stops once the
+   remaining bits cannot change the selection). On one warp a row's reductions
    are shuffles; the earlier on-chip version (gate by ``tl.dot``, 26 float bisection steps on ``[16, 512]``
    tiles over 8 warps, reductions through shared memory) took 3.9 / 8.1 ms per 2D / 3D layer at Wan-1.3B.
 3. ``_route_kernel`` (top-k and global): for a tile of ``BLOCK_M`` query rows of one (sample, head) it computes
@@ -625,7 +627,7 @@ def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
                        MODE: tl.constexpr, TOPK: tl.constexpr, NB_PAD: tl.constexpr, TM: tl.constexpr,
                        Q_TILE: tl.constexpr, GRP_PAD: tl.constexpr, NCAND: tl.constexpr, DIGIT: tl.constexpr,
                        REC: tl.constexpr):
-    # GATE [B*H, n_qt, NB_PAD] fp32: mean query . block key means (one batched matmul before this launch)
+    # GATE [B*H, n_qt, NB_PAD] fp32: mean query . block key means (token_gate, before this launch)
     grp = tl.program_id(0)
     bh = tl.program_id(1)
     tiles = grp * TM + tl.arange(0, TM)
