@@ -39,7 +39,7 @@ Kernels
 
 4. ``_tile_query_means_kernel`` + ``_tile_route_kernel`` (:func:`route_query_tiles_fused`): VMoBA's
    approximate ``granularity="query_tile"`` router, one selection per (sample, head, query tile) from
-   the tile's mean query. The gate ``[B*H, query tiles, NB_PAD]`` comes from ``_token_gate_kernel`` (3xTF32); the route
+   the tile's mean query. The gate ``[B*H, query tiles, NB_PAD]`` is one fp32 ``torch.bmm``; the route
    kernel takes up to 16 tiles per program (:func:`_tile_route_shape`) and applies the rule on chip
    (threshold: the reference's cut value found exactly, bit by bit on the fp32 patterns of the
    normalised gates; top-k: iterated arg-max), then writes the visited part of ``kv_index`` directly
@@ -51,6 +51,7 @@ Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependen
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -341,6 +342,18 @@ def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int,
     return gate
 
 
+@contextlib.contextmanager
+def _fp32_matmul():
+    """The gates are fp32 matmuls as in the reference, also where a caller allowed TF32 globally (benchmarks do,
+    for the model's own layers)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _threshold_rows(nb_pad: int) -> int:
     """Rows per one-warp program of _token_threshold_kernel. Measured (H200, Wan-1.3B, router ms at 1 / 2 / 4 / 8
     rows): 1D (32 padded blocks) 1.06 / 1.04 / 1.15 / 1.38 (32 rows: 2.99), 2D 1.68 / 1.93 / 3.25 / 2.60, 3D 3.63 /
@@ -535,7 +548,7 @@ def _global_cut(launch, BH: int, n_rt: int, threshold: float, dev):
 # ----------------------------------------------------------------------------------------------
 # query-tile router (VMoBA granularity="query_tile"): one selection per (sample, head, query tile)
 # ----------------------------------------------------------------------------------------------
-# Modes of ``_tile_route_kernel`` (the gate comes from token_gate before it). THRESHOLD / TOPK: one launch
+# Modes of ``_tile_route_kernel`` (the gate comes from one bmm before it). THRESHOLD / TOPK: one launch
 # does rule and layout. The global rule needs per-(sample, head) reductions over all (tile, block)
 # pairs, so it runs as GATE (partial min/max of the gate), TILE_GLOBAL_PASSES x PASS (partial sums at candidate
 # cuts) and SELECT (rule + layout); every launch re-derives the head's state from the stored
@@ -718,12 +731,12 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     unwritten, as the layout contract allows (the kernels never read them).
 
     CUDA kernels per call (threshold / top-k: 6): the zero fill and kernel of
-    :func:`block_key_means`, tile mean queries, the gate (:func:`token_gate`), one route kernel (global: a
+    :func:`block_key_means`, tile mean queries, the gate's ``bmm``, one route kernel (global: a
     min/max launch, ``TILE_GLOBAL_PASSES`` search launches and a select launch instead, 13 in all),
     one ``sum`` for the statistics.
 
-    The gate (mean query . block key means, [B*H, query tiles, blocks]) is its own kernel (:func:`token_gate`,
-    3xTF32, about the reference's fp32 ``einsum``): inside the route kernel it cost more than the rule.
+    The gate (mean query . block key means, [B*H, query tiles, blocks]) is one fp32 batched matmul
+    (``torch.bmm``, like the reference's ``einsum``): on chip it cost the route kernel more than the rule.
 
     Ties (scores are fp32): threshold / global take every other block (pair) equal to the cut
     value, like the reference's ``flat >= cut_value``; top-k keeps the lower block index among
@@ -749,8 +762,8 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     _tile_query_means_kernel[(BH, n_qt)](
         q, qmean, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, n_qt,
         D=D, D_PAD=D_PAD, Q_TILE=q_tile, ROWS=min(q_tile, max(16, 8192 // D_PAD)), num_warps=4)
-    # [B*H, n_qt, NB_PAD] (zero past the real blocks): the tile means as one sample of B*H "heads"
-    gate = token_gate(qmean.transpose(0, 1).unsqueeze(0), means_t, NB_PAD, 0, BH)
+    with _fp32_matmul():
+        gate = torch.bmm(qmean, means_t)  # [B*H, n_qt, NB_PAD]; zero past the real blocks
 
     kv_count = torch.empty(B, H, n_qt, device=dev, dtype=torch.int32)
     kv_index = torch.empty(B, H, n_qt, n_kt, device=dev, dtype=torch.int32)
