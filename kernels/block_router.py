@@ -344,8 +344,8 @@ def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int,
 
 @contextlib.contextmanager
 def _fp32_matmul():
-    """The gates are fp32 matmuls as in the reference, also where a caller allowed TF32 globally (benchmarks do,
-    for the model's own layers)."""
+    """The query-tile gate is an fp32 matmul as in the reference, also where a caller allowed TF32 globally
+    (benchmarks do, for the model's own layers). Flips a process-wide flag: not thread-safe."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -640,7 +640,7 @@ def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
                        MODE: tl.constexpr, TOPK: tl.constexpr, NB_PAD: tl.constexpr, TM: tl.constexpr,
                        Q_TILE: tl.constexpr, GRP_PAD: tl.constexpr, NCAND: tl.constexpr, DIGIT: tl.constexpr,
                        REC: tl.constexpr):
-    # GATE [B*H, n_qt, NB_PAD] fp32: mean query . block key means (token_gate, before this launch)
+    # GATE [B*H, n_qt, NB_PAD] fp32: mean query . block key means (one batched matmul before this launch)
     grp = tl.program_id(0)
     bh = tl.program_id(1)
     tiles = grp * TM + tl.arange(0, TM)
@@ -736,7 +736,9 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     one ``sum`` for the statistics.
 
     The gate (mean query . block key means, [B*H, query tiles, blocks]) is one fp32 batched matmul
-    (``torch.bmm``, like the reference's ``einsum``): on chip it cost the route kernel more than the rule.
+    (``torch.bmm``, like the reference's ``einsum``): on chip it cost the route kernel more than the rule, and
+    :func:`token_gate` (the per-token rule's gate) made this router ~2x slower at Wan-1.3B (its launch walks the
+    blocks per 128-row tile: 24 programs for 256 tile means x 12 heads; session 11).
 
     Ties (scores are fp32): threshold / global take every other block (pair) equal to the cut
     value, like the reference's ``flat >= cut_value``; top-k keeps the lower block index among
