@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from mixdit.attention.vmoba_config import (  # noqa: F401  (re-exported: the settings live there, torch-free)
-    GRANULARITIES, HYBRID_MIN_FILL, LAYER_TYPES, SELECTIONS, SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, layer_type_for, vmoba_dense_reason,
-    vmoba_fallback_reason, vmoba_should_run_dense,
+    GRANULARITIES, HYBRID_MIN_FILL, LAYER_TYPES, SELECTIONS, SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, layer_type_for,
+    vmoba_dense_reason, vmoba_fallback_reason, vmoba_should_run_dense,
 )
 from mixdit.config import check_choice
 from mixdit.errors import ConfigError
@@ -296,11 +296,12 @@ def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, config: VMoBAC
     kw = dict(block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
               kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale, return_work=True,
               out_dtype=torch.float32 if fp32_out else None)
+    inputs = _kernel_inputs(qb, kb, vb)
     if hybrid:
-        out, lse, work = hybrid_block_attention(*_kernel_inputs(qb, kb, vb), row_select, kv_tile_group=part.kv_tile_group,
+        out, lse, work = hybrid_block_attention(*inputs, row_select, kv_tile_group=part.kv_tile_group,
                                                 q_tile=config.q_tile, min_fill=HYBRID_MIN_FILL, **kw)
     else:
-        out, lse, work = key_block_attention(*_kernel_inputs(qb, kb, vb), row_select, **kw)
+        out, lse, work = key_block_attention(*inputs, row_select, **kw)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from mixdit.api import Feature, register_feature
-from mixdit.attention.vmoba import VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention, vmoba_dense_reason
-from mixdit.attention.vmoba_config import vmoba_fallback_reason
+from mixdit.attention.vmoba import (VMoBAConfig, VMoBAStats, layer_type_for, vmoba_attention, vmoba_dense_reason,
+                                    vmoba_fallback_reason)
 
 RECHECK_EVERY = 50  # calls between two measurements of a layer (~once per 50-step generation)
 

@@ -57,6 +57,17 @@ def model_inputs(grid_latent, device, seed=0):
                 return_dict=False)
 
 
+def wan13b_layer_qkv(layers, device, dtype) -> dict:
+    """{layer: (q, k, v)} ([1, S, H, D]) of a random-weight Wan2.1-1.3B's self-attention at 480p / 81 frames from
+    smooth latents, running only the first max(layers) + 1 blocks (the per-kernel studies' realistic inputs)."""
+    from mixdit.pipelines.random_models import random_transformer
+
+    model = random_transformer("wan2.1-1.3b", device=device, dtype=dtype, num_layers=max(layers) + 1).eval()
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.dtype == torch.bfloat16 else v  # latents, text states
+              for k, v in model_inputs((21, 60, 104), device).items()}
+    return capture_qkv(model, inputs, set(layers))
+
+
 def capture_qkv(model, inputs, layers):
     """q, k, v ([B, S, H, D]) of the self-attention of ``layers``, as the real model computes them."""
     import mixdit

@@ -192,7 +192,7 @@ HYBRID_FILLS = (0.125, 0.25, 0.375, 0.5, 0.625)
 
 def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True,
                      source: str = "smooth", kv_tile_3d: int | None = None) -> dict:
-    """The exact rule's two kernels on smooth q/k, per layer type: router (per-token, no query-tile layout),
+    """The exact rule's kernels on smooth q/k (or the model's, ``source="model"``), per layer type: router (per-token, no query-tile layout),
     key-block attention (default launch and, with ``variants``, ``KEY_BLOCK_VARIANTS``), its kernels' GPU time
     (profiler), the query-tile kernel on the same selection (router with layout + kernel; where the default
     ``exact_kernel="auto"`` sorts the queries by selection, that path too: sort, gathers, layout, kernel)
@@ -223,13 +223,7 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
         router_ms = _bench(lambda: route(qb, kb, part, cfg, tile_layout=False))
         out_kb, _, work = key_block_attention(qb, kb, vb, r0.row_select, return_work=True, **kw)
         kb_ms = _bench(lambda: key_block_attention(qb, kb, vb, r0.row_select, **kw))
-        prof = {}
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as pr:
-            key_block_attention(qb, kb, vb, r0.row_select, **kw)
-            torch.cuda.synchronize()
-        for e in pr.key_averages():  # GPU time per kernel (CPU-side ops report 0)
-            if e.device_time_total:
-                prof[e.key[:60]] = round(e.device_time_total / 1e3, 3)
+        prof = _gpu_ms_per_kernel(lambda: key_block_attention(qb, kb, vb, r0.row_select, **kw))
         var = {}
         if variants:
             for bm, bn, nw, ns in KEY_BLOCK_VARIANTS:
@@ -245,14 +239,9 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
             hyb[fill] = dict(ms=_bench(lambda: hybrid_block_attention(qb, kb, vb, r0.row_select, **hkw)),
                              work=float(work_h), max_abs_diff=(out_h.float() - out_kb.float()).abs().max().item())
             del out_h
-        hyb_prof = {}
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as pr:
-            hybrid_block_attention(qb, kb, vb, r0.row_select, kv_tile_group=part.kv_tile_group, q_tile=cfg.q_tile,
-                                   min_fill=HYBRID_MIN_FILL, **kw)
-            torch.cuda.synchronize()
-        for e in pr.key_averages():
-            if e.device_time_total:
-                hyb_prof[e.key[:60]] = round(e.device_time_total / 1e3, 3)
+        hyb_prof = _gpu_ms_per_kernel(lambda: hybrid_block_attention(
+            qb, kb, vb, r0.row_select, kv_tile_group=part.kv_tile_group, q_tile=cfg.q_tile, min_fill=HYBRID_MIN_FILL,
+            **kw))
         router_layout_ms = _bench(lambda: route(qb, kb, part, cfg))
 
         def qt():
@@ -295,6 +284,14 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
     return _write_result(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                               triton=__import__("triton").__version__, rows=rows),
                          f"vmoba-key-blocks{'-model' if source == 'model' else ''}-{gpu}.json")
+
+
+def _gpu_ms_per_kernel(fn) -> dict:
+    """GPU ms of each kernel one call of ``fn`` launches (torch profiler; CPU-side ops report 0 and are left out)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as pr:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(e.device_time_total / 1e3, 3) for e in pr.key_averages() if e.device_time_total}
 
 
 def _count_kernels(fn) -> int:
@@ -418,16 +415,12 @@ def _model_layers(layer_types, cfg):
     import sys
 
     from mixdit.attention.vmoba import _gather_tokens, partition_for_layer, route
-    from mixdit.pipelines.random_models import random_transformer
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from vmoba import capture_qkv, model_inputs
+    from vmoba import wan13b_layer_qkv
 
     layers = {t: LAYER_OF_TYPE[t] for t in layer_types}
-    model = random_transformer("wan2.1-1.3b", device="cuda", dtype=torch.bfloat16,
-                               num_layers=max(layers.values()) + 1).eval()
-    store = capture_qkv(model, model_inputs((21, 60, 104), "cuda"), set(layers.values()))
-    del model
+    store = wan13b_layer_qkv(set(layers.values()), "cuda", torch.bfloat16)
     torch.cuda.empty_cache()
     grid = (21, 30, 52)
     for layer_type, layer in layers.items():

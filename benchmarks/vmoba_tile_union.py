@@ -136,14 +136,10 @@ def pca_tree_order(x: torch.Tensor, leaf: int, power_steps: int = 8) -> torch.Te
 def model_qk(layers=(1, 2, 3)):
     """{layer: (q, k)} ([1, S, H, D], fp32) of a random-weight Wan2.1-1.3B's self-attention at 480p / 81 frames,
     from smooth latents (the first max(layers) + 1 blocks only, on the CPU)."""
-    from mixdit.pipelines.random_models import random_transformer
-    from vmoba import capture_qkv, model_inputs
+    from vmoba import wan13b_layer_qkv
 
-    model = random_transformer("wan2.1-1.3b", device="cpu", dtype=torch.float32, num_layers=max(layers) + 1).eval()
-    inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in model_inputs((21, 60, 104), "cpu").items()}
-    store = capture_qkv(model, inputs, set(layers))
-    return {i: (store[i][0].float(), store[i][1].float()) for i in layers}
+    store = wan13b_layer_qkv(layers, "cpu", torch.float32)
+    return {i: (store[i][0], store[i][1]) for i in layers}
 
 
 def main(argv=None):

@@ -249,7 +249,7 @@ def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TO
                             EARLY_EXIT: tl.constexpr):
     # The threshold rule (_threshold_rule) for ROWS query rows of one (sample, head) from their precomputed fp32
     # gate rows (GATE [heads in chunk, Sq, NB]). Launched with one warp: a row's reductions stay inside the warp
-    # (shuffles, no shared memory or barriers), which is what the rule's 30 masked row sums cost on chip.
+    # (shuffles, no shared memory or barriers), which is what the rule's (up to 30) masked row sums cost on chip.
     rt = tl.program_id(0)
     j = tl.program_id(1)
     bh = bh0 + j
@@ -319,8 +319,8 @@ def _gate_operands(q_dtype: torch.dtype, means_t: torch.Tensor, interpret: bool)
         return GATE_BF16_SPLIT, (m1, m2, (r - m2.float()).to(torch.bfloat16)), "ieee"
     if q_dtype == torch.float16:
         hi = (means_t.view(torch.int32) & -8192).view(torch.float32)  # low 13 mantissa bits cleared: exact TF32
-        return GATE_TF32_SPLIT, (hi, means_t - hi, hi), "ieee" if interpret else "tf32"
-    return GATE_ONE_PRODUCT, (means_t, means_t, means_t), "ieee" if interpret else "tf32x3"
+        return GATE_TF32_SPLIT, (hi, means_t - hi, hi), "ieee" if interpret else "tf32"  # (third: unused)
+    return GATE_ONE_PRODUCT, (means_t, means_t, means_t), "ieee" if interpret else "tf32x3"  # (only the first read)
 
 
 def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int, h1: int) -> torch.Tensor:
@@ -432,8 +432,8 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
 
     ``q`` ``[B, Sq, H, D]`` (block order), ``k`` ``[B, Sk_pad, H, D]`` (padded block layout).
     ``selection``: ``"threshold"`` (per query token and head), ``"topk"`` or ``"global"`` (per
-    sample and head over all pairs). ``precision`` (top-k / global; the threshold rule's gate is a plain fp32
-    matmul): ``tl.dot`` input precision of the fp32 gate
+    sample and head over all pairs). ``precision`` (top-k / global; the threshold rule's gate is
+    :func:`token_gate`, about fp32 whatever this says): ``tl.dot`` input precision of the fp32 gate
     (``"ieee"`` exact, ``"tf32x3"`` ~fp32 on tensor cores (None: this), ``"tf32"`` fastest/least exact).
     ``max_block_tiles``: optional, see :func:`block_key_means`. ``tile_layout=False``: only the per-row
     bitmask and the density (``kv_count``/``kv_index``/``tile_density`` None), for

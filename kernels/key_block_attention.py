@@ -338,7 +338,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     return (out, lse_out, work) if return_work else (out, lse_out)
 
 
-def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int = 128, min_fill: float = 0.25):
+def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int, min_fill: float):
     """Split a per-row selection by how full each (query tile, block) pair is.
 
     For each tile of ``q_tile`` consecutive rows of a (sample, head), the blocks that at least ``min_fill`` of
@@ -366,8 +366,8 @@ def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int = 
 
 def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                            block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
-                           kv_tile_group: torch.Tensor, kv_tile: int, scale: float | None = None, q_tile: int = 128,
-                           min_fill: float = 0.25, return_work: bool = False, out_dtype: torch.dtype | None = None,
+                           kv_tile_group: torch.Tensor, kv_tile: int, min_fill: float, scale: float | None = None,
+                           q_tile: int = 128, return_work: bool = False, out_dtype: torch.dtype | None = None,
                            **key_block_kw):
     """Exact attention over per-row block selections, each (query tile, block) pair computed where it is cheaper.
 
@@ -377,7 +377,8 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     least ``min_fill`` of its tile's rows selected to the first; the query-tile kernel's output and lse enter the
     key-block merge as one more partial. Exact like both (every selected key once, no other key).
     Arguments and returns as :func:`key_block_attention` (``return_work``: key tiles computed by both kernels as a
-    share of all, padding included); ``kv_tile_group`` the block of each key tile; ``q`` in block order."""
+    share of all, padding included); ``kv_tile_group`` the block of each key tile; ``q`` in block order;
+    ``min_fill`` has no default here: VMoBA's measured value is ``mixdit.attention.vmoba_config.HYBRID_MIN_FILL``."""
     from .block_sparse_attention import block_sparse_attention_forward
     from .router_reference import compact_tiles
 

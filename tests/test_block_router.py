@@ -236,7 +236,7 @@ def test_token_gate_is_fp32_accurate(dtype):
     assert bool((err <= 2.0 ** -19 * bound).all()), float((err / bound).max())
 
 
-def test_threshold_rule_early_exit_selects_as_the_full_search(monkeypatch):
+def test_threshold_rule_early_exit_selects_as_the_full_search():
     """The cut search stops once the remaining bits cannot change the selection: on gates built to be hard for it
     (many exact ties, values one ulp apart, a single other block, all-equal rows, tiny and large ranges) it selects
     exactly the blocks the full 30-bit search selects, at several thresholds."""
