@@ -25,7 +25,8 @@ def main(argv=None):
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="BLOCK_M,BLOCK_N,warps,stages;...")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--masks", default="none", help="comma list of none | len (VMoBA's kv_tile_len) | len+sel "
-                                                     "(+ per-row selection bits) | even (a dividing key length)")
+                                                     "(+ per-row selection bits) | len+slots (the bits as per-slot masks) | even "
+                                                     "(a dividing key length)")
     ap.add_argument("--kv-tile", type=int, default=128, help="the layout's key tile (VMoBA 3D layers: 32)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
@@ -40,8 +41,9 @@ def main(argv=None):
         bm, bn, warps, stages = (int(x) for x in cfg.split(","))
         for masks in a.masks.split(","):
             consts = dict(Q_TILE=128, KV_TILE=a.kv_tile, HEAD_DIM=a.head_dim, BLOCK_M=bm, BLOCK_N=bn,
-                          HAS_LEN=masks.startswith("len"), HAS_SEL=masks == "len+sel", EVEN_M=True,
-                          EVEN_K=masks == "even", F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True)
+                          HAS_LEN=masks.startswith("len"), HAS_SEL=masks in ("len+sel", "len+slots"), EVEN_M=True,
+                          EVEN_K=masks == "even", F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True,
+                          SLOT_MASKS=masks == "len+slots")
             try:
                 c = compile_sm90(bsa._fwd_kernel, consts, warps, stages, sass=True)
             except Exception as e:  # e.g. out of shared memory

@@ -64,48 +64,88 @@ def _mm(a, b, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr):
-    """What the masks need of key tile ``kt``: its real length, its group and each row's bitmask word holding
-    that group's bit (zeros where unused)."""
+def _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
+               HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, SLOT_MASKS: tl.constexpr):
+    """What the masks need of visited slot ``slot`` (key tile ``kt``): the tile's real length and, per row, a
+    word and a bit position such that the row selects the tile iff that bit of the word is set (zeros where
+    unused). ``row_select`` words: the bit is the tile's group, read through ``kv_tile_group[kt]`` (a chain of
+    two dependent loads after ``kt``); per-slot masks (``SLOT_MASKS``): the bit is the row's, and the word's
+    address depends on the slot alone."""
     kl = 0
-    g = 0
+    shift = 0
     word = 0
     if HAS_LEN:
         kl = tl.load(KV_LEN + kt)
     if HAS_SEL:
-        g = tl.load(KV_GROUP + kt)
-        word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
-    return kl, g, word
+        if SLOT_MASKS:
+            word = tl.load(slot_base + slot * s_ts, mask=row_ok, other=0)
+            shift = row_bit
+        else:
+            g = tl.load(KV_GROUP + kt)
+            word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
+            shift = g % 32
+    return kl, shift, word
 
 
 @triton.jit
-def _slot_meta(idx_base, slot, count, s_ii, KV_LEN, KV_GROUP, sel_base, row_ok,
-               HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr):
-    """_tile_meta of visited slot ``slot`` (past ``count``: of tile 0, in bounds and unused)."""
-    kt = tl.load(idx_base + slot * s_ii, mask=slot < count, other=0)
-    return _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)
+def _slot_meta(idx_base, slot, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
+               HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, SLOT_MASKS: tl.constexpr):
+    """_tile_meta of visited slot ``slot`` (past ``count``: of slot 0 / tile 0, in bounds and unused)."""
+    ok = slot < count
+    kt = tl.load(idx_base + slot * s_ii, mask=ok, other=0)
+    return _tile_meta(kt, tl.where(ok, slot, 0), KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
+                      HAS_LEN, HAS_SEL, SLOT_MASKS)
 
 
 @triton.jit
-def _masked_scores(s, key_ok, g, word, HAS_SEL: tl.constexpr):
-    """Scores of keys that do not exist (``key_ok`` false) or that a row does not select (bit ``g`` of the
-    row's ``row_select`` word ``word``) -> -inf."""
+def _masked_scores(s, key_ok, shift, word, HAS_SEL: tl.constexpr):
+    """Scores of keys that do not exist (``key_ok`` false) or that a row does not select (bit ``shift`` of the
+    row's ``word``, see _tile_meta) -> -inf."""
     if HAS_SEL:
-        bit = ((word >> (g % 32)) & 1) != 0
+        bit = ((word >> shift) & 1) != 0
         return tl.where(key_ok[None, :] & bit[:, None], s, float("-inf"))
     else:
         return tl.where(key_ok[None, :], s, float("-inf"))
 
 
 @triton.jit
+def _slot_masks_kernel(ROW_SEL, KV_COUNT, KV_INDEX, KV_GROUP, SLOT_SEL, H, Sq, n_qt, cap,
+                       s_rb, s_rh, s_rs, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii,
+                       Q_TILE: tl.constexpr, ROWS_PER_WORD: tl.constexpr, SC: tl.constexpr):
+    # SLOT_SEL[b, h, qt, slot, w] bit r = row qt * Q_TILE + w * 32 + r selects the group of the slot's key tile:
+    # the row_select bits of one query tile transposed to the slots it visits (see slot_masks).
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    NW: tl.constexpr = Q_TILE // ROWS_PER_WORD
+    count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
+    r = tl.arange(0, Q_TILE)
+    rows = qt * Q_TILE + r
+    row_ok = rows < Sq
+    rs_base = ROW_SEL + b * s_rb + h * s_rh + rows.to(tl.int64) * s_rs
+    out_base = SLOT_SEL + (bh.to(tl.int64) * n_qt + qt) * cap * NW
+    weight = (1 << (r % ROWS_PER_WORD))[:, None]
+    for s0 in range(0, count, SC):
+        slots = s0 + tl.arange(0, SC)
+        s_ok = slots < count
+        kt = tl.load(KV_INDEX + b * s_ib + h * s_ih + qt * s_iq + slots * s_ii, mask=s_ok, other=0)
+        g = tl.load(KV_GROUP + kt, mask=s_ok, other=0)
+        x = tl.load(rs_base[:, None] + (g // 32)[None, :], mask=row_ok[:, None] & s_ok[None, :], other=0)
+        bits = ((x >> (g % 32)[None, :]) & 1) * weight  # [Q_TILE, SC], distinct powers of two per word
+        words = tl.sum(tl.reshape(bits, (NW, ROWS_PER_WORD, SC)), axis=1)  # sum of distinct bits = their OR
+        tl.store(out_base + slots[None, :] * NW + tl.arange(0, NW)[:, None], words, mask=s_ok[None, :])
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP,
+    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP, SLOT_SEL,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, s_rb, s_rh, s_rs,
+    s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, s_rb, s_rh, s_rs, s_tb, s_th, s_tq, s_ts,
     H, Sq, Sk, qk_scale,
     Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, SLOT_MASKS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
     F32_DOT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TAIL_ONLY_MASK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -137,7 +177,10 @@ def _fwd_kernel(
 
     count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
     idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
-    sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs  # read only when HAS_SEL
+    sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs  # read only when HAS_SEL (row words)
+    row_in_tile = offs_m % Q_TILE
+    row_bit = row_in_tile % 32
+    slot_base = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + row_in_tile // 32  # read only with SLOT_MASKS
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -150,8 +193,8 @@ def _fwd_kernel(
     PREFETCH_META: tl.constexpr = (HAS_LEN or HAS_SEL) and BLOCK_N >= 128
     kl_next, g_next, word_next = 0, 0, 0
     if PREFETCH_META:
-        kl_next, g_next, word_next = _slot_meta(idx_base, 0, count, s_ii, KV_LEN, KV_GROUP, sel_base, row_ok,
-                                                HAS_LEN, HAS_SEL)
+        kl_next, g_next, word_next = _slot_meta(idx_base, 0, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base,
+                                                s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
     # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
     for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
         slot = it // SUB
@@ -160,7 +203,8 @@ def _fwd_kernel(
         if PREFETCH_META:
             kl, g, word = kl_next, g_next, word_next
             kl_next, g_next, word_next = _slot_meta(idx_base, (it + 1) // SUB, count, s_ii, KV_LEN, KV_GROUP,
-                                                    sel_base, row_ok, HAS_LEN, HAS_SEL)
+                                                    sel_base, slot_base, s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL,
+                                                    SLOT_MASKS)
         offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
         if USE_TMA:
             k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
@@ -193,7 +237,8 @@ def _fwd_kernel(
                 s = tl.where(key_ok[None, :], s, float("-inf"))
         elif NEED_MASK:
             if not PREFETCH_META:
-                kl, g, word = _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)
+                kl, g, word = _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
+                                         HAS_LEN, HAS_SEL, SLOT_MASKS)
             key_ok = offs_k < Sk
             if HAS_LEN:
                 key_ok = key_ok & ((sub * BLOCK_N + offs_n) < kl)
@@ -522,12 +567,13 @@ def _bwd_dq_kernel(
             p = tl.exp2(tl.minimum(s * qk_scale - lse2[:, None], 8.0))
         if HAS_LEN or HAS_SEL:
             # in the step: loading the masks' data a step ahead, as the forward does, changed nothing here (H200)
-            kl, g, word = _tile_meta(kt, KV_LEN, KV_GROUP, sel_base, row_ok, HAS_LEN, HAS_SEL)
+            kl, shift, word = _tile_meta(kt, 0, KV_LEN, KV_GROUP, sel_base, sel_base, 0, row_ok, 0,
+                                         HAS_LEN, HAS_SEL, False)
             ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
             if HAS_LEN:
                 ok = ok & ((sub * BLOCK_N + offs_n) < kl)[None, :]
             if HAS_SEL:
-                ok = ok & (((word >> (g % 32)) & 1) != 0)[:, None]
+                ok = ok & (((word >> shift) & 1) != 0)[:, None]
             p = tl.where(ok, p, 0.0)
         dp = _mm(do, tl.trans(v), F32_DOT)
         ds = p * (dp - delta[:, None])
@@ -574,7 +620,13 @@ def _env_dq_mode() -> str:
 # keys per online-softmax step) were measured and removed in session 8 (NOTES: mixed / slower; code in f9270e7).
 # prefetch_index (the visited tile's index loaded a step ahead, like the masks' data) was timed and dropped in
 # session 8: d = 0.25 unchanged, d = 1 2.5% slower.
-_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True}
+# slot_masks_below: forward steps of fewer keys than this take row_select through per-slot masks (slot_masks): the
+# row-word chain tile -> group -> word is loaded a step ahead only at BLOCK_N >= 128 (see _fwd_kernel). H200,
+# Wan-1.3B 3D layer (32-key steps), the hybrid's query-tile part: 4.91 -> 4.45 ms, building them included; at
+# 128-key steps no change. The masks take 4 bytes per slot and 32 query rows, i.e. (q_tile / 32) x kv_index: above
+# _SLOT_MASKS_MAX_BYTES (Wan-14B 720p 3D layers: 1.1 GB) the row words are read as before.
+_FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "slot_masks_below": 128}
+_SLOT_MASKS_MAX_BYTES = 1 << 29
 
 
 @contextlib.contextmanager
@@ -773,19 +825,45 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     bm, bn, warps, stages = _pick("fwd", _FWD_CONFIGS, D, q_tile, kv_tile)
     sq, sk, sv, so, sc, si = q.stride(), k.stride(), v.stride(), out.stride(), kv_count.stride(), kv_index.stride()
     srs = (0, 0, 0) if rs is None else rs.stride()
+    slots = None
+    if (rs is not None and bn < _FWD_OPTS["slot_masks_below"]
+            and kv_index.numel() * _cdiv(q_tile, 32) * 4 <= _SLOT_MASKS_MAX_BYTES):
+        slots = slot_masks(rs, kv_count, kv_index, grp, q_tile)
+    sts = (0, 0, 0, 0) if slots is None else slots.stride()[:4]
     _fwd_kernel[(_cdiv(Sq, bm), B * H)](
         q, k, v, out, lse, kv_count, kv_index, kv_count if kv_len is None else kv_len,
         q if rs is None else rs, q if grp is None else grp,  # dummies are never read (HAS_LEN/HAS_SEL False)
+        q if slots is None else slots,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
-        sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3], srs[0], srs[1], srs[2],
+        sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3], srs[0], srs[1], srs[2], *sts,
         H, Sq, Sk, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_LEN=kv_len is not None, HAS_SEL=rs is not None,
+        HAS_LEN=kv_len is not None, HAS_SEL=rs is not None, SLOT_MASKS=slots is not None,
         EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=_use_tma(k, v),
         WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _INTERPRET, TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
         num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
     )
     return out, lse
+
+
+def slot_masks(row_select: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
+               kv_tile_group: torch.Tensor, q_tile: int) -> torch.Tensor:
+    """``row_select`` transposed to the visited slots: int32 ``[B, H, n_qt, capacity, ceil(q_tile / 32)]`` whose
+    bit ``r`` of word ``w`` at ``[b, h, qt, slot]`` says whether row ``qt * q_tile + 32 w + r`` selects the group of
+    key tile ``kv_index[b, h, qt, slot]`` (slots past ``kv_count`` are not written). With these the forward's mask
+    word of a step is one load whose address depends on the slot alone, instead of a chain tile -> group -> row
+    word, which the kernel waits on every step when it is not loaded a step ahead (key steps under 128)."""
+    B, H, n_qt, cap = kv_index.shape
+    Sq = row_select.shape[2]
+    per_word = min(32, q_tile)
+    out = torch.empty(B, H, n_qt, cap, q_tile // per_word, device=kv_index.device, dtype=torch.int32)
+    if _POISON_OUTPUTS:
+        out.fill_(0x55555555)
+    sr, sc, si = row_select.stride(), kv_count.stride(), kv_index.stride()
+    _slot_masks_kernel[(n_qt, B * H)](row_select, kv_count, kv_index, kv_tile_group, out, H, Sq, n_qt, cap,
+                                      sr[0], sr[1], sr[2], sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3],
+                                      Q_TILE=q_tile, ROWS_PER_WORD=per_word, SC=32, num_warps=4)
+    return out
 
 
 def block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile: int = 128, kv_tile: int = 128,

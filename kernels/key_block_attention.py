@@ -20,7 +20,8 @@ around, as MoBA's reference does with flash-attn varlen, but on the GPU with no 
 
 Cost beyond the floor: the partials are written and read once (``pairs x (2 D + 4)`` bytes), which matters
 in 3D layers (96-token blocks: ~50 k FLOPs per pair). When the pair buffers would exceed ``max_pair_bytes``
-the (sample, head) pairs are processed in chunks. One host sync per call (the pair count sizes the buffers),
+the (sample, head) pairs are processed in chunks. One host sync per call (the pair count sizes the buffers;
+:class:`KeyBlockPlan` lets a caller queue other GPU work before it waits),
 so this path is for inference; gradients use the query-tile kernel (same selection, equal up to rounding).
 
 :func:`hybrid_block_attention` combines the two forms per (query tile, block) pair: the blocks most rows of a
@@ -42,7 +43,7 @@ import triton.language as tl
 
 from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
-__all__ = ["hybrid_block_attention", "key_block_attention", "key_block_plan", "split_by_tile_fill"]
+__all__ = ["KeyBlockPlan", "hybrid_block_attention", "key_block_attention", "key_block_plan", "split_by_tile_fill"]
 
 # Test hook (as in block_sparse_attention): fill the outputs and the pair buffers with NaN / -1 before the
 # kernels run, so a test proves every element is written.
@@ -218,9 +219,33 @@ def _count_tile_rows(nb_pad: int) -> int:
     return max(16, min(128, 8192 // nb_pad))
 
 
-def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128):
-    """Counts of the pairs of a selection: ``(row_cnt [B*H, Sq], col_cnt [B*H, NB, n_rt], list_len [B*H, NB],
-    pairs_per_head, tiles_per_head)`` (the last two as host lists: the one host sync of a call)."""
+class KeyBlockPlan:
+    """The pair counts of a selection (:func:`key_block_plan`): ``row_cnt [B*H, Sq]``, ``col_cnt [B*H, NB, n_rt]``
+    and ``list_len [B*H, NB]`` on the device, and per (sample, head) the pair and list-tile totals, copied to the
+    host asynchronously: :meth:`per_head` waits for that copy only (the call's one host sync), so work queued after
+    the plan (the hybrid's query-tile kernel) keeps the GPU busy while the host waits and then launches the rest."""
+
+    def __init__(self, row_cnt: torch.Tensor, col_cnt: torch.Tensor, list_len: torch.Tensor, totals: torch.Tensor):
+        self.row_cnt, self.col_cnt, self.list_len = row_cnt, col_cnt, list_len
+        self._event = None
+        if totals.is_cuda:
+            self._totals = totals.to("cpu", non_blocking=True)  # pinned (PyTorch's caching host allocator)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._totals = totals
+
+    def per_head(self) -> tuple[list, list]:
+        """``(pairs_per_head, tiles_per_head)`` as host lists."""
+        if self._event is not None:
+            self._event.synchronize()
+        rows = self._totals.tolist()
+        return [p[0] for p in rows], [p[1] for p in rows]
+
+
+def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128) -> KeyBlockPlan:
+    """Count the (query, block) pairs of a selection (one Triton kernel and a few reductions; no host sync until
+    :meth:`KeyBlockPlan.per_head`)."""
     B, H, Sq, W = row_select.shape
     NB_PAD = max(32, _next_pow2(num_blocks))
     if W * 32 < num_blocks:
@@ -233,9 +258,9 @@ def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128
     _pair_count_kernel[(n_rt, B * H)](row_select, row_cnt, col_cnt, 0, Sq, W, num_blocks, n_rt,
                                       BM=BM, NB_PAD=NB_PAD, num_warps=4)
     list_len = col_cnt.sum(-1)
-    per_head = torch.stack([row_cnt.sum(1, dtype=torch.int64),
-                            ((list_len + block_m - 1) // block_m).sum(1, dtype=torch.int64)], 1).tolist()
-    return row_cnt, col_cnt, list_len, [p[0] for p in per_head], [p[1] for p in per_head]
+    totals = torch.stack([row_cnt.sum(1, dtype=torch.int64),
+                          ((list_len + block_m - 1) // block_m).sum(1, dtype=torch.int64)], 1)
+    return KeyBlockPlan(row_cnt, col_cnt, list_len, totals)
 
 
 def _chunks(pairs_per_head: list, limit: int):
@@ -254,7 +279,8 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                         kv_tile: int, scale: float | None = None, block_m: int = 128, block_n: int = 32,
                         max_pair_bytes: int = 2 << 30, num_warps: int = 4, num_stages: int = 2,
-                        return_work: bool = False, out_dtype: torch.dtype | None = None, base=None):
+                        return_work: bool = False, out_dtype: torch.dtype | None = None, base=None,
+                        plan: KeyBlockPlan | None = None):
     """Exact attention of every query row over the keys of its selected blocks (see the module docstring).
 
     ``q`` ``[B, Sq, H, D]``, ``k``/``v`` ``[B, Sk_pad, H, D]`` (fp16/bf16, last dim contiguous, ``D`` a power of
@@ -268,7 +294,9 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     fastest of six launches in every layer type at Wan-1.3B and 14B (H200, ``vmoba_attention.py --key-blocks``). ``return_work``: also return the
     computed (query row, key tile) pairs as a share of all (0-d tensor; like the query-tile kernel's tile density,
     key-tile padding included; the query padding of each list's last tile is not counted).
-    ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it)."""
+    ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it).
+    ``plan``: :func:`key_block_plan` of ``row_select`` with this ``block_m``, made earlier by the caller so that
+    its host copy overlaps other GPU work (default: made here)."""
     B, Sq, H, D = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError("key_block_attention runs fp16/bf16 q, k, v of one dtype")
@@ -279,7 +307,10 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     NB = block_tile_start.numel()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = q.device
-    row_cnt, col_cnt, list_len_all, pairs, tiles = key_block_plan(row_select, NB, block_m)
+    if plan is None:
+        plan = key_block_plan(row_select, NB, block_m)
+    row_cnt, col_cnt, list_len_all = plan.row_cnt, plan.col_cnt, plan.list_len
+    pairs, tiles = plan.per_head()
     n_rt = col_cnt.shape[-1]
     NB_PAD = max(32, _next_pow2(NB))
     BM = _count_tile_rows(NB_PAD)
@@ -385,12 +416,14 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     B, Sq, H, _ = q.shape
     NB = block_tile_start.numel()
     dense_rs, sparse_rs, union = split_by_tile_fill(row_select, NB, q_tile, min_fill)
+    # the key-block plan first: its host copy completes while the query-tile kernel, queued next, runs
+    plan = key_block_plan(sparse_rs, NB, key_block_kw.get("block_m", 128))
     kv_count, kv_index = compact_tiles(union, kv_tile_group)
     base = block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=scale,
                                           kv_tile_len=kv_tile_len, row_select=dense_rs, kv_tile_group=kv_tile_group)
     res = key_block_attention(q, k, v, sparse_rs, block_tile_start=block_tile_start, block_tile_count=block_tile_count,
                               kv_tile_len=kv_tile_len, kv_tile=kv_tile, scale=scale, return_work=return_work,
-                              out_dtype=out_dtype, base=base, **key_block_kw)
+                              out_dtype=out_dtype, base=base, plan=plan, **key_block_kw)
     if not return_work:
         return res
     dense_work = kv_count.sum(dtype=torch.float32) / float(kv_count.numel() * kv_tile_group.numel())

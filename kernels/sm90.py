@@ -23,7 +23,7 @@ HOPPER_BLOCKS_PER_SM = 32
 
 # kernel argument names -> Triton signature types (pointer names are upper case; "H" is the head count)
 _FP32_PTRS = {"LSE", "DELTA", "DQACC"}
-_INT32_PTRS = {"KV_COUNT", "KV_INDEX", "KV_LEN", "ROW_SEL", "KV_GROUP", "QBUF"}
+_INT32_PTRS = {"KV_COUNT", "KV_INDEX", "KV_LEN", "ROW_SEL", "KV_GROUP", "QBUF", "SLOT_SEL"}
 
 
 @dataclass

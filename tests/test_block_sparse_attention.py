@@ -177,6 +177,53 @@ def test_loop_prefetch_128_key_blocks(monkeypatch, bwd_path, assert_close, devic
     assert torch.isinf(lse[0, 0, T:2 * T]).all() and (out[0, T:2 * T, 0] == 0).all()
 
 
+@pytest.mark.parametrize("q_tile,T,fwd_cfg", [(64, 32, None), (128, 32, (64, 32, 4, 1)), (16, 16, None),
+                                             (64, 128, (64, 128, 4, 1))])
+def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
+    """The forward's per-slot row masks (slot_masks_below): row_select transposed to the visited slots equals the
+    reference on ragged keys, groups in several bitmask words, rows that see nothing, an empty query tile and a
+    query tile of one slot; with a program smaller than the query tile (64 rows of 128), 16-row query tiles (one
+    half-used word) and 128-key steps (masks loaded a step ahead). slot_masks itself: every bit against torch."""
+    monkeypatch.setitem(bsa._FWD_OPTS, "slot_masks_below", 1 << 30)
+    if fwd_cfg is not None:
+        monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", fwd_cfg)
+    B, H, S, D = 2, 2, 300, 64
+    n_t = -(-S // T)
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
+    kv_count, kv_index = random_layout(B, H, S, S, 0.6, q_tile, T, device=device)
+    kv_count[0, 0, 1] = 0
+    kv_count[1, 1, 0] = 1
+    kv_tile_len = torch.randint(1, T + 1, (n_t,), dtype=torch.int32, device=device)
+    groups = 45  # two words
+    kv_tile_group = torch.randint(0, groups, (n_t,), dtype=torch.int32, device=device)
+    bits = torch.rand(B, H, S, groups, device=device) < 0.5
+    bits[1, 0, 7:40] = False
+    padded = torch.zeros(B, H, S, 64, dtype=torch.int64, device=device)
+    padded[..., :groups] = bits.long()
+    words = (padded.view(B, H, S, 2, 32) * (1 << torch.arange(32, dtype=torch.int64, device=device))).sum(-1)
+    row_select = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    masks = bsa.slot_masks(row_select, kv_count, kv_index, kv_tile_group, q_tile)
+    per_word = min(32, q_tile)
+    got = ((masks[..., None] >> torch.arange(per_word, device=device)) & 1).flatten(-2).bool()  # [B,H,n_qt,cap,q_tile]
+    n_qt = kv_count.shape[-1]
+    for b in range(B):
+        for h in range(H):
+            for qt in range(n_qt):
+                rows = torch.arange(qt * q_tile, min(S, (qt + 1) * q_tile), device=device)
+                for slot in range(int(kv_count[b, h, qt])):
+                    g = int(kv_tile_group[kv_index[b, h, qt, slot]])
+                    assert torch.equal(got[b, h, qt, slot, :len(rows)], bits[b, h, rows, g]), (b, h, qt, slot)
+                    assert not got[b, h, qt, slot, len(rows):].any()
+    out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=q_tile, kv_tile=T, grad=False,
+                          fn=block_sparse_attention_forward_only, kv_tile_len=kv_tile_len, row_select=row_select,
+                          kv_tile_group=kv_tile_group)
+    assert torch.isinf(lse[1, 0, 7:40]).all() and (out[1, 7:40, 0] == 0).all()
+
+
+def block_sparse_attention_forward_only(*a, **kw):
+    return bsa.block_sparse_attention_forward(*a, **kw)
+
+
 @pytest.mark.parametrize("T", [32, 64])
 def test_small_tiles_padded(bwd_path, assert_close, device, T):
     """Small whole key tiles (VMoBA's 3D layers: 32 keys) with padded tiles, a ragged key length, query tiles

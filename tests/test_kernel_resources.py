@@ -28,8 +28,12 @@ _SCRIPT = textwrap.dedent("""
         for has_len, has_sel in ((False, False), (True, False), (True, True)):
             bm, bn, w, s = bsa._FWD_CONFIGS[D]
             fwd = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
-                       EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True)
+                       EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True,
+                       SLOT_MASKS=False)
             out.append(("fwd", D, has_len, compile_one(bsa._fwd_kernel, fwd, w, s)))
+            if has_sel and D == 128:  # VMoBA's 3D layers: 32-key steps with per-slot row masks
+                out.append(("fwd-slots", D, has_len, compile_one(bsa._fwd_kernel, dict(fwd, KV_TILE=32, BLOCK_N=32,
+                                                                                       SLOT_MASKS=True), w, s)))
             if not has_len:  # a key length that divides: no mask needed, same pipeline wanted
                 fwd_even = dict(fwd, EVEN_M=True, EVEN_K=True)
                 out.append(("fwd-even", D, has_len, compile_one(bsa._fwd_kernel, fwd_even, w, s)))
@@ -54,7 +58,7 @@ def test_default_configs_fit_hopper_shared_memory():
         pytest.skip("Triton's ptxas is not available here")
     assert line is not None, proc.stderr[-3000:]
     rows = json.loads(line[len("RESULT"):])
-    assert len(rows) == 20
+    assert len(rows) == 21
     over = [(k, D, masks, smem) for k, D, masks, smem in rows if smem > HOPPER_SMEM_PER_BLOCK]
     assert not over, f"kernels over Hopper's {HOPPER_SMEM_PER_BLOCK} B of shared memory (kernel, D, masks, bytes): {over}"
     # A mask-free forward loop once got two K/V buffers instead of three (164 vs 229 KB at D = 128) and ran 9%

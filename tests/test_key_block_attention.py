@@ -77,7 +77,7 @@ def test_chunked_equals_one_pass(device):
     kw = dict(block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
               kv_tile_len=part.kv_tile_len, kv_tile=16, block_m=16)
     one = key_block_attention(q, k, v, rs, **kw)
-    *_, pairs, _ = key_block_plan(rs, part.num_blocks, 16)
+    pairs, _ = key_block_plan(rs, part.num_blocks, 16).per_head()
     assert len(_chunks(pairs, max(pairs))) == B * H
     many = key_block_attention(q, k, v, rs, max_pair_bytes=max(pairs) * (2 * D + 12), **kw)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
@@ -87,12 +87,15 @@ def test_plan_counts_pairs(device):
     gen = torch.Generator().manual_seed(5)
     part = get_partition((2, 4, 4), "spatiotemporal", (1, 2, 2), 16, device)
     rs = _random_selection(1, 2, part, 0.3, device, gen)
-    row_cnt, col_cnt, list_len, pairs, _ = key_block_plan(rs, part.num_blocks)
+    plan = key_block_plan(rs, part.num_blocks)
+    row_cnt, col_cnt, list_len = plan.row_cnt, plan.col_cnt, plan.list_len
+    pairs, tiles = plan.per_head()
     bits = row_select_to_selection(rs, part.num_blocks).long()  # [1, 2, S, NB]
     assert torch.equal(row_cnt.long(), bits.sum(-1).flatten(0, 1))
     assert torch.equal(col_cnt.sum(-1).long(), bits.sum(-2).flatten(0, 1))
     assert torch.equal(list_len.long(), bits.sum(-2).flatten(0, 1))
     assert pairs == bits.sum((-1, -2)).flatten().tolist()
+    assert tiles == ((bits.sum(-2) + 127) // 128).sum(-1).flatten().tolist()
     assert _chunks([5, 5, 5], 10) == [(0, 2), (2, 1)] and _chunks([12, 1], 10) == [(0, 1), (1, 1)]
 
 
