@@ -64,23 +64,25 @@ def _mm(a, b, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
+def _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok, row_bit,
                HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, SLOT_MASKS: tl.constexpr):
     """What the masks need of visited slot ``slot`` (key tile ``kt``): the tile's real length and, per row, a
     word and a bit position such that the row selects the tile iff that bit of the word is set (zeros where
-    unused). ``row_select`` words: the bit is the tile's group, read through ``kv_tile_group[kt]`` (a chain of
-    two dependent loads after ``kt``); per-slot masks (``SLOT_MASKS``): the bit is the row's, and the word's
-    address depends on the slot alone."""
+    unused). ``row_select`` words: the length and the group come through ``kt`` and the row word through the
+    group (a chain of dependent loads); per-slot masks (``SLOT_MASKS``, see slot_masks): the bit is the row's and
+    the word and the length sit in the slot's entry, so every address depends on the slot alone."""
     kl = 0
     shift = 0
     word = 0
-    if HAS_LEN:
-        kl = tl.load(KV_LEN + kt)
-    if HAS_SEL:
-        if SLOT_MASKS:
-            word = tl.load(slot_base + slot * s_ts, mask=row_ok, other=0)
-            shift = row_bit
-        else:
+    if SLOT_MASKS:
+        if HAS_LEN:
+            kl = tl.load(slot_len + slot * s_ts)
+        word = tl.load(slot_base + slot * s_ts, mask=row_ok, other=0)
+        shift = row_bit
+    else:
+        if HAS_LEN:
+            kl = tl.load(KV_LEN + kt)
+        if HAS_SEL:
             g = tl.load(KV_GROUP + kt)
             word = tl.load(sel_base + g // 32, mask=row_ok, other=0)
             shift = g % 32
@@ -88,13 +90,15 @@ def _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, ro
 
 
 @triton.jit
-def _slot_meta(idx_base, slot, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
+def _slot_meta(idx_base, slot, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok, row_bit,
                HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, SLOT_MASKS: tl.constexpr):
     """_tile_meta of visited slot ``slot`` (past ``count``: of slot 0 / tile 0, in bounds and unused)."""
     ok = slot < count
-    kt = tl.load(idx_base + slot * s_ii, mask=ok, other=0)
-    return _tile_meta(kt, tl.where(ok, slot, 0), KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
-                      HAS_LEN, HAS_SEL, SLOT_MASKS)
+    kt = 0
+    if not SLOT_MASKS:
+        kt = tl.load(idx_base + slot * s_ii, mask=ok, other=0)
+    return _tile_meta(kt, tl.where(ok, slot, 0), KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok,
+                      row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
 
 
 @triton.jit
@@ -109,11 +113,11 @@ def _masked_scores(s, key_ok, shift, word, HAS_SEL: tl.constexpr):
 
 
 @triton.jit
-def _slot_masks_kernel(ROW_SEL, KV_COUNT, KV_INDEX, KV_GROUP, SLOT_SEL, H, Sq, n_qt, cap,
+def _slot_masks_kernel(ROW_SEL, KV_COUNT, KV_INDEX, KV_GROUP, KV_LEN, SLOT_SEL, H, Sq, n_qt, cap,
                        s_rb, s_rh, s_rs, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii,
-                       Q_TILE: tl.constexpr, ROWS_PER_WORD: tl.constexpr, SC: tl.constexpr):
-    # SLOT_SEL[b, h, qt, slot, w] bit r = row qt * Q_TILE + w * 32 + r selects the group of the slot's key tile:
-    # the row_select bits of one query tile transposed to the slots it visits (see slot_masks).
+                       Q_TILE: tl.constexpr, ROWS_PER_WORD: tl.constexpr, SC: tl.constexpr, HAS_LEN: tl.constexpr):
+    # SLOT_SEL[b, h, qt, slot, w < NW] bit r = row qt * Q_TILE + w * ROWS_PER_WORD + r selects the group of the
+    # slot's key tile; SLOT_SEL[..., NW] = that tile's kv_tile_len (see slot_masks).
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -124,7 +128,7 @@ def _slot_masks_kernel(ROW_SEL, KV_COUNT, KV_INDEX, KV_GROUP, SLOT_SEL, H, Sq, n
     rows = qt * Q_TILE + r
     row_ok = rows < Sq
     rs_base = ROW_SEL + b * s_rb + h * s_rh + rows.to(tl.int64) * s_rs
-    out_base = SLOT_SEL + (bh.to(tl.int64) * n_qt + qt) * cap * NW
+    out_base = SLOT_SEL + (bh.to(tl.int64) * n_qt + qt) * cap * (NW + 1)
     weight = (1 << (r % ROWS_PER_WORD))[:, None]
     for s0 in range(0, count, SC):
         slots = s0 + tl.arange(0, SC)
@@ -134,7 +138,9 @@ def _slot_masks_kernel(ROW_SEL, KV_COUNT, KV_INDEX, KV_GROUP, SLOT_SEL, H, Sq, n
         x = tl.load(rs_base[:, None] + (g // 32)[None, :], mask=row_ok[:, None] & s_ok[None, :], other=0)
         bits = ((x >> (g % 32)[None, :]) & 1) * weight  # [Q_TILE, SC], distinct powers of two per word
         words = tl.sum(tl.reshape(bits, (NW, ROWS_PER_WORD, SC)), axis=1)  # sum of distinct bits = their OR
-        tl.store(out_base + slots[None, :] * NW + tl.arange(0, NW)[:, None], words, mask=s_ok[None, :])
+        tl.store(out_base + slots[None, :] * (NW + 1) + tl.arange(0, NW)[:, None], words, mask=s_ok[None, :])
+        if HAS_LEN:
+            tl.store(out_base + slots * (NW + 1) + NW, tl.load(KV_LEN + kt, mask=s_ok, other=0), mask=s_ok)
 
 
 @triton.jit
@@ -180,7 +186,8 @@ def _fwd_kernel(
     sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs  # read only when HAS_SEL (row words)
     row_in_tile = offs_m % Q_TILE
     row_bit = row_in_tile % 32
-    slot_base = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + row_in_tile // 32  # read only with SLOT_MASKS
+    slot_len = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + (Q_TILE + 31) // 32  # read only with SLOT_MASKS
+    slot_base = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + row_in_tile // 32
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -189,12 +196,13 @@ def _fwd_kernel(
     # The masks' per-tile data (length, group, row bits) of 128-key tiles is loaded one step ahead: loaded in the
     # step that uses it, the chain slot -> tile -> length stalled every step (H200, Wan-14B 720p query_tile
     # layouts: spatial 42.3 -> 39.2 ms, temporal 52.3 -> 48.1 ms). With 32-key tiles (3D layers) the same
-    # prefetch made the loop 25% slower (50.3 -> 63.1 ms): there it stays in the step.
-    PREFETCH_META: tl.constexpr = (HAS_LEN or HAS_SEL) and BLOCK_N >= 128
+    # prefetch made the loop 25% slower (50.3 -> 63.1 ms): there it stays in the step, unless it comes from
+    # per-slot masks, whose loads need no tile index.
+    PREFETCH_META: tl.constexpr = (HAS_LEN or HAS_SEL) and (BLOCK_N >= 128 or SLOT_MASKS)
     kl_next, g_next, word_next = 0, 0, 0
     if PREFETCH_META:
         kl_next, g_next, word_next = _slot_meta(idx_base, 0, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base,
-                                                s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
+                                                slot_len, s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
     # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
     for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
         slot = it // SUB
@@ -203,8 +211,8 @@ def _fwd_kernel(
         if PREFETCH_META:
             kl, g, word = kl_next, g_next, word_next
             kl_next, g_next, word_next = _slot_meta(idx_base, (it + 1) // SUB, count, s_ii, KV_LEN, KV_GROUP,
-                                                    sel_base, slot_base, s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL,
-                                                    SLOT_MASKS)
+                                                    sel_base, slot_base, slot_len, s_ts, row_ok, row_bit, HAS_LEN,
+                                                    HAS_SEL, SLOT_MASKS)
         offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
         if USE_TMA:
             k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
@@ -237,8 +245,8 @@ def _fwd_kernel(
                 s = tl.where(key_ok[None, :], s, float("-inf"))
         elif NEED_MASK:
             if not PREFETCH_META:
-                kl, g, word = _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, s_ts, row_ok, row_bit,
-                                         HAS_LEN, HAS_SEL, SLOT_MASKS)
+                kl, g, word = _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok,
+                                         row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
             key_ok = offs_k < Sk
             if HAS_LEN:
                 key_ok = key_ok & ((sub * BLOCK_N + offs_n) < kl)
@@ -567,7 +575,7 @@ def _bwd_dq_kernel(
             p = tl.exp2(tl.minimum(s * qk_scale - lse2[:, None], 8.0))
         if HAS_LEN or HAS_SEL:
             # in the step: loading the masks' data a step ahead, as the forward does, changed nothing here (H200)
-            kl, shift, word = _tile_meta(kt, 0, KV_LEN, KV_GROUP, sel_base, sel_base, 0, row_ok, 0,
+            kl, shift, word = _tile_meta(kt, 0, KV_LEN, KV_GROUP, sel_base, sel_base, sel_base, 0, row_ok, 0,
                                          HAS_LEN, HAS_SEL, False)
             ok = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
             if HAS_LEN:
@@ -827,8 +835,8 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     srs = (0, 0, 0) if rs is None else rs.stride()
     slots = None
     if (rs is not None and bn < _FWD_OPTS["slot_masks_below"]
-            and kv_index.numel() * _cdiv(q_tile, 32) * 4 <= _SLOT_MASKS_MAX_BYTES):
-        slots = slot_masks(rs, kv_count, kv_index, grp, q_tile)
+            and kv_index.numel() * (_cdiv(q_tile, 32) + 1) * 4 <= _SLOT_MASKS_MAX_BYTES):
+        slots = slot_masks(rs, kv_count, kv_index, grp, q_tile, kv_len)
     sts = (0, 0, 0, 0) if slots is None else slots.stride()[:4]
     _fwd_kernel[(_cdiv(Sq, bm), B * H)](
         q, k, v, out, lse, kv_count, kv_index, kv_count if kv_len is None else kv_len,
@@ -847,22 +855,25 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
 
 
 def slot_masks(row_select: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
-               kv_tile_group: torch.Tensor, q_tile: int) -> torch.Tensor:
-    """``row_select`` transposed to the visited slots: int32 ``[B, H, n_qt, capacity, ceil(q_tile / 32)]`` whose
-    bit ``r`` of word ``w`` at ``[b, h, qt, slot]`` says whether row ``qt * q_tile + 32 w + r`` selects the group of
-    key tile ``kv_index[b, h, qt, slot]`` (slots past ``kv_count`` are not written). With these the forward's mask
-    word of a step is one load whose address depends on the slot alone, instead of a chain tile -> group -> row
-    word, which the kernel waits on every step when it is not loaded a step ahead (key steps under 128)."""
+               kv_tile_group: torch.Tensor, q_tile: int, kv_tile_len: torch.Tensor | None = None) -> torch.Tensor:
+    """``row_select`` transposed to the visited slots: int32 ``[B, H, n_qt, capacity, NW + 1]``, NW =
+    ``ceil(q_tile / 32)``: at ``[b, h, qt, slot]``, bit ``r`` of word ``w < NW`` says whether row
+    ``qt * q_tile + 32 w + r`` selects the group of key tile ``kv_index[b, h, qt, slot]``, and word ``NW`` holds
+    that tile's ``kv_tile_len`` (0 without one). Slots past ``kv_count`` are not written. With these every
+    address the forward's masks read in a step depends on the slot alone, so they load a step ahead with no
+    chain tile -> group -> row word behind them (see ``_fwd_kernel``)."""
     B, H, n_qt, cap = kv_index.shape
     Sq = row_select.shape[2]
     per_word = min(32, q_tile)
-    out = torch.empty(B, H, n_qt, cap, q_tile // per_word, device=kv_index.device, dtype=torch.int32)
+    out = torch.empty(B, H, n_qt, cap, q_tile // per_word + 1, device=kv_index.device, dtype=torch.int32)
     if _POISON_OUTPUTS:
         out.fill_(0x55555555)
     sr, sc, si = row_select.stride(), kv_count.stride(), kv_index.stride()
-    _slot_masks_kernel[(n_qt, B * H)](row_select, kv_count, kv_index, kv_tile_group, out, H, Sq, n_qt, cap,
+    _slot_masks_kernel[(n_qt, B * H)](row_select, kv_count, kv_index, kv_tile_group,
+                                      kv_count if kv_tile_len is None else kv_tile_len, out, H, Sq, n_qt, cap,
                                       sr[0], sr[1], sr[2], sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3],
-                                      Q_TILE=q_tile, ROWS_PER_WORD=per_word, SC=32, num_warps=4)
+                                      Q_TILE=q_tile, ROWS_PER_WORD=per_word, SC=32, HAS_LEN=kv_tile_len is not None,
+                                      num_warps=4)
     return out
 
 

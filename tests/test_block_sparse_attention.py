@@ -180,8 +180,8 @@ def test_loop_prefetch_128_key_blocks(monkeypatch, bwd_path, assert_close, devic
 @pytest.mark.parametrize("q_tile,T,fwd_cfg", [(64, 32, None), (128, 32, (64, 32, 4, 1)), (16, 16, None),
                                              (64, 128, (64, 128, 4, 1))])
 def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
-    """The forward's per-slot row masks (slot_masks_below): row_select transposed to the visited slots equals the
-    reference on ragged keys, groups in several bitmask words, rows that see nothing, an empty query tile and a
+    """The forward's per-slot row masks (slot_masks_below): row_select transposed to the visited slots (and each
+    slot's key length, both loaded a step ahead) equals the reference on ragged keys, groups in several bitmask words, rows that see nothing, an empty query tile and a
     query tile of one slot; with a program smaller than the query tile (64 rows of 128), 16-row query tiles (one
     half-used word) and 128-key steps (masks loaded a step ahead). slot_masks itself: every bit against torch."""
     monkeypatch.setitem(bsa._FWD_OPTS, "slot_masks_below", 1 << 30)
@@ -202,9 +202,9 @@ def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
     padded[..., :groups] = bits.long()
     words = (padded.view(B, H, S, 2, 32) * (1 << torch.arange(32, dtype=torch.int64, device=device))).sum(-1)
     row_select = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    masks = bsa.slot_masks(row_select, kv_count, kv_index, kv_tile_group, q_tile)
+    masks = bsa.slot_masks(row_select, kv_count, kv_index, kv_tile_group, q_tile, kv_tile_len)
     per_word = min(32, q_tile)
-    got = ((masks[..., None] >> torch.arange(per_word, device=device)) & 1).flatten(-2).bool()  # [B,H,n_qt,cap,q_tile]
+    got = ((masks[..., :-1, None] >> torch.arange(per_word, device=device)) & 1).flatten(-2).bool()  # [..,cap,q_tile]
     n_qt = kv_count.shape[-1]
     for b in range(B):
         for h in range(H):
@@ -213,6 +213,7 @@ def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
                 for slot in range(int(kv_count[b, h, qt])):
                     g = int(kv_tile_group[kv_index[b, h, qt, slot]])
                     assert torch.equal(got[b, h, qt, slot, :len(rows)], bits[b, h, rows, g]), (b, h, qt, slot)
+                    assert masks[b, h, qt, slot, -1] == kv_tile_len[kv_index[b, h, qt, slot]]
                     assert not got[b, h, qt, slot, len(rows):].any()
     out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=q_tile, kv_tile=T, grad=False,
                           fn=block_sparse_attention_forward_only, kv_tile_len=kv_tile_len, row_select=row_select,
