@@ -628,11 +628,12 @@ def _env_dq_mode() -> str:
 # keys per online-softmax step) were measured and removed in session 8 (NOTES: mixed / slower; code in f9270e7).
 # prefetch_index (the visited tile's index loaded a step ahead, like the masks' data) was timed and dropped in
 # session 8: d = 0.25 unchanged, d = 1 2.5% slower.
-# slot_masks_below: forward steps of fewer keys than this take row_select through per-slot masks (slot_masks): the
-# row-word chain tile -> group -> word is loaded a step ahead only at BLOCK_N >= 128 (see _fwd_kernel). H200,
-# Wan-1.3B 3D layer (32-key steps), the hybrid's query-tile part: 4.91 -> 4.45 ms, building them included; at
-# 128-key steps no change. The masks take 4 bytes per slot and 32 query rows, i.e. (q_tile / 32) x kv_index: above
-# _SLOT_MASKS_MAX_BYTES (Wan-14B 720p 3D layers: 1.1 GB) the row words are read as before.
+# slot_masks_below: forward steps of fewer keys than this take row_select (and kv_tile_len) through per-slot masks
+# (slot_masks), loaded a step ahead with no tile index behind them; the row words' chain tile -> group -> word is
+# loaded a step ahead only at BLOCK_N >= 128 (see _fwd_kernel). H200, Wan-1.3B 3D layer (32-key steps), the hybrid's
+# query-tile part: 4.87 -> 3.97 ms, building them included; at 128-key steps no change. The masks take
+# (q_tile / 32 + 1) x the bytes of kv_index: above _SLOT_MASKS_MAX_BYTES (Wan-14B 720p 3D layers: 1.4 GB) the row
+# words are read as before.
 _FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "slot_masks_below": 128}
 _SLOT_MASKS_MAX_BYTES = 1 << 29
 
