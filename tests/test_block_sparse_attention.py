@@ -49,6 +49,15 @@ def _inputs(B, Sq, Sk, H, D, dtype, device):
     return q, k, v
 
 
+def _row_select_words(bits: torch.Tensor) -> torch.Tensor:
+    """bool [B, H, S, groups <= 64] -> the kernels' int32 bitmask words [B, H, S, 2] (bit g % 32 of word g // 32)."""
+    B, H, S, groups = bits.shape
+    padded = torch.zeros(B, H, S, 64, dtype=torch.int64, device=bits.device)
+    padded[..., :groups] = bits.long()
+    words = (padded.view(B, H, S, 2, 32) * (1 << torch.arange(32, dtype=torch.int64, device=bits.device))).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def _check_all(assert_close, q, k, v, layout, *, q_tile, kv_tile, grad=True, lse_grad=False, fn=None, **extra):
     """Compare out, lse (and dq, dk, dv) with the fp32 and same-dtype references under the tolerance rule."""
     kv_count, kv_index = layout
@@ -141,11 +150,7 @@ def test_masks_len_rowselect_empty(bwd_path, assert_close, device, T):
     first_rows = first.repeat_interleave(T, dim=-1)[..., :S]
     bits.scatter_(3, first_rows.unsqueeze(-1).long(), False)
     bits[1, 1, 5:9] = False  # rows that see nothing
-    weights = (1 << torch.arange(32, dtype=torch.int64, device=device))
-    padded = torch.zeros(B, H, S, 64, dtype=torch.int64, device=device)
-    padded[..., :groups] = bits.long()
-    words = (padded.view(B, H, S, 2, 32) * weights).sum(-1)
-    row_select = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    row_select = _row_select_words(bits)
     out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=T, kv_tile=T,
                           kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group)
     assert torch.isinf(lse[1, 1, 5:9]).all() and (out[1, 5:9, 1] == 0).all()
@@ -180,10 +185,11 @@ def test_loop_prefetch_128_key_blocks(monkeypatch, bwd_path, assert_close, devic
 @pytest.mark.parametrize("q_tile,T,fwd_cfg", [(64, 32, None), (128, 32, (64, 32, 4, 1)), (16, 16, None),
                                              (64, 128, (64, 128, 4, 1))])
 def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
-    """The forward's per-slot row masks (slot_masks_below): row_select transposed to the visited slots (and each
-    slot's key length, both loaded a step ahead) equals the reference on ragged keys, groups in several bitmask words, rows that see nothing, an empty query tile and a
-    query tile of one slot; with a program smaller than the query tile (64 rows of 128), 16-row query tiles (one
-    half-used word) and 128-key steps (masks loaded a step ahead). slot_masks itself: every bit against torch."""
+    """The forward's per-slot masks (slot_masks_below): row_select transposed to the visited slots, with each slot's
+    key length, both loaded a step ahead, equal the reference on ragged keys, groups in several bitmask words, rows
+    that see nothing, an empty query tile and a query tile of one slot; with a program smaller than the query tile
+    (64 rows of 128), 16-row query tiles (one half-used word) and 128-key steps. slot_masks itself: every bit and
+    length against torch. The row words (what layouts over the masks' memory cap read) on the same inputs too."""
     monkeypatch.setitem(bsa._FWD_OPTS, "slot_masks_below", 1 << 30)
     if fwd_cfg is not None:
         monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", fwd_cfg)
@@ -198,10 +204,7 @@ def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
     kv_tile_group = torch.randint(0, groups, (n_t,), dtype=torch.int32, device=device)
     bits = torch.rand(B, H, S, groups, device=device) < 0.5
     bits[1, 0, 7:40] = False
-    padded = torch.zeros(B, H, S, 64, dtype=torch.int64, device=device)
-    padded[..., :groups] = bits.long()
-    words = (padded.view(B, H, S, 2, 32) * (1 << torch.arange(32, dtype=torch.int64, device=device))).sum(-1)
-    row_select = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    row_select = _row_select_words(bits)
     masks = bsa.slot_masks(row_select, kv_count, kv_index, kv_tile_group, q_tile, kv_tile_len)
     per_word = min(32, q_tile)
     got = ((masks[..., :-1, None] >> torch.arange(per_word, device=device)) & 1).flatten(-2).bool()  # [..,cap,q_tile]
@@ -215,14 +218,12 @@ def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
                     assert torch.equal(got[b, h, qt, slot, :len(rows)], bits[b, h, rows, g]), (b, h, qt, slot)
                     assert masks[b, h, qt, slot, -1] == kv_tile_len[kv_index[b, h, qt, slot]]
                     assert not got[b, h, qt, slot, len(rows):].any()
-    out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=q_tile, kv_tile=T, grad=False,
-                          fn=block_sparse_attention_forward_only, kv_tile_len=kv_tile_len, row_select=row_select,
-                          kv_tile_group=kv_tile_group)
-    assert torch.isinf(lse[1, 0, 7:40]).all() and (out[1, 7:40, 0] == 0).all()
-
-
-def block_sparse_attention_forward_only(*a, **kw):
-    return bsa.block_sparse_attention_forward(*a, **kw)
+    for below in (1 << 30, 0):  # slot masks, then the row words
+        monkeypatch.setitem(bsa._FWD_OPTS, "slot_masks_below", below)
+        out, lse = _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=q_tile, kv_tile=T, grad=False,
+                              fn=bsa.block_sparse_attention_forward, kv_tile_len=kv_tile_len, row_select=row_select,
+                              kv_tile_group=kv_tile_group)
+        assert torch.isinf(lse[1, 0, 7:40]).all() and (out[1, 7:40, 0] == 0).all()
 
 
 @pytest.mark.parametrize("T", [32, 64])
