@@ -230,8 +230,9 @@ class KeyBlockPlan:
     host asynchronously: :meth:`per_head` waits for that copy only (the call's one host sync), so work queued after
     the plan (the hybrid's query-tile kernel) keeps the GPU busy while the host waits and then launches the rest."""
 
-    def __init__(self, row_cnt: torch.Tensor, col_cnt: torch.Tensor, list_len: torch.Tensor, totals: torch.Tensor):
-        self.row_cnt, self.col_cnt, self.list_len = row_cnt, col_cnt, list_len
+    def __init__(self, row_cnt: torch.Tensor, col_cnt: torch.Tensor, list_len: torch.Tensor, totals: torch.Tensor,
+                 block_m: int):
+        self.row_cnt, self.col_cnt, self.list_len, self.block_m = row_cnt, col_cnt, list_len, block_m
         self._event = None
         if totals.is_cuda:
             self._totals = totals.to("cpu", non_blocking=True)  # pinned (PyTorch's caching host allocator)
@@ -265,7 +266,7 @@ def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128
     list_len = col_cnt.sum(-1)
     totals = torch.stack([row_cnt.sum(1, dtype=torch.int64),
                           ((list_len + block_m - 1) // block_m).sum(1, dtype=torch.int64)], 1)
-    return KeyBlockPlan(row_cnt, col_cnt, list_len, totals)
+    return KeyBlockPlan(row_cnt, col_cnt, list_len, totals, block_m)
 
 
 def _chunks(pairs_per_head: list, limit: int):
@@ -314,6 +315,8 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     dev = q.device
     if plan is None:
         plan = key_block_plan(row_select, NB, block_m)
+    elif plan.block_m != block_m:  # its list-tile totals count tiles of plan.block_m queries
+        raise ValueError(f"plan was made for block_m={plan.block_m}, the call has block_m={block_m}")
     row_cnt, col_cnt, list_len_all = plan.row_cnt, plan.col_cnt, plan.list_len
     pairs, tiles = plan.per_head()
     n_rt = col_cnt.shape[-1]

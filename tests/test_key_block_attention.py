@@ -81,6 +81,10 @@ def test_chunked_equals_one_pass(device):
     assert len(_chunks(pairs, max(pairs))) == B * H
     many = key_block_attention(q, k, v, rs, max_pair_bytes=max(pairs) * (2 * D + 12), **kw)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    planned = key_block_attention(q, k, v, rs, plan=key_block_plan(rs, part.num_blocks, 16), **kw)
+    assert torch.equal(one[0], planned[0]) and torch.equal(one[1], planned[1])
+    with pytest.raises(ValueError, match="block_m=32"):
+        key_block_attention(q, k, v, rs, plan=key_block_plan(rs, part.num_blocks, 32), **kw)
 
 
 def test_plan_counts_pairs(device):
