@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -342,16 +343,29 @@ def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int,
     return gate
 
 
+_FP32_MATMUL_LOCK = threading.Lock()
+_fp32_matmul_state = {"users": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def _fp32_matmul():
     """The query-tile gate is an fp32 matmul as in the reference, also where a caller allowed TF32 globally
-    (benchmarks do, for the model's own layers). Flips a process-wide flag: not thread-safe."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    (benchmarks do, for the model's own layers). PyTorch has only the process-wide flag, so it is turned off while
+    any thread is inside (other threads' matmuls run in full fp32 meanwhile: slower, never less exact) and the
+    caller's value comes back when the last one leaves: with plain save/restore, two overlapping threads could
+    restore each other's ``False`` and leave TF32 off for the rest of the process."""
+    with _FP32_MATMUL_LOCK:
+        if _fp32_matmul_state["users"] == 0:
+            _fp32_matmul_state["saved"] = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _fp32_matmul_state["users"] += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        with _FP32_MATMUL_LOCK:
+            _fp32_matmul_state["users"] -= 1
+            if _fp32_matmul_state["users"] == 0:
+                torch.backends.cuda.matmul.allow_tf32 = _fp32_matmul_state["saved"]
 
 
 def _threshold_rows(nb_pad: int) -> int:

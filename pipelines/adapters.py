@@ -6,6 +6,7 @@ Features ask the adapter; they never test model classes themselves.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -235,6 +236,17 @@ class HunyuanVideoAdapter(FamilyAdapter):
         return (x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)
 
 
+def _cogvideox_cfg_scale(pipe, local: dict) -> float:
+    """The CFG scale CogVideoX pipelines apply to this step's prediction. With ``use_dynamic_cfg`` they compute it
+    only after the transformer call, so it is computed here by their formula from the same locals (every CogVideoX
+    pipeline of diffusers 0.42 uses it); otherwise ``pipe._guidance_scale``."""
+    if local.get("use_dynamic_cfg") and all(k in local for k in ("guidance_scale", "num_inference_steps", "t")):
+        n, t = local["num_inference_steps"], local["t"]
+        t = float(t.item() if isinstance(t, torch.Tensor) else t)
+        return 1.0 + float(local["guidance_scale"]) * (1.0 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2.0
+    return float(getattr(pipe, "_guidance_scale", 1.0))
+
+
 class CogVideoXAdapter(FamilyAdapter):
     """CogVideoX: layer i = ``transformer_blocks[i].attn1``; sequence = [text, video]."""
 
@@ -244,13 +256,11 @@ class CogVideoXAdapter(FamilyAdapter):
         return list(_sites(model.transformer_blocks, "attn1", "joint", "transformer_blocks"))
 
     def row_roles(self, pipe, denoiser_name, batch_size, call_name):
-        # CogVideoXPipeline batches [uncond, cond] when it applies CFG (a local: guidance_scale > 1). With
-        # use_dynamic_cfg it sets this step's scale only after the transformer call, so the fold uses the
-        # previous step's scale (the perturbation term then scales by their ratio, close to 1 between steps).
+        # CogVideoXPipeline batches [uncond, cond] when it applies CFG (a local: guidance_scale > 1).
         if pipe is not None and batch_size % 2 == 0:
             local = _pipeline_call_locals(pipe)
             if local.get("do_classifier_free_guidance"):
-                return _cfg_batch_roles(batch_size), float(getattr(pipe, "_guidance_scale", 1.0))
+                return _cfg_batch_roles(batch_size), _cogvideox_cfg_scale(pipe, local)
         return ("cond",) * batch_size, 1.0
 
     def grid(self, model, args, kwargs):

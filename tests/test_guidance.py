@@ -253,6 +253,36 @@ def test_cogvideox_pipeline_perturbs_cond_rows_only(pipes):
         assert stats["perturbed_calls"] == STEPS and stats["perturbed_rows"] == STEPS, (w, stats)
 
 
+def test_cogvideox_dynamic_cfg_folds_with_this_steps_scale(pipes):
+    """With use_dynamic_cfg CogVideoXPipeline sets each step's CFG scale only after its transformer call; the fold
+    must use that step's scale (the pipeline's formula at this t), not the previous step's."""
+    import math
+
+    from mixdit.guidance.perturbation import PLAN_KEY
+    from mixdit.pipelines.context import current_context
+
+    pipe = pipes["tiny-cogvideox"]
+    mixdit.apply(pipe, guidance=GuidanceConfig(heads="L2", scale=3.0))
+    times, scales = [], []  # each call's timestep (transformer input) and fold scale (read inside the first block)
+    hooks = [pipe.transformer.register_forward_pre_hook(
+                 lambda module, args, kwargs: times.append(float(kwargs["timestep"][0])), with_kwargs=True),
+             pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+                 lambda module, args: scales.append(current_context().extras[PLAN_KEY].cfg_scale))]
+    try:
+        _run(pipe, "tiny-cogvideox", guidance_scale=6.0, use_dynamic_cfg=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        mixdit.remove(pipe)
+    seen = list(zip(times, scales))
+    assert len(seen) == STEPS
+    for t, scale in seen:
+        want = 1 + 6.0 * (1 - math.cos(math.pi * ((STEPS - t) / STEPS) ** 5.0)) / 2
+        assert scale == pytest.approx(want, rel=1e-6), (t, scale, want)
+    # the lagging fold took the scale the pipeline had set before this call: at the first step guidance_scale
+    assert seen[0][1] != 6.0
+
+
 def test_hunyuan_video_true_cfg_perturbs_the_cond_call_only(pipes):
     """HunyuanVideoPipeline with true CFG (a negative prompt and true_cfg_scale > 1) calls the transformer for
     "cond", then for "uncond": only the first gets perturbed rows, folded with w = true_cfg_scale."""
