@@ -190,7 +190,6 @@ def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
     that see nothing, an empty query tile and a query tile of one slot; with a program smaller than the query tile
     (64 rows of 128), 16-row query tiles (one half-used word) and 128-key steps. slot_masks itself: every bit and
     length against torch. The row words (what layouts over the masks' memory cap read) on the same inputs too."""
-    monkeypatch.setitem(bsa._FWD_OPTS, "slot_masks_below", 1 << 30)
     if fwd_cfg is not None:
         monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", fwd_cfg)
     B, H, S, D = 2, 2, 300, 64
