@@ -187,7 +187,8 @@ KEY_BLOCK_VARIANTS = ((128, 32, 4, 1), (128, 32, 4, 3), (64, 32, 4, 2), (64, 32,
                       (64, 64, 4, 2), (128, 32, 8, 2))
 
 
-HYBRID_FILLS = (0.125, 0.25, 0.375, 0.5, 0.625)
+# min_fill values the hybrid studies sweep (this GPU study and vmoba_tile_union's CPU count)
+HYBRID_FILLS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
 
 def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_TYPE), variants=True,

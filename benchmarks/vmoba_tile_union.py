@@ -39,6 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vmoba_attention import HYBRID_FILLS  # noqa: E402  (one list for the CPU count and the GPU study)
 
 
 def tile_density(sel: torch.Tensor, order: torch.Tensor, kv_tile_group: torch.Tensor, q_tile: int) -> float:
@@ -67,9 +68,6 @@ def pair_grouping(sel: torch.Tensor, block_size: torch.Tensor, group: int) -> tu
     pairs = float(hit.double().sum() / sel.double().sum())
     keys = float((hit.double() * size_p.sum(-1)).sum() / (sel.double() * block_size.double()).sum())
     return pairs, keys
-
-
-HYBRID_FILLS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
 
 def hybrid_split(sel: torch.Tensor, block_size: torch.Tensor, q_tile: int, fills=HYBRID_FILLS) -> dict:

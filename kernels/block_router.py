@@ -67,8 +67,8 @@ MODE_GLOBAL_SELECT = 2
 MODE_GLOBAL_MINMAX = 3
 MODE_GLOBAL_SUMS = 4
 
-# the threshold rule's cut search stops once the remaining bits cannot change the selection (_threshold_rule);
-# False: all 30 bits (the A/B and the test that both select the same blocks)
+# the threshold rule's cut search stops once the remaining bits cannot change the selection (_threshold_rule), in
+# the per-token and the query-tile router; False: all 30 bits (the A/B and the test that both select the same blocks)
 _RULE_EARLY_EXIT = True
 # token gate launch: rows x blocks per step, warps (H200, Wan-1.3B's q/k: benchmarks/NOTES.md, session 11)
 _GATE_TILES = (128, 64)
@@ -228,7 +228,7 @@ def _threshold_rule(s, valid, is_own, threshold, ROWS: tl.constexpr, EARLY_EXIT:
     # (the one value is the cut itself, or the cut is below it), so "bits >= prefix" is already the final set and
     # the search stops: ~half the rounds at Wan sizes, and the result is bit-identical to the full search.
     prefix = tl.zeros([ROWS], dtype=tl.int32)
-    b = tl.program_id(0) * 0 + 30
+    b = tl.program_id(0) * 0 + 30  # bits left, as a tensor: the while loop carries it (and open_rows, > 0 to start)
     open_rows = b
     while (b > 0) & (open_rows > 0):
         for i in tl.static_range(3):
@@ -293,7 +293,7 @@ def _token_gate_kernel(Q, M1, M2, M3, GATE, stride_qb, stride_qs, stride_qh, str
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
     if MODE != GATE_BF16_SPLIT or F32_DOT:  # (F32_DOT: the CPU interpreter's bf16 dot is not exact)
         q = q.to(tl.float32)
-    m_base = (bh.to(tl.int64) * D_PAD + offs_d[:, None]) * NB_PAD
+    m_base = (j.to(tl.int64) * D_PAD + offs_d[:, None]) * NB_PAD  # the parts hold the chunk's heads only
     g_base = GATE + (j.to(tl.int64) * Sq + rows[:, None]) * NB
     for c0 in range(0, NB, BN):
         cols = c0 + tl.arange(0, BN)
@@ -329,7 +329,7 @@ def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int,
     ``q [B, Sq, H, D]`` against every block's key mean (``means_t [B*H, D_PAD, NB_PAD]``, :func:`block_key_means`).
     Tensor cores at about fp32 accuracy (see ``_token_gate_kernel``)."""
     B, Sq, H, D = q.shape
-    means_t = means_t.contiguous()
+    means_t = means_t[h0:h1].contiguous()  # split only this chunk's means into parts
     D_PAD, NB_PAD = means_t.shape[1], means_t.shape[2]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     mode, parts, precision = _gate_operands(q.dtype, means_t, interpret)
@@ -653,7 +653,7 @@ def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
                        Sq, NB, n_qt, n_kt, n_grp, BH, max_tc, npass, threshold, inv_keys, inv_tiles,
                        MODE: tl.constexpr, TOPK: tl.constexpr, NB_PAD: tl.constexpr, TM: tl.constexpr,
                        Q_TILE: tl.constexpr, GRP_PAD: tl.constexpr, NCAND: tl.constexpr, DIGIT: tl.constexpr,
-                       REC: tl.constexpr):
+                       REC: tl.constexpr, EARLY_EXIT: tl.constexpr):
     # GATE [B*H, n_qt, NB_PAD] fp32: mean query . block key means (one batched matmul before this launch)
     grp = tl.program_id(0)
     bh = tl.program_id(1)
@@ -688,7 +688,7 @@ def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
             sel = sel | pick
             work = tl.where(pick, float("-inf"), work)
     elif MODE == 0:  # threshold, per tile row
-        sel = _threshold_rule(s, valid, is_own, threshold, TM, True)
+        sel = _threshold_rule(s, valid, is_own, threshold, TM, EARLY_EXIT)
     else:  # global (MODE 3: partial sums at the next candidates; MODE 4: select)
         mn, den, te, remain, prefix = _tile_global_state(PART, bh, BH, n_grp, npass, threshold,
                                                          GRP_PAD, NCAND, DIGIT, REC)
@@ -798,7 +798,7 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
             Sq, NB, n_qt, n_kt, n_grp, BH, int(max_block_tiles), npass, threshold, inv_keys, inv_tiles,
             MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, TM=TM, Q_TILE=q_tile,
             GRP_PAD=max(2, _next_pow2(n_grp)), NCAND=TILE_NCAND, DIGIT=TILE_DIGIT, REC=TILE_REC,
-            num_warps=num_warps)
+            EARLY_EXIT=_RULE_EARLY_EXIT, num_warps=num_warps)
 
     if selection == "threshold":
         launch(TILE_THRESHOLD)

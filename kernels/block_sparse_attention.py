@@ -199,9 +199,9 @@ def _fwd_kernel(
     # prefetch made the loop 25% slower (50.3 -> 63.1 ms): there it stays in the step, unless it comes from
     # per-slot masks, whose loads need no tile index.
     PREFETCH_META: tl.constexpr = (HAS_LEN or HAS_SEL) and (BLOCK_N >= 128 or SLOT_MASKS)
-    kl_next, g_next, word_next = 0, 0, 0
+    kl_next, shift_next, word_next = 0, 0, 0
     if PREFETCH_META:
-        kl_next, g_next, word_next = _slot_meta(idx_base, 0, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base,
+        kl_next, shift_next, word_next = _slot_meta(idx_base, 0, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base,
                                                 slot_len, s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
     # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
     for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
@@ -209,8 +209,8 @@ def _fwd_kernel(
         sub = it % SUB
         kt = tl.load(idx_base + slot * s_ii)  # Triton pipelines this one (loading it a step ahead gained nothing)
         if PREFETCH_META:
-            kl, g, word = kl_next, g_next, word_next
-            kl_next, g_next, word_next = _slot_meta(idx_base, (it + 1) // SUB, count, s_ii, KV_LEN, KV_GROUP,
+            kl, shift, word = kl_next, shift_next, word_next
+            kl_next, shift_next, word_next = _slot_meta(idx_base, (it + 1) // SUB, count, s_ii, KV_LEN, KV_GROUP,
                                                     sel_base, slot_base, slot_len, s_ts, row_ok, row_bit, HAS_LEN,
                                                     HAS_SEL, SLOT_MASKS)
         offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
@@ -245,12 +245,12 @@ def _fwd_kernel(
                 s = tl.where(key_ok[None, :], s, float("-inf"))
         elif NEED_MASK:
             if not PREFETCH_META:
-                kl, g, word = _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok,
+                kl, shift, word = _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok,
                                          row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
             key_ok = offs_k < Sk
             if HAS_LEN:
                 key_ok = key_ok & ((sub * BLOCK_N + offs_n) < kl)
-            s = _masked_scores(s, key_ok, g, word, HAS_SEL)
+            s = _masked_scores(s, key_ok, shift, word, HAS_SEL)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if SAFE_MAX:
             # a row that has seen only masked keys keeps m = -inf; use 0 so no (-inf) - (-inf)
@@ -836,7 +836,7 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     srs = (0, 0, 0) if rs is None else rs.stride()
     slots = None
     if (rs is not None and bn < _FWD_OPTS["slot_masks_below"]
-            and kv_index.numel() * (_cdiv(q_tile, 32) + 1) * 4 <= _SLOT_MASKS_MAX_BYTES):
+            and kv_index.numel() * (_slot_mask_words(q_tile) + 1) * 4 <= _SLOT_MASKS_MAX_BYTES):
         slots = slot_masks(rs, kv_count, kv_index, grp, q_tile, kv_len)
     sts = (0, 0, 0, 0) if slots is None else slots.stride()[:4]
     _fwd_kernel[(_cdiv(Sq, bm), B * H)](
@@ -855,6 +855,11 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     return out, lse
 
 
+def _slot_mask_words(q_tile: int) -> int:
+    """Row-bit words per slot entry of :func:`slot_masks` (the length word follows them)."""
+    return _cdiv(q_tile, 32)
+
+
 def slot_masks(row_select: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
                kv_tile_group: torch.Tensor, q_tile: int, kv_tile_len: torch.Tensor | None = None) -> torch.Tensor:
     """``row_select`` transposed to the visited slots: int32 ``[B, H, n_qt, capacity, NW + 1]``, NW =
@@ -865,15 +870,14 @@ def slot_masks(row_select: torch.Tensor, kv_count: torch.Tensor, kv_index: torch
     chain tile -> group -> row word behind them (see ``_fwd_kernel``)."""
     B, H, n_qt, cap = kv_index.shape
     Sq = row_select.shape[2]
-    per_word = min(32, q_tile)
-    out = torch.empty(B, H, n_qt, cap, q_tile // per_word + 1, device=kv_index.device, dtype=torch.int32)
+    out = torch.empty(B, H, n_qt, cap, _slot_mask_words(q_tile) + 1, device=kv_index.device, dtype=torch.int32)
     if _POISON_OUTPUTS:
         out.fill_(0x55555555)
     sr, sc, si = row_select.stride(), kv_count.stride(), kv_index.stride()
     _slot_masks_kernel[(n_qt, B * H)](row_select, kv_count, kv_index, kv_tile_group,
                                       kv_count if kv_tile_len is None else kv_tile_len, out, H, Sq, n_qt, cap,
                                       sr[0], sr[1], sr[2], sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3],
-                                      Q_TILE=q_tile, ROWS_PER_WORD=per_word, SC=32, HAS_LEN=kv_tile_len is not None,
+                                      Q_TILE=q_tile, ROWS_PER_WORD=min(32, q_tile), SC=32, HAS_LEN=kv_tile_len is not None,
                                       num_warps=4)
     return out
 

@@ -52,6 +52,8 @@ _POISON_OUTPUTS = False
 # stages the loads overlap (H200, Wan-1.3B hybrid at HYBRID_MIN_FILL: merge 3D 0.98 -> 0.59 ms, spatial 0.39 ->
 # 0.26; of 11 launches (32, 4, 1) the old default, (16, 2, 3) 0.62 / 0.26, unpipelined 0.79-1.22 / 0.32-0.49)
 _MERGE_LAUNCH = (8, 1, 3)
+# queries per attention program (a block's list is cut into tiles of this many; the plan counts them)
+DEFAULT_BLOCK_M = 128
 
 
 @triton.jit
@@ -226,13 +228,16 @@ def _count_tile_rows(nb_pad: int) -> int:
 
 class KeyBlockPlan:
     """The pair counts of a selection (:func:`key_block_plan`): ``row_cnt [B*H, Sq]``, ``col_cnt [B*H, NB, n_rt]``
-    and ``list_len [B*H, NB]`` on the device, and per (sample, head) the pair and list-tile totals, copied to the
-    host asynchronously: :meth:`per_head` waits for that copy only (the call's one host sync), so work queued after
-    the plan (the hybrid's query-tile kernel) keeps the GPU busy while the host waits and then launches the rest."""
+    (per tile of ``rows_per_tile`` rows, the tiling the fill kernel must use too) and ``list_len [B*H, NB]`` on the
+    device, and per (sample, head) the pair and list-tile (``block_m`` queries) totals, copied to the host
+    asynchronously: :meth:`per_head` waits for that copy only (the call's one host sync), so work queued after the
+    plan (the hybrid's query-tile kernel) keeps the GPU busy while the host waits and then launches the rest."""
 
-    def __init__(self, row_cnt: torch.Tensor, col_cnt: torch.Tensor, list_len: torch.Tensor, totals: torch.Tensor,
-                 block_m: int):
-        self.row_cnt, self.col_cnt, self.list_len, self.block_m = row_cnt, col_cnt, list_len, block_m
+    def __init__(self, row_cnt: torch.Tensor, col_cnt: torch.Tensor, rows_per_tile: int, block_m: int):
+        self.row_cnt, self.col_cnt, self.rows_per_tile, self.block_m = row_cnt, col_cnt, rows_per_tile, block_m
+        self.list_len = col_cnt.sum(-1)
+        totals = torch.stack([row_cnt.sum(1, dtype=torch.int64),
+                              ((self.list_len + block_m - 1) // block_m).sum(1, dtype=torch.int64)], 1)
         self._event = None
         if totals.is_cuda:
             self._totals = totals.to("cpu", non_blocking=True)  # pinned (PyTorch's caching host allocator)
@@ -249,7 +254,7 @@ class KeyBlockPlan:
         return [p[0] for p in rows], [p[1] for p in rows]
 
 
-def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128) -> KeyBlockPlan:
+def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = DEFAULT_BLOCK_M) -> KeyBlockPlan:
     """Count the (query, block) pairs of a selection (one Triton kernel and a few reductions; no host sync until
     :meth:`KeyBlockPlan.per_head`)."""
     B, H, Sq, W = row_select.shape
@@ -263,10 +268,7 @@ def key_block_plan(row_select: torch.Tensor, num_blocks: int, block_m: int = 128
     col_cnt = torch.empty(B * H, num_blocks, n_rt, device=dev, dtype=torch.int32)
     _pair_count_kernel[(n_rt, B * H)](row_select, row_cnt, col_cnt, 0, Sq, W, num_blocks, n_rt,
                                       BM=BM, NB_PAD=NB_PAD, num_warps=4)
-    list_len = col_cnt.sum(-1)
-    totals = torch.stack([row_cnt.sum(1, dtype=torch.int64),
-                          ((list_len + block_m - 1) // block_m).sum(1, dtype=torch.int64)], 1)
-    return KeyBlockPlan(row_cnt, col_cnt, list_len, totals, block_m)
+    return KeyBlockPlan(row_cnt, col_cnt, BM, block_m)
 
 
 def _chunks(pairs_per_head: list, limit: int):
@@ -283,7 +285,7 @@ def _chunks(pairs_per_head: list, limit: int):
 
 def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
-                        kv_tile: int, scale: float | None = None, block_m: int = 128, block_n: int = 32,
+                        kv_tile: int, scale: float | None = None, block_m: int = DEFAULT_BLOCK_M, block_n: int = 32,
                         max_pair_bytes: int = 2 << 30, num_warps: int = 4, num_stages: int = 2,
                         return_work: bool = False, out_dtype: torch.dtype | None = None, base=None,
                         plan: KeyBlockPlan | None = None):
@@ -321,7 +323,7 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     pairs, tiles = plan.per_head()
     n_rt = col_cnt.shape[-1]
     NB_PAD = max(32, _next_pow2(NB))
-    BM = _count_tile_rows(NB_PAD)
+    BM = plan.rows_per_tile
     W = row_select.shape[-1]
     work = None
     if return_work:  # as the query-tile kernel counts it: key tiles (padding included) over all key tiles
@@ -425,7 +427,7 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     NB = block_tile_start.numel()
     dense_rs, sparse_rs, union = split_by_tile_fill(row_select, NB, q_tile, min_fill)
     # the key-block plan first: its host copy completes while the query-tile kernel, queued next, runs
-    plan = key_block_plan(sparse_rs, NB, key_block_kw.get("block_m", 128))
+    plan = key_block_plan(sparse_rs, NB, key_block_kw.get("block_m", DEFAULT_BLOCK_M))
     kv_count, kv_index = compact_tiles(union, kv_tile_group)
     base = block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=scale,
                                           kv_tile_len=kv_tile_len, row_select=dense_rs, kv_tile_group=kv_tile_group)
