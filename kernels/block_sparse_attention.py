@@ -77,8 +77,9 @@ def _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, 
     if SLOT_MASKS:
         if HAS_LEN:
             kl = tl.load(slot_len + slot * s_ts)
-        word = tl.load(slot_base + slot * s_ts, mask=row_ok, other=0)
-        shift = row_bit
+        if HAS_SEL:
+            word = tl.load(slot_base + slot * s_ts, mask=row_ok, other=0)
+            shift = row_bit
     else:
         if HAS_LEN:
             kl = tl.load(KV_LEN + kt)
@@ -144,75 +145,40 @@ def _slot_masks_kernel(ROW_SEL, KV_COUNT, KV_INDEX, KV_GROUP, KV_LEN, SLOT_SEL, 
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP, SLOT_SEL,
-    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
-    s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, s_rb, s_rh, s_rs, s_tb, s_th, s_tq, s_ts,
-    H, Sq, Sk, qk_scale,
-    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, SLOT_MASKS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
-    F32_DOT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, TAIL_ONLY_MASK: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    qt = (pid_m * BLOCK_M) // Q_TILE
+def _fwd_steps(lo, hi, count, m_i, l_i, acc, q, k_base, v_base, k_desc, v_desc, idx_base, s_ii, s_ks, s_vs,
+               KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok, row_bit, offs_n, offs_d, Sk, qk_scale,
+               KV_TILE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr,
+               SLOT_MASKS: tl.constexpr, EVEN_K: tl.constexpr, F32_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+               WARP_SPEC: tl.constexpr, TAIL_ONLY_MASK: tl.constexpr):
+    """The forward's online softmax over flat steps ``[lo, hi)`` of (visited slot, sub-block of BLOCK_N keys);
+    ``HAS_SEL`` False: no row masks (slots every row of the tile selects). Returns the new (m_i, l_i, acc)."""
     SUB: tl.constexpr = KV_TILE // BLOCK_N
     NEED_MASK: tl.constexpr = HAS_LEN or HAS_SEL or (not EVEN_K)
     # rows can stay at m = -inf after a block only with per-row/per-key masks or an all-padding sub-block
     SAFE_MAX: tl.constexpr = HAS_LEN or HAS_SEL or ((not EVEN_K) and SUB > 1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Sq
-
-    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :]
-    if EVEN_M:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
-    if USE_TMA:  # Hopper bulk copies of each gathered [BLOCK_N, D] tile; rows past Sk read as zeros
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
     last_kt = (Sk - 1) // KV_TILE
-
-    count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
-    idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
-    sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs  # read only when HAS_SEL (row words)
-    row_in_tile = offs_m % Q_TILE
-    row_bit = row_in_tile % 32
-    slot_len = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + (Q_TILE + 31) // 32  # read only with SLOT_MASKS
-    slot_base = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + row_in_tile // 32
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
     # The masks' per-tile data (length, group, row bits) of 128-key tiles is loaded one step ahead: loaded in the
-    # step that uses it, the chain slot -> tile -> length stalled every step (H200, Wan-14B 720p query_tile
-    # layouts: spatial 42.3 -> 39.2 ms, temporal 52.3 -> 48.1 ms). With 32-key tiles (3D layers) the same
+    # step that uses it, the chain slot -> tile -> length stalled every step (H200, Wan-14B 720p
+    # query_tile layouts: spatial 42.3 -> 39.2 ms, temporal 52.3 -> 48.1 ms). With 32-key tiles (3D layers) the same
     # prefetch made the loop 25% slower (50.3 -> 63.1 ms): there it stays in the step, unless it comes from
-    # per-slot masks, whose loads need no tile index.
+    # per-slot masks, whose loads need no tile index. Two steps ahead (session 13): 3D hybrid 8.61 -> 8.51 ms at the
+    # old 128-row launch but slower at the 64-row one, and 1.3-1.4x slower at 128-key steps; not kept.
     PREFETCH_META: tl.constexpr = (HAS_LEN or HAS_SEL) and (BLOCK_N >= 128 or SLOT_MASKS)
     kl_next, shift_next, word_next = 0, 0, 0
     if PREFETCH_META:
-        kl_next, shift_next, word_next = _slot_meta(idx_base, 0, count, s_ii, KV_LEN, KV_GROUP, sel_base, slot_base,
-                                                slot_len, s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
+        kl_next, shift_next, word_next = _slot_meta(idx_base, lo // SUB, count, s_ii, KV_LEN, KV_GROUP, sel_base,
+                                                    slot_base, slot_len, s_ts, row_ok, row_bit, HAS_LEN, HAS_SEL,
+                                                    SLOT_MASKS)
     # one flat loop over (visited tile, sub-block of BLOCK_N keys): a single loop pipelines better
-    for it in tl.range(0, count * SUB, warp_specialize=WARP_SPEC):
+    for it in tl.range(lo, hi, warp_specialize=WARP_SPEC):
         slot = it // SUB
         sub = it % SUB
         kt = tl.load(idx_base + slot * s_ii)  # Triton pipelines this one (loading it a step ahead gained nothing)
         if PREFETCH_META:
             kl, shift, word = kl_next, shift_next, word_next
             kl_next, shift_next, word_next = _slot_meta(idx_base, (it + 1) // SUB, count, s_ii, KV_LEN, KV_GROUP,
-                                                    sel_base, slot_base, slot_len, s_ts, row_ok, row_bit, HAS_LEN,
-                                                    HAS_SEL, SLOT_MASKS)
+                                                        sel_base, slot_base, slot_len, s_ts, row_ok, row_bit, HAS_LEN,
+                                                        HAS_SEL, SLOT_MASKS)
         offs_k = kt * KV_TILE + sub * BLOCK_N + offs_n
         if USE_TMA:
             k = k_desc.load([kt * KV_TILE + sub * BLOCK_N, 0])
@@ -246,7 +212,7 @@ def _fwd_kernel(
         elif NEED_MASK:
             if not PREFETCH_META:
                 kl, shift, word = _tile_meta(kt, slot, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok,
-                                         row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
+                                             row_bit, HAS_LEN, HAS_SEL, SLOT_MASKS)
             key_ok = offs_k < Sk
             if HAS_LEN:
                 key_ok = key_ok & ((sub * BLOCK_N + offs_n) < kl)
@@ -262,6 +228,69 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, F32_DOT)
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, KV_LEN, ROW_SEL, KV_GROUP, SLOT_SEL, KV_FULL,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, s_rb, s_rh, s_rs, s_tb, s_th, s_tq, s_ts,
+    H, Sq, Sk, qk_scale,
+    Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, SLOT_MASKS: tl.constexpr, HAS_FULL: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, F32_DOT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TAIL_ONLY_MASK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    qt = (pid_m * BLOCK_M) // Q_TILE
+    SUB: tl.constexpr = KV_TILE // BLOCK_N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
+
+    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :]
+    if EVEN_M:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    if USE_TMA:  # Hopper bulk copies of each gathered [BLOCK_N, D] tile; rows past Sk read as zeros
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_desc, v_desc = k_base, v_base  # unused
+
+    count = tl.load(KV_COUNT + b * s_cb + h * s_ch + qt * s_cq)
+    idx_base = KV_INDEX + b * s_ib + h * s_ih + qt * s_iq
+    sel_base = ROW_SEL + b * s_rb + h * s_rh + offs_m * s_rs  # read only when HAS_SEL (row words)
+    row_in_tile = offs_m % Q_TILE
+    row_bit = row_in_tile % 32
+    slot_len = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + (Q_TILE + 31) // 32  # read only with SLOT_MASKS
+    slot_base = SLOT_SEL + b * s_tb + h * s_th + qt * s_tq + row_in_tile // 32
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_full = 0
+    if HAS_FULL:
+        # the first n_full visited slots are selected by every row of the tile (kv_full): no row masks there
+        n_full = tl.minimum(tl.load(KV_FULL + pid_bh.to(tl.int64) * tl.cdiv(Sq, Q_TILE) + qt), count)
+        m_i, l_i, acc = _fwd_steps(0, n_full * SUB, count, m_i, l_i, acc, q, k_base, v_base, k_desc, v_desc, idx_base,
+                                   s_ii, s_ks, s_vs, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts, row_ok,
+                                   row_bit, offs_n, offs_d, Sk, qk_scale, KV_TILE, BLOCK_N, HAS_LEN, False, SLOT_MASKS,
+                                   EVEN_K, F32_DOT, USE_TMA, WARP_SPEC, TAIL_ONLY_MASK)
+    m_i, l_i, acc = _fwd_steps(n_full * SUB, count * SUB, count, m_i, l_i, acc, q, k_base, v_base, k_desc, v_desc,
+                               idx_base, s_ii, s_ks, s_vs, KV_LEN, KV_GROUP, sel_base, slot_base, slot_len, s_ts,
+                               row_ok, row_bit, offs_n, offs_d, Sk, qk_scale, KV_TILE, BLOCK_N, HAS_LEN, HAS_SEL,
+                               SLOT_MASKS, EVEN_K, F32_DOT, USE_TMA, WARP_SPEC, TAIL_ONLY_MASK)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -596,6 +625,12 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M/BLOCK_N are clipped to the layout tiles.
 _FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
+# layouts of key tiles <= 32 (VMoBA's 3D layers): 64-row programs of 4 warps, 3 stages with row masks and 2 without.
+# H200, Wan-1.3B 3D layer with the router (session 13, results/fwd-config-sweep-session13-*.json): exact rule
+# (per-slot masks) 10.92 -> 10.02 ms against 128 x 32 with 8 warps, 3 stages (2 stages: 10.15); query_tile
+# granularity (lengths only) 3.10 -> 2.96 ms (3 stages: 3.19). 128-key layouts keep the table above (64-row or
+# 64-key launches were 2% faster in the exact spatial layers and 10-25% slower everywhere else).
+_FWD_CONFIGS_SMALL_KV = {"row_masks": (64, 32, 4, 3), "lengths_only": (64, 32, 4, 2)}
 _DKDV_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}  # (BLOCK_M queries, BLOCK_N keys, ...)
 _DQ_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 # the backward's TMA path (Hopper) uses the same tables; "dkdv"/"dq" overrides apply to either path
@@ -779,12 +814,12 @@ def _int32_contig(t):
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _check_layout(q, k, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group):
+def _check_layout(q, k, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group, kv_full=None):
     # the kernels index these by (b, h, tile) with no bounds checks: a layout built for other tiles reads garbage
     B, Sq, H, _ = q.shape
     n_qt, n_kt = _cdiv(Sq, q_tile), _cdiv(k.shape[1], kv_tile)
     expect = {"kv_count": (kv_count, (B, H, n_qt)), "kv_tile_len": (kv_tile_len, (n_kt,)),
-              "kv_tile_group": (kv_tile_group, (n_kt,))}
+              "kv_tile_group": (kv_tile_group, (n_kt,)), "kv_full": (kv_full, (B, H, n_qt))}
     for name, (t, shape) in expect.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for q_tile={q_tile}, kv_tile={kv_tile} "
@@ -797,15 +832,16 @@ def _check_layout(q, k, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_se
         if kv_tile_group is None:
             raise ValueError("row_select needs kv_tile_group (the group of each key tile)")
     for name, t in (("kv_count", kv_count), ("kv_index", kv_index), ("kv_tile_len", kv_tile_len),
-                    ("row_select", row_select), ("kv_tile_group", kv_tile_group)):
+                    ("row_select", row_select), ("kv_tile_group", kv_tile_group), ("kv_full", kv_full)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}: the layout must live with the inputs")
 
 
-def _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group):
-    """Check the inputs once and bring them to what the kernels read (the autograd forward saves the result)."""
+def _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group, kv_full=None):
+    """Check the inputs once and bring them to what the kernels read (the autograd forward saves the result;
+    ``kv_full``, a forward-only hint, is checked here and normalised by the forward launcher)."""
     _check(q, k, v, q_tile, kv_tile)
-    _check_layout(q, k, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group)
+    _check_layout(q, k, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group, kv_full)
     rs = None
     if row_select is not None:
         rs = _int32(row_select)
@@ -822,8 +858,8 @@ def _f32_dot(q) -> bool:
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, grp):
-    # inputs as _normalise returns them; scale a float
+def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, grp, kv_full=None):
+    # inputs as _normalise returns them; scale a float; kv_full: see block_sparse_attention (ignored without rs)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     out = torch.empty_like(q)
@@ -831,7 +867,11 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     if _POISON_OUTPUTS:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    bm, bn, warps, stages = _pick("fwd", _FWD_CONFIGS, D, q_tile, kv_tile)
+    table = _FWD_CONFIGS
+    if kv_tile <= 32:
+        small = _FWD_CONFIGS_SMALL_KV["lengths_only" if rs is None else "row_masks"]
+        table = {64: small, 128: small}
+    bm, bn, warps, stages = _pick("fwd", table, D, q_tile, kv_tile)
     sq, sk, sv, so, sc, si = q.stride(), k.stride(), v.stride(), out.stride(), kv_count.stride(), kv_index.stride()
     srs = (0, 0, 0) if rs is None else rs.stride()
     slots = None
@@ -839,15 +879,16 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
             and kv_index.numel() * (_slot_mask_words(q_tile) + 1) * 4 <= _SLOT_MASKS_MAX_BYTES):
         slots = slot_masks(rs, kv_count, kv_index, grp, q_tile, kv_len)
     sts = (0, 0, 0, 0) if slots is None else slots.stride()[:4]
+    full = None if rs is None or kv_full is None else _int32(kv_full).contiguous()
     _fwd_kernel[(_cdiv(Sq, bm), B * H)](
         q, k, v, out, lse, kv_count, kv_index, kv_count if kv_len is None else kv_len,
         q if rs is None else rs, q if grp is None else grp,  # dummies are never read (HAS_LEN/HAS_SEL False)
-        q if slots is None else slots,
+        q if slots is None else slots, kv_count if full is None else full,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
         sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3], srs[0], srs[1], srs[2], *sts,
         H, Sq, Sk, scale * _LOG2E,
         Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_LEN=kv_len is not None, HAS_SEL=rs is not None, SLOT_MASKS=slots is not None,
+        HAS_LEN=kv_len is not None, HAS_SEL=rs is not None, SLOT_MASKS=slots is not None, HAS_FULL=full is not None,
         EVEN_M=Sq % bm == 0, EVEN_K=Sk % kv_tile == 0, F32_DOT=_f32_dot(q), USE_TMA=_use_tma(k, v),
         WARP_SPEC=bool(_FWD_OPTS["warp_specialize"]) and not _INTERPRET, TAIL_ONLY_MASK=bool(_FWD_OPTS["tail_only_mask"]),
         num_warps=warps, num_stages=stages, **_FWD_LAUNCH_EXTRA,
@@ -884,11 +925,11 @@ def slot_masks(row_select: torch.Tensor, kv_count: torch.Tensor, kv_index: torch
 
 def block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile: int = 128, kv_tile: int = 128,
                                    scale: Optional[float] = None, kv_tile_len=None, row_select=None,
-                                   kv_tile_group=None):
+                                   kv_tile_group=None, kv_full=None):
     """Launch the forward kernel; returns ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``. No autograd."""
-    args = _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group)
+    args = _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len, row_select, kv_tile_group, kv_full)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _forward(*args[:5], q_tile, kv_tile, scale, *args[5:])
+    return _forward(*args[:5], q_tile, kv_tile, scale, *args[5:], kv_full)
 
 
 def transpose_layout(kv_count, kv_index, n_kv_tiles: int):
@@ -1033,11 +1074,12 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group):
+    def forward(ctx, q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group,
+                kv_full=None):
         q, k, v, kc, ki, kv_len, rs, grp = _normalise(q, k, v, kv_count, kv_index, q_tile, kv_tile, kv_tile_len,
-                                                      row_select, kv_tile_group)
+                                                      row_select, kv_tile_group, kv_full)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        out, lse = _forward(q, k, v, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp)
+        out, lse = _forward(q, k, v, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp, kv_full)
         ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
         ctx.save_for_backward(q, k, v, out, lse, kc, ki, kv_len, rs, grp)
         ctx.cfg = (q_tile, kv_tile, scale)
@@ -1046,25 +1088,26 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         if grad_out is None and grad_lse is None:
-            return (None,) * 11
+            return (None,) * 12
         q, k, v, out, lse, kc, ki, kv_len, rs, grp = ctx.saved_tensors
         q_tile, kv_tile, scale = ctx.cfg
         grad_out, grad_lse = _grads_in(grad_out, grad_lse, out)
         dq, dk, dv = _backward(grad_out, q, k, v, out, lse, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp,
                                grad_lse, None)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("mixdit::block_sparse_attn_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
             q_tile: int, kv_tile: int, scale: float, kv_tile_len: Optional[torch.Tensor],
-            row_select: Optional[torch.Tensor], kv_tile_group: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            row_select: Optional[torch.Tensor], kv_tile_group: Optional[torch.Tensor],
+            kv_full: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     return block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len,
-                                          row_select, kv_tile_group)
+                                          row_select, kv_tile_group, kv_full)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group):
+def _(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group, kv_full=None):
     B, Sq, H, _ = q.shape  # strides as the real op allocates them (inputs made last-dim contiguous)
     return torch.empty_like(_last_contig(q)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
@@ -1086,7 +1129,7 @@ def _(grad_out, grad_lse, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group = inputs
+    q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index)
     ctx.extra = (kv_tile_len, row_select, kv_tile_group)
@@ -1101,7 +1144,7 @@ def _backward_op(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _bwd_op(grad_out, grad_lse, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, scale,
                          kv_tile_len, row_select, kv_tile_group)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
@@ -1117,11 +1160,15 @@ def _eager(q, k, v) -> bool:
 
 
 def block_sparse_attention(q, k, v, kv_count, kv_index, *, q_tile: int = 128, kv_tile: int = 128,
-                           scale: Optional[float] = None, kv_tile_len=None, row_select=None, kv_tile_group=None):
+                           scale: Optional[float] = None, kv_tile_len=None, row_select=None, kv_tile_group=None,
+                           kv_full=None):
     """Block-sparse attention over ``[B, S, H, D]`` tensors; returns ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``.
 
     The layout (``kv_count [B,H,n_q_tiles]``, ``kv_index [B,H,n_q_tiles,max_tiles]`` int32, optional
-    ``kv_tile_len``, ``row_select`` + ``kv_tile_group``) is documented in :mod:`mixdit.kernels.reference`.
+    ``kv_tile_len``, ``row_select`` + ``kv_tile_group``, ``kv_full``) is documented in
+    :mod:`mixdit.kernels.reference`; ``kv_full [B,H,n_q_tiles]`` (with ``row_select`` only) promises that the first
+    ``kv_full`` visited tiles of each query tile are selected by all its rows, so the forward skips their row masks
+    (the backward does not need it).
     Differentiable in q, k, v (gradients through ``lse`` too); no host synchronisation; traceable by
     ``torch.compile(fullgraph=True)``. ``scale`` defaults to ``1/sqrt(D)``. Eager calls take the
     ``autograd.Function`` path (or no autograd at all when no gradient is needed); traced calls take the
@@ -1134,7 +1181,8 @@ def block_sparse_attention(q, k, v, kv_count, kv_index, *, q_tile: int = 128, kv
     if _eager(q, k, v):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return BlockSparseAttentionFunction.apply(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale,
-                                                      kv_tile_len, row_select, kv_tile_group)
+                                                      kv_tile_len, row_select, kv_tile_group, kv_full)
         return block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len,
-                                              row_select, kv_tile_group)
-    return _fwd_op(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group)
+                                              row_select, kv_tile_group, kv_full)
+    return _fwd_op(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_tile_len, row_select, kv_tile_group,
+                   kv_full)

@@ -16,6 +16,9 @@ Block-sparse layout (shared by the kernels, the router and VMoBA)
   a per-query-token bitmask over key *groups* (VMoBA blocks). Key tile ``t`` is seen by query row
   ``i`` only if bit ``kv_tile_group[t]`` of ``row_select[b, h, i]`` is set (bit g lives in word
   g // 32, bit g % 32). Compute is still skipped per tile; the bitmask makes the per-token rule exact.
+* ``kv_full`` (optional, int32 ``[B, H, n_q_tiles]``, with ``row_select``): a promise that the first
+  ``kv_full`` visited tiles of a query tile are selected by every one of its rows; the kernel then skips their
+  row masks. It changes no result (the reference ignores it); a wrong promise gives wrong outputs.
 * Output ``out [B, Sq, H, D]`` in the input dtype, ``lse [B, H, Sq]`` float32 (natural log of the
   softmax denominator, including ``scale``). A row that sees no key gets ``out = 0``, ``lse = -inf``.
 """
@@ -62,7 +65,7 @@ def tile_key_mask(Sq: int, Sk: int, kv_count, kv_index, q_tile: int, kv_tile: in
 def block_sparse_attention_reference(q, k, v, kv_count, kv_index, *, q_tile: int = 128,
                                      kv_tile: int = 128, scale: float | None = None,
                                      kv_tile_len=None, row_select=None, kv_tile_group=None,
-                                     upcast: bool = True):
+                                     upcast: bool = True, kv_full=None):
     """Reference for :func:`mixdit.kernels.block_sparse_attention` (see the module docstring).
 
     With ``upcast`` the math runs in float32 (the "fp32 reference"); without it in the input dtype

@@ -134,31 +134,51 @@ def row_select_to_selection(row_select: torch.Tensor, num_blocks: int) -> torch.
     return ((words >> (g % 32).to(torch.int32)) & 1).bool()
 
 
-def tile_layout_from_selection(selected: torch.Tensor, kv_tile_group: torch.Tensor, q_tile: int):
+def tile_layout_from_selection(selected: torch.Tensor, kv_tile_group: torch.Tensor, q_tile: int,
+                               full_first: bool = False):
     """Per-query-tile union of a per-token selection, expanded to key tiles.
 
     Returns ``kv_count [B, H, n_qt]`` and ``kv_index [B, H, n_qt, n_kv_tiles]`` (int32; visited
-    tiles first in increasing order, zeros after the count).
+    tiles first in increasing order, zeros after the count). With ``full_first`` also ``kv_full
+    [B, H, n_qt]``: the tiles of the groups every row of the query tile selected come first (each part in
+    increasing order) and ``kv_full`` counts them (the block-sparse kernel's ``kv_full``).
     """
     B, H, Sq, C = selected.shape
     n_qt = (Sq + q_tile - 1) // q_tile
     pad = n_qt * q_tile - Sq
     sel = torch.nn.functional.pad(selected, (0, 0, 0, pad)) if pad else selected
-    union = sel.view(B, H, n_qt, q_tile, C).any(3)  # [B, H, n_qt, C]
-    return compact_tiles(union, kv_tile_group)
+    tiles = sel.view(B, H, n_qt, q_tile, C)
+    union = tiles.any(3)  # [B, H, n_qt, C]
+    if not full_first:
+        return compact_tiles(union, kv_tile_group)
+    if pad:  # rows past Sq select everything, so they never make a group partial
+        real = (torch.arange(n_qt * q_tile, device=selected.device) < Sq).view(n_qt, q_tile, 1)
+        tiles = tiles | ~real
+    return compact_tiles(union, kv_tile_group, tiles.all(3))
 
 
-def compact_tiles(block_union: torch.Tensor, kv_tile_group: torch.Tensor):
-    """``block_union [B, H, n_qt, C]`` (bool) -> ``kv_count``, ``kv_index`` over key tiles."""
+def compact_tiles(block_union: torch.Tensor, kv_tile_group: torch.Tensor, block_full: torch.Tensor | None = None):
+    """``block_union [B, H, n_qt, C]`` (bool) -> ``kv_count``, ``kv_index`` over key tiles. With ``block_full``
+    (bool, same shape, within the union) its tiles come first and ``kv_full`` (their count) is returned too."""
     n_kt = kv_tile_group.numel()
-    tile_sel = block_union[..., kv_tile_group.long()]  # [B, H, n_qt, n_kt]
+    grp = kv_tile_group.long()
+    tile_sel = block_union[..., grp]  # [B, H, n_qt, n_kt]
     kv_count = tile_sel.sum(-1, dtype=torch.int32)
-    pos = tile_sel.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
+    if block_full is None:
+        pos = tile_sel.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
+    else:
+        full = block_full[..., grp] & tile_sel
+        part = tile_sel & ~full
+        kv_full = full.sum(-1, dtype=torch.int32)
+        pos = torch.where(full, full.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1,
+                          kv_full.unsqueeze(-1) + part.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1)
     dst = torch.where(tile_sel, pos, torch.full_like(pos, n_kt)).long()
     src = torch.arange(n_kt, dtype=torch.int32, device=block_union.device).expand_as(pos)
     out = torch.zeros(*pos.shape[:-1], n_kt + 1, dtype=torch.int32, device=block_union.device)
     out.scatter_(-1, dst, src)
-    return kv_count, out[..., :n_kt].contiguous()
+    if block_full is None:
+        return kv_count, out[..., :n_kt].contiguous()
+    return kv_count, out[..., :n_kt].contiguous(), kv_full
 
 
 def selected_key_fraction(selected: torch.Tensor, block_size: torch.Tensor) -> torch.Tensor:

@@ -225,6 +225,50 @@ def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
         assert torch.isinf(lse[1, 0, 7:40]).all() and (out[1, 7:40, 0] == 0).all()
 
 
+@pytest.mark.parametrize("q_tile,T,fwd_cfg", [(64, 32, None), (128, 128, (64, 128, 4, 1)), (64, 64, None)])
+def test_full_first(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
+    """kv_full: the layout puts the groups every row of a query tile selects first and counts them; the forward
+    runs those slots without row masks and equals the reference (slot masks at 32-key steps, row words at 64 / 128,
+    ragged keys, the last query tile partial) in the forward and through autograd. A false promise (every slot called full) must change the result: the unmasked loop is used."""
+    from mixdit.kernels.router_reference import tile_layout_from_selection
+
+    if fwd_cfg is not None:
+        monkeypatch.setitem(bsa._CONFIG_OVERRIDE, "fwd", fwd_cfg)
+    B, H, S, D, groups = 2, 2, 300, 64, 7
+    n_t, n_qt = -(-S // T), -(-S // q_tile)
+    q, k, v = _inputs(B, S, S, H, D, torch.bfloat16, device)
+    kv_tile_group = torch.randperm(n_t, device=device).remainder(groups).to(torch.int32)
+    kv_tile_len = torch.randint(1, T + 1, (n_t,), dtype=torch.int32, device=device)
+    sel = torch.rand(B, H, S, groups, device=device) < 0.35
+    tile_of_row = torch.arange(S, device=device) // q_tile
+    forced = torch.rand(B, H, n_qt, groups, device=device) < 0.4  # (query tile, group) pairs every row selects
+    sel |= forced[:, :, tile_of_row]
+    sel[0, 1, -(S % q_tile):] = True  # a partial last tile whose rows select everything
+    kv_count, kv_index, kv_full = tile_layout_from_selection(sel, kv_tile_group, q_tile, full_first=True)
+    plain_count, plain_index = tile_layout_from_selection(sel, kv_tile_group, q_tile)
+    assert torch.equal(kv_count, plain_count)
+    for b in range(B):
+        for h in range(H):
+            for qt in range(n_qt):
+                c, f = int(kv_count[b, h, qt]), int(kv_full[b, h, qt])
+                assert sorted(kv_index[b, h, qt, :c].tolist()) == plain_index[b, h, qt, :c].tolist()
+                rows = sel[b, h, qt * q_tile:(qt + 1) * q_tile]
+                full_groups = {g for g in range(groups) if bool(rows[:, g].all())}
+                slot_groups = kv_tile_group[kv_index[b, h, qt, :c].long()].tolist()
+                assert all(g in full_groups for g in slot_groups[:f]) and not any(g in full_groups for g in slot_groups[f:])
+    assert 0 < int(kv_full.sum()) < int(kv_count.sum())
+    row_select = _row_select_words(sel)
+    extra = dict(kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group)
+    _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=q_tile, kv_tile=T, grad=False,
+               fn=bsa.block_sparse_attention_forward, kv_full=kv_full, **extra)
+    _check_all(assert_close, q, k, v, (kv_count, kv_index), q_tile=q_tile, kv_tile=T, kv_full=kv_full, **extra)
+    right, _ = bsa.block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=T,
+                                                  kv_full=kv_full, **extra)
+    wrong, _ = bsa.block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=T,
+                                                  kv_full=kv_count, **extra)
+    assert (wrong.float() - right.float()).abs().max() > 0.05
+
+
 @pytest.mark.parametrize("T", [32, 64])
 def test_small_tiles_padded(bwd_path, assert_close, device, T):
     """Small whole key tiles (VMoBA's 3D layers: 32 keys) with padded tiles, a ragged key length, query tiles
