@@ -286,7 +286,7 @@ def _chunks(pairs_per_head: list, limit: int):
 def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                         kv_tile: int, scale: float | None = None, block_m: int = DEFAULT_BLOCK_M, block_n: int = 32,
-                        max_pair_bytes: int = 2 << 30, num_warps: int = 4, num_stages: int = 2,
+                        max_pair_bytes: int = 2 << 30, num_warps: int = 4, num_stages: int = 3,
                         return_work: bool = False, out_dtype: torch.dtype | None = None, base=None,
                         plan: KeyBlockPlan | None = None):
     """Exact attention of every query row over the keys of its selected blocks (see the module docstring).
@@ -298,8 +298,10 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     Every row must select at least one block (VMoBA always selects the query's own block), or have keys in
     ``base = (out, lse)``: attention over other keys of the same rows (``lse`` -inf where a row had none), merged
     in as one more partial (what :func:`hybrid_block_attention` passes from the query-tile kernel).
-    ``block_n`` / ``num_warps``: key rows per step / warps; the defaults (128 queries x 32 keys, 4 warps) were the
-    fastest of six launches in every layer type at Wan-1.3B and 14B (H200, ``vmoba_attention.py --key-blocks``). ``return_work``: also return the
+    ``block_n`` / ``num_warps`` / ``num_stages``: key rows per step / warps / pipeline stages; the defaults (128
+    queries x 32 keys, 4 warps) were the fastest of six launches in every layer type at Wan-1.3B and 14B (H200,
+    ``vmoba_attention.py --key-blocks``); 3 stages (session 13, inside the hybrid, model q/k: 3D 7.65 -> 7.56 ms,
+    spatial 4.98 -> 4.91) against 2, and 64-query or 8-warp launches 2-20% slower. ``return_work``: also return the
     computed (query row, key tile) pairs as a share of all (0-d tensor; like the query-tile kernel's tile density,
     key-tile padding included; the query padding of each list's last tile is not counted).
     ``out_dtype``: of ``out`` (default the input dtype; fp32 when the caller merges more parts into it).

@@ -21,9 +21,11 @@ HOPPER_REGS_PER_SM = 65536
 HOPPER_WARPS_PER_SM = 64  # 2,048 resident threads
 HOPPER_BLOCKS_PER_SM = 32
 
-# kernel argument names -> Triton signature types (pointer names are upper case; "H" is the head count)
-_FP32_PTRS = {"LSE", "DELTA", "DQACC"}
-_INT32_PTRS = {"KV_COUNT", "KV_INDEX", "KV_LEN", "ROW_SEL", "KV_GROUP", "QBUF", "SLOT_SEL"}
+# kernel argument names -> Triton signature types (pointer names are upper case, but for these int32 counts)
+_INT32_SCALARS = {"H", "NB"}
+_FP32_PTRS = {"LSE", "DELTA", "DQACC", "LSE_PART"}
+_INT32_PTRS = {"KV_COUNT", "KV_INDEX", "KV_LEN", "ROW_SEL", "KV_GROUP", "QBUF", "SLOT_SEL", "KV_FULL", "PAIR_Q",
+               "PAIR_DST", "LIST_START", "LIST_LEN", "TILE_LIST", "TILE_J", "TILE_START", "TILE_COUNT", "KV_TILE_LEN"}
 
 
 @dataclass
@@ -72,7 +74,7 @@ def _signature(kernel) -> dict:
         n = p.name
         if p.is_constexpr:
             sig[n] = "constexpr"
-        elif n.isupper() and n != "H":
+        elif n.isupper() and n not in _INT32_SCALARS:
             sig[n] = "*fp32" if n in _FP32_PTRS else "*i32" if n in _INT32_PTRS else "*bf16"
         else:
             sig[n] = "fp32" if "scale" in n else "i32"

@@ -16,7 +16,7 @@ import pytest
 from mixdit.kernels.sm90 import HOPPER_SMEM_PER_BLOCK
 
 _SCRIPT = textwrap.dedent("""
-    import importlib, json
+    import importlib, inspect, json
     from mixdit.kernels.sm90 import compile_sm90
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
 
@@ -24,16 +24,24 @@ _SCRIPT = textwrap.dedent("""
         return compile_sm90(kernel, consts, warps, stages).shared
 
     out = []
+    kba = importlib.import_module("mixdit.kernels.key_block_attention")
+    sig = inspect.signature(kba.key_block_attention).parameters
+    kb = dict(F32_DOT=False, D=128, BLOCK_M=sig["block_m"].default, BLOCK_N=sig["block_n"].default, KV_TILE=32)
+    out.append(("key-blocks", 128, True, compile_one(kba._key_block_attn_kernel, kb, sig["num_warps"].default,
+                                                     sig["num_stages"].default)))
     for D in (64, 128):
         for has_len, has_sel in ((False, False), (True, False), (True, True)):
             bm, bn, w, s = bsa._FWD_CONFIGS[D]
             fwd = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
                        EVEN_M=False, EVEN_K=False, F32_DOT=False, USE_TMA=True, WARP_SPEC=False, TAIL_ONLY_MASK=True,
-                       SLOT_MASKS=False)
+                       SLOT_MASKS=False, HAS_FULL=False)
             out.append(("fwd", D, has_len, compile_one(bsa._fwd_kernel, fwd, w, s)))
-            if has_sel and D == 128:  # VMoBA's 3D layers: 32-key steps with per-slot row masks
-                out.append(("fwd-slots", D, has_len, compile_one(bsa._fwd_kernel, dict(fwd, KV_TILE=32, BLOCK_N=32,
-                                                                                       SLOT_MASKS=True), w, s)))
+            if has_sel and D == 128:  # VMoBA: 1D layers' sorted tiles (kv_full), 3D layers' 32-key steps
+                out.append(("fwd-full", D, has_len, compile_one(bsa._fwd_kernel, dict(fwd, HAS_FULL=True), w, s)))
+                for kind, sel in (("row_masks", True), ("lengths_only", False)):
+                    sbm, sbn, sw, ss = bsa._FWD_CONFIGS_SMALL_KV[kind]
+                    small = dict(fwd, KV_TILE=32, BLOCK_M=sbm, BLOCK_N=sbn, HAS_SEL=sel, SLOT_MASKS=sel)
+                    out.append(("fwd-32-" + kind, D, has_len, compile_one(bsa._fwd_kernel, small, sw, ss)))
             if not has_len:  # a key length that divides: no mask needed, same pipeline wanted
                 fwd_even = dict(fwd, EVEN_M=True, EVEN_K=True)
                 out.append(("fwd-even", D, has_len, compile_one(bsa._fwd_kernel, fwd_even, w, s)))
@@ -58,7 +66,7 @@ def test_default_configs_fit_hopper_shared_memory():
         pytest.skip("Triton's ptxas is not available here")
     assert line is not None, proc.stderr[-3000:]
     rows = json.loads(line[len("RESULT"):])
-    assert len(rows) == 21
+    assert len(rows) == 24
     over = [(k, D, masks, smem) for k, D, masks, smem in rows if smem > HOPPER_SMEM_PER_BLOCK]
     assert not over, f"kernels over Hopper's {HOPPER_SMEM_PER_BLOCK} B of shared memory (kernel, D, masks, bytes): {over}"
     # A mask-free forward loop once got two K/V buffers instead of three (164 vs 229 KB at D = 128) and ran 9%
