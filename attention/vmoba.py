@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mixdit.attention.vmoba_config import (  # noqa: F401  (re-exported: the settings live there, torch-free)
-    GRANULARITIES, HYBRID_MIN_FILL, LAYER_TYPES, SELECTIONS, SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, layer_type_for,
+    GRANULARITIES, HYBRID_LAUNCH, LAYER_TYPES, SELECTIONS, SORTED_QUERY_MAX_BLOCKS, VMoBAConfig, layer_type_for,
     vmoba_dense_reason, vmoba_fallback_reason, vmoba_should_run_dense,
 )
 from mixdit.config import check_choice
@@ -305,10 +305,17 @@ def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, config: VMoBAC
     inputs = _kernel_inputs(qb, kb, vb)
     if hybrid:
         out, lse, work = hybrid_block_attention(*inputs, row_select, kv_tile_group=part.kv_tile_group,
-                                                q_tile=config.q_tile, min_fill=HYBRID_MIN_FILL, **kw)
+                                                **hybrid_launch(part, config), **kw)
     else:
         out, lse, work = key_block_attention(*inputs, row_select, **kw)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
+
+
+def hybrid_launch(part: VMoBAPartition, config: VMoBAConfig) -> dict:
+    """The hybrid kernel's ``q_tile`` and ``min_fill`` for this layer (``HYBRID_LAUNCH``, tiles at most
+    ``config.q_tile``)."""
+    q_tile, min_fill = HYBRID_LAUNCH[part.layer_type]
+    return dict(q_tile=min(q_tile, config.q_tile), min_fill=min_fill)
 
 
 def _triton_usable(t: torch.Tensor) -> bool:

@@ -22,9 +22,14 @@ EXACT_KERNELS = ("auto", "hybrid", "key_blocks", "query_tiles")
 # layers with at most this many blocks keep a row's selection in one int32 word; the query-tile kernel sorts
 # their queries by it (mixdit.attention.vmoba._sorted_query_tile_call)
 SORTED_QUERY_MAX_BLOCKS = 32
-# exact_kernel="hybrid": a (query tile, block) pair goes to the query-tile kernel when at least this share of the
-# tile's rows selected the block, else to the key-block kernel (mixdit.kernels.key_block_attention)
-HYBRID_MIN_FILL = 0.375
+# exact_kernel="hybrid", per layer type: (query tile rows, min fill). A (query tile, block) pair goes to the query-tile
+# kernel when at least `min fill` of the tile's rows selected the block, else to the key-block kernel
+# (mixdit.kernels.key_block_attention); the query tile is at most VMoBAConfig.q_tile. H200, Wan-1.3B model q/k
+# (session 13, benchmarks/results/hybrid-q-tile-session13-*.json): spatial (128, 0.5) 4.76 ms against (128, 0.375)
+# 4.88 and 64-row tiles 6.4-8.0; 3D (64, 0.375) 7.33 against (128, 0.375) 7.55 (its 32-key forward launches 64-row
+# programs anyway, and 64-row unions leave 19% of the pairs to the key blocks instead of 27%). Temporal layers take
+# sorted query tiles unless exact_kernel="hybrid" is forced (session 11 measured 0.5-0.625 best there).
+HYBRID_LAUNCH = {"temporal": (128, 0.5), "spatial": (128, 0.5), "spatiotemporal": (64, 0.375)}
 
 
 @dataclass
@@ -69,9 +74,9 @@ class VMoBAConfig:
         tiles, and each query's partial outputs are merged by log-sum-exp
         (:mod:`mixdit.kernels.key_block_attention`): only selected (query, key) pairs are computed, at the price
         of gathers and one partial output per (query, block) pair.
-        ``"hybrid"`` (inference): per (128-query tile, block) pair the cheaper of the two: blocks that at least
-        ``HYBRID_MIN_FILL`` of the tile's rows selected run in the query-tile kernel (whole tiles, per-row masks),
-        the others as key blocks; the results are merged by log-sum-exp.
+        ``"hybrid"`` (inference): per (query tile, block) pair the cheaper of the two: blocks that at least a
+        share of the tile's rows selected run in the query-tile kernel (whole tiles, per-row masks), the others as
+        key blocks; the results are merged by log-sum-exp (tile rows and share per layer type: ``HYBRID_LAUNCH``).
         ``"query_tiles"``: the block-sparse kernel over 128-query tiles with a per-row bitmask; it computes each
         tile's union of selections. In layers of at most 32 blocks each (sample, head)'s queries are first sorted
         by their selection (exact: only the order changes), so equal sets share tiles (1D at Wan-1.3B: 28% of

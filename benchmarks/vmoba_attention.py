@@ -198,10 +198,10 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
     (profiler), the query-tile kernel on the same selection (router with layout + kernel; where the default
     ``exact_kernel="auto"`` sorts the queries by selection, that path too: sort, gathers, layout, kernel)
     and cuDNN dense; max |key_blocks - query_tiles| of the outputs; the hybrid kernel (``exact_kernel="hybrid"``)
-    at each of ``HYBRID_FILLS`` and its kernels' GPU time at ``HYBRID_MIN_FILL``. ``source="model"``: the q/k/v of
+    at each of ``HYBRID_FILLS`` and its kernels' GPU time at VMoBA's own launch (``hybrid_launch``). ``source="model"``: the q/k/v of
     a random-weight Wan2.1-1.3B (:func:`_model_layers`) instead of the synthetic smooth fields. ``kv_tile_3d``: key
     tile of the 3D layers (default ``VMoBAConfig``'s). Writes ``vmoba-key-blocks[-model]-<gpu>.json``."""
-    from mixdit.attention.vmoba import HYBRID_MIN_FILL, _kernel_attention, _sorted_query_tile_call, attention_path, route
+    from mixdit.attention.vmoba import _kernel_attention, _sorted_query_tile_call, attention_path, hybrid_launch, route
     from mixdit.kernels.key_block_attention import hybrid_block_attention, key_block_attention
 
     cfg = VMoBAConfig(min_tokens=0, dense_layers=(), **({} if kv_tile_3d is None else
@@ -241,8 +241,7 @@ def key_blocks_study(shapes=(SHAPES[0], SHAPES[2]), layer_types=tuple(LAYER_OF_T
                              work=float(work_h), max_abs_diff=(out_h.float() - out_kb.float()).abs().max().item())
             del out_h
         hyb_prof = _gpu_ms_per_kernel(lambda: hybrid_block_attention(
-            qb, kb, vb, r0.row_select, kv_tile_group=part.kv_tile_group, q_tile=cfg.q_tile, min_fill=HYBRID_MIN_FILL,
-            **kw))
+            qb, kb, vb, r0.row_select, kv_tile_group=part.kv_tile_group, **hybrid_launch(part, cfg), **kw))
         router_layout_ms = _bench(lambda: route(qb, kb, part, cfg))
 
         def qt():

@@ -667,8 +667,8 @@ def _env_dq_mode() -> str:
 # (slot_masks), loaded a step ahead with no tile index behind them; the row words' chain tile -> group -> word is
 # loaded a step ahead only at BLOCK_N >= 128 (see _fwd_kernel). H200, Wan-1.3B 3D layer (32-key steps), the hybrid's
 # query-tile part: 4.87 -> 3.97 ms, building them included; at 128-key steps no change. The masks take
-# (q_tile / 32 + 1) x the bytes of kv_index: above _SLOT_MASKS_MAX_BYTES (Wan-14B 720p 3D layers: 1.4 GB) the row
-# words are read as before.
+# (q_tile / 32 + 1) x the bytes of kv_index: above _SLOT_MASKS_MAX_BYTES the row words are read as before (the
+# hybrid cuts its layout to the most tiles a query tile visits first, so Wan-14B 720p 3D layers fit: slot_masks_fit).
 _FWD_OPTS = {"tma": True, "warp_specialize": False, "tail_only_mask": True, "slot_masks_below": 128}
 _SLOT_MASKS_MAX_BYTES = 1 << 29
 
@@ -875,8 +875,7 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     sq, sk, sv, so, sc, si = q.stride(), k.stride(), v.stride(), out.stride(), kv_count.stride(), kv_index.stride()
     srs = (0, 0, 0) if rs is None else rs.stride()
     slots = None
-    if (rs is not None and bn < _FWD_OPTS["slot_masks_below"]
-            and kv_index.numel() * (_slot_mask_words(q_tile) + 1) * 4 <= _SLOT_MASKS_MAX_BYTES):
+    if rs is not None and bn < _FWD_OPTS["slot_masks_below"] and slot_masks_fit(kv_index, q_tile):
         slots = slot_masks(rs, kv_count, kv_index, grp, q_tile, kv_len)
     sts = (0, 0, 0, 0) if slots is None else slots.stride()[:4]
     full = None if rs is None or kv_full is None else _int32(kv_full).contiguous()
@@ -899,6 +898,13 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
 def _slot_mask_words(q_tile: int) -> int:
     """Row-bit words per slot entry of :func:`slot_masks` (the length word follows them)."""
     return _cdiv(q_tile, 32)
+
+
+def slot_masks_fit(kv_index: torch.Tensor, q_tile: int) -> bool:
+    """Whether the forward may build :func:`slot_masks` for this layout (they take ``q_tile / 32 + 1`` times the
+    bytes of ``kv_index``, capped at ``_SLOT_MASKS_MAX_BYTES``; a caller that can afford a host sync may pass
+    ``kv_index[..., :kv_count.max()]`` instead of a layout sized for every key tile)."""
+    return kv_index.numel() * (_slot_mask_words(q_tile) + 1) * 4 <= _SLOT_MASKS_MAX_BYTES
 
 
 def slot_masks(row_select: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,

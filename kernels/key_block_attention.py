@@ -49,7 +49,7 @@ __all__ = ["KeyBlockPlan", "hybrid_block_attention", "key_block_attention", "key
 # kernels run, so a test proves every element is written.
 _POISON_OUTPUTS = False
 # merge launch (rows per program, warps, loop stages). Its loop loads each row's next partial; pipelined over 3
-# stages the loads overlap (H200, Wan-1.3B hybrid at HYBRID_MIN_FILL: merge 3D 0.98 -> 0.59 ms, spatial 0.39 ->
+# stages the loads overlap (H200, Wan-1.3B hybrid at min_fill 0.375: merge 3D 0.98 -> 0.59 ms, spatial 0.39 ->
 # 0.26; of 11 launches (32, 4, 1) the old default, (16, 2, 3) 0.62 / 0.26, unpipelined 0.79-1.22 / 0.32-0.49)
 _MERGE_LAUNCH = (8, 1, 3)
 # queries per attention program (a block's list is cut into tiles of this many; the plan counts them)
@@ -421,8 +421,8 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     key-block merge as one more partial. Exact like both (every selected key once, no other key).
     Arguments and returns as :func:`key_block_attention` (``return_work``: key tiles computed by both kernels as a
     share of all, padding included); ``kv_tile_group`` the block of each key tile; ``q`` in block order;
-    ``min_fill`` has no default here: VMoBA's measured value is ``mixdit.attention.vmoba_config.HYBRID_MIN_FILL``."""
-    from .block_sparse_attention import block_sparse_attention_forward
+    ``min_fill`` has no default here: VMoBA's measured values are ``mixdit.attention.vmoba_config.HYBRID_LAUNCH``."""
+    from .block_sparse_attention import block_sparse_attention_forward, slot_masks_fit
     from .router_reference import compact_tiles
 
     B, Sq, H, _ = q.shape
@@ -431,6 +431,10 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     # the key-block plan first: its host copy completes while the query-tile kernel, queued next, runs
     plan = key_block_plan(sparse_rs, NB, key_block_kw.get("block_m", DEFAULT_BLOCK_M))
     kv_count, kv_index = compact_tiles(union, kv_tile_group)
+    if not slot_masks_fit(kv_index, q_tile):
+        # a layout sized for every key tile is too large for per-slot masks (Wan-14B 720p 3D layers: 1.1 GB); cut to
+        # the most tiles a query tile visits, which fits: one host sync, after the plan's copy was queued
+        kv_index = kv_index[..., :max(1, int(kv_count.max()))]
     base = block_sparse_attention_forward(q, k, v, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=scale,
                                           kv_tile_len=kv_tile_len, row_select=dense_rs, kv_tile_group=kv_tile_group)
     res = key_block_attention(q, k, v, sparse_rs, block_tile_start=block_tile_start, block_tile_count=block_tile_count,

@@ -146,3 +146,26 @@ def test_hybrid_matches_reference(assert_close, device, min_fill, layer, grid, b
         assert abs(float(work) - float(key_work)) < 1e-6
     else:  # whole tiles of the dense blocks: at least the selected keys' tiles
         assert float(work) >= float(key_work) - 1e-6
+
+
+def test_hybrid_trims_a_layout_too_large_for_slot_masks(monkeypatch, assert_close, device):
+    """Over the slot masks' memory cap the hybrid cuts its query-tile layout to the most tiles a query tile visits,
+    so the forward still takes per-slot masks (Wan-14B 720p 3D layers): exact, and the masks were built."""
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    part, q, k, v, rs = _layer_inputs("spatiotemporal", (6, 6, 8), (1, 2, 2), 16, 2, 2, 32, torch.bfloat16, 0.01,
+                                      device, seed=7)  # 72 blocks, sparse: no query tile visits every key tile
+    n_qt, n_kt = -(-q.shape[1] // 32), part.kv_tile_len.numel()
+    full_bytes = 2 * 2 * n_qt * n_kt * (bsa._slot_mask_words(32) + 1) * 4
+    monkeypatch.setattr(bsa, "_SLOT_MASKS_MAX_BYTES", full_bytes - 1)  # the untrimmed layout no longer fits
+    monkeypatch.setitem(bsa._FWD_OPTS, "slot_masks_below", 1 << 30)  # every step size takes slot masks when they fit
+    built = []
+    real = bsa.slot_masks
+    monkeypatch.setattr(bsa, "slot_masks", lambda *a, **kw: built.append(a[2].shape[-1]) or real(*a, **kw))
+    out, lse = hybrid_block_attention(
+        q, k, v, rs, block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
+        kv_tile_len=part.kv_tile_len, kv_tile_group=part.kv_tile_group, kv_tile=16, scale=0.3, q_tile=32,
+        min_fill=0.0, block_m=16)
+    assert built and 0 < built[0] < n_kt
+    same, ref32 = _reference_pair(q, k, v, rs, part, 0.3, device)
+    assert_close("out", out, same[0], ref32[0])
+    assert_close("lse", lse, same[1], ref32[1])
