@@ -256,11 +256,6 @@ def attention_path(config: VMoBAConfig, part: VMoBAPartition, qb, kb, vb) -> str
     return "sorted_query_tiles" if few_blocks else "query_tiles"
 
 
-# sorted query tiles: run the blocks every row of a tile selects first, without row masks (kv_full); an A/B switch
-# of the benchmarks (False: every step masked, as before session 13)
-SORTED_FULL_FIRST = True
-
-
 def selection_word_order(row_select: torch.Tensor) -> torch.Tensor:
     """Per (sample, head), the query rows sorted by their selection as one int32 word (``row_select [B, H, Sq, 1]``,
     at most ``SORTED_QUERY_MAX_BLOCKS`` blocks): equal sets adjacent, block order kept among equals (stable)."""
@@ -286,7 +281,7 @@ def _sorted_query_tile_call(qb, kb, vb, row_select, part: VMoBAPartition, config
     qs = torch.gather(qb.transpose(1, 2), 2, order.unsqueeze(-1).expand(B, H, Sq, D)).transpose(1, 2)
     out_s, lse_s = _kernel_attention(qs, kb, vb, kv_count, kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile,
                                      scale=scale, kv_tile_len=part.kv_tile_len, row_select=rs,
-                                     kv_tile_group=part.kv_tile_group, kv_full=kv_full if SORTED_FULL_FIRST else None)
+                                     kv_tile_group=part.kv_tile_group, kv_full=kv_full)
     inv = torch.empty_like(order).scatter_(-1, order, torch.arange(Sq, device=qb.device).expand_as(order))
     out = torch.gather(out_s.transpose(1, 2), 2, inv.unsqueeze(-1).expand(B, H, Sq, D)).transpose(1, 2)
     work = kv_count.sum(dtype=torch.float32) / float(kv_count.numel() * part.num_kv_tiles)

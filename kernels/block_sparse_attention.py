@@ -630,7 +630,8 @@ _FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 # (per-slot masks) 10.92 -> 10.02 ms against 128 x 32 with 8 warps, 3 stages (2 stages: 10.15); query_tile
 # granularity (lengths only) 3.10 -> 2.96 ms (3 stages: 3.19). 128-key layouts keep the table above (64-row or
 # 64-key launches were 2% faster in the exact spatial layers and 10-25% slower everywhere else).
-_FWD_CONFIGS_SMALL_KV = {"row_masks": (64, 32, 4, 3), "lengths_only": (64, 32, 4, 2)}
+_FWD_CONFIGS_SMALL_KV = {"row_masks": {64: (64, 32, 4, 3), 128: (64, 32, 4, 3)},
+                         "lengths_only": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2)}}
 _DKDV_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}  # (BLOCK_M queries, BLOCK_N keys, ...)
 _DQ_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 # the backward's TMA path (Hopper) uses the same tables; "dkdv"/"dq" overrides apply to either path
@@ -867,10 +868,7 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     if _POISON_OUTPUTS:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    table = _FWD_CONFIGS
-    if kv_tile <= 32:
-        small = _FWD_CONFIGS_SMALL_KV["lengths_only" if rs is None else "row_masks"]
-        table = {64: small, 128: small}
+    table = _FWD_CONFIGS_SMALL_KV["lengths_only" if rs is None else "row_masks"] if kv_tile <= 32 else _FWD_CONFIGS
     bm, bn, warps, stages = _pick("fwd", table, D, q_tile, kv_tile)
     sq, sk, sv, so, sc, si = q.stride(), k.stride(), v.stride(), out.stride(), kv_count.stride(), kv_index.stride()
     srs = (0, 0, 0) if rs is None else rs.stride()
@@ -878,7 +876,7 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     if rs is not None and bn < _FWD_OPTS["slot_masks_below"] and slot_masks_fit(kv_index, q_tile):
         slots = slot_masks(rs, kv_count, kv_index, grp, q_tile, kv_len)
     sts = (0, 0, 0, 0) if slots is None else slots.stride()[:4]
-    full = None if rs is None or kv_full is None else _int32(kv_full).contiguous()
+    full = None if rs is None else _int32_contig(kv_full)
     _fwd_kernel[(_cdiv(Sq, bm), B * H)](
         q, k, v, out, lse, kv_count, kv_index, kv_count if kv_len is None else kv_len,
         q if rs is None else rs, q if grp is None else grp,  # dummies are never read (HAS_LEN/HAS_SEL False)

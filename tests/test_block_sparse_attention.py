@@ -229,7 +229,8 @@ def test_slot_masks(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
 def test_full_first(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
     """kv_full: the layout puts the groups every row of a query tile selects first and counts them; the forward
     runs those slots without row masks and equals the reference (slot masks at 32-key steps, row words at 64 / 128,
-    ragged keys, the last query tile partial) in the forward and through autograd. A false promise (every slot called full) must change the result: the unmasked loop is used."""
+    ragged keys, the last query tile partial) in the forward and through autograd. A false promise (every slot
+    called full) must change the result: the unmasked loop is used."""
     from mixdit.kernels.router_reference import tile_layout_from_selection
 
     if fwd_cfg is not None:
@@ -255,7 +256,8 @@ def test_full_first(monkeypatch, assert_close, device, q_tile, T, fwd_cfg):
                 rows = sel[b, h, qt * q_tile:(qt + 1) * q_tile]
                 full_groups = {g for g in range(groups) if bool(rows[:, g].all())}
                 slot_groups = kv_tile_group[kv_index[b, h, qt, :c].long()].tolist()
-                assert all(g in full_groups for g in slot_groups[:f]) and not any(g in full_groups for g in slot_groups[f:])
+                assert all(g in full_groups for g in slot_groups[:f])
+                assert not any(g in full_groups for g in slot_groups[f:])
     assert 0 < int(kv_full.sum()) < int(kv_count.sum())
     row_select = _row_select_words(sel)
     extra = dict(kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group)

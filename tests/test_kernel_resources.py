@@ -39,7 +39,7 @@ _SCRIPT = textwrap.dedent("""
             if has_sel and D == 128:  # VMoBA: 1D layers' sorted tiles (kv_full), 3D layers' 32-key steps
                 out.append(("fwd-full", D, has_len, compile_one(bsa._fwd_kernel, dict(fwd, HAS_FULL=True), w, s)))
                 for kind, sel in (("row_masks", True), ("lengths_only", False)):
-                    sbm, sbn, sw, ss = bsa._FWD_CONFIGS_SMALL_KV[kind]
+                    sbm, sbn, sw, ss = bsa._FWD_CONFIGS_SMALL_KV[kind][D]
                     small = dict(fwd, KV_TILE=32, BLOCK_M=sbm, BLOCK_N=sbn, HAS_SEL=sel, SLOT_MASKS=sel)
                     out.append(("fwd-32-" + kind, D, has_len, compile_one(bsa._fwd_kernel, small, sw, ss)))
             if not has_len:  # a key length that divides: no mask needed, same pipeline wanted
