@@ -67,8 +67,8 @@ MODE_GLOBAL_SELECT = 2
 MODE_GLOBAL_MINMAX = 3
 MODE_GLOBAL_SUMS = 4
 
-# the threshold rule's cut search stops once the remaining bits cannot change the selection (_threshold_rule), in
-# the per-token and the query-tile router; False: all 30 bits (the A/B and the test that both select the same blocks)
+# the threshold rule's cut search stops once the remaining bits cannot change the selection (_threshold_rule, checked
+# from _rule_first_check's round on), in the per-token and the query-tile router; False: all 30 bits (the A/B)
 _RULE_EARLY_EXIT = True
 # token gate launch: rows x blocks per step, warps (H200, Wan-1.3B's q/k: benchmarks/NOTES.md, session 11)
 _GATE_TILES = (128, 64)
@@ -123,7 +123,7 @@ def _store_selection(sel, bh, rt, rows, row_ok, cols, c_ok, Sq, n_rt, BLOCK_SIZE
     tl.store(ROW_SELECT + ((bh.to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :]), words, mask=row_ok[:, None])
     if STORE_UNION:
         tl.store(UNION + (bh.to(tl.int64) * n_rt + rt) * NB_PAD + cols, tl.max(sel.to(tl.int32), axis=0).to(tl.int8))
-    bsize = tl.load(BLOCK_SIZE + cols, mask=c_ok, other=0).to(tl.float32)
+    bsize = tl.load(BLOCK_SIZE + cols).to(tl.float32)  # zero-padded to NB_PAD by route_blocks: vector loads
     tl.store(SEL_TOKENS + bh.to(tl.int64) * n_rt + rt, tl.sum(tl.sum(tl.where(sel, bsize[None, :], 0.0), axis=1), axis=0))
 
 
@@ -238,19 +238,22 @@ def _threshold_rule(s, valid, is_own, threshold, ROWS: tl.constexpr, EARLY_EXIT:
             ok = (tl.math.div_rn(share, te) >= remain) & (cand <= top_bits)
             prefix = tl.where(ok, cand, prefix)
         b -= 3
-        if EARLY_EXIT:  # (False: the full search, for the A/B and the test that the two agree)
-            in_interval = (bits >= prefix[:, None]) & (bits <= (prefix + ((1 << b) - 1))[:, None])
-            open_rows = tl.sum((tl.sum(in_interval.to(tl.int32), axis=1) > 1).to(tl.int32), axis=0)
+        # (EARLY_EXIT 0: the full search, for the A/B and the test that the two agree; else checked once at most
+        # EARLY_EXIT bits are left: see _rule_first_check)
+        if EARLY_EXIT > 0:
+            if b <= EARLY_EXIT:
+                in_interval = (bits >= prefix[:, None]) & (bits <= (prefix + ((1 << b) - 1))[:, None])
+                open_rows = tl.sum((tl.sum(in_interval.to(tl.int32), axis=1) > 1).to(tl.int32), axis=0)
     return is_own | (bits >= prefix[:, None])
 
 
 @triton.jit
 def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TOKENS, Sq, NB, n_rt, bh0, threshold,
-                            ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr, STORE_UNION: tl.constexpr,
-                            EARLY_EXIT: tl.constexpr):
+                            stride_gs, ROWS: tl.constexpr, NB_PAD: tl.constexpr, W: tl.constexpr,
+                            STORE_UNION: tl.constexpr, EARLY_EXIT: tl.constexpr):
     # The threshold rule (_threshold_rule) for ROWS query rows of one (sample, head) from their precomputed fp32
-    # gate rows (GATE [heads in chunk, Sq, NB]). Launched with one warp: a row's reductions stay inside the warp
-    # (shuffles, no shared memory or barriers), which is what the rule's (up to 30) masked row sums cost on chip.
+    # gate rows (GATE [heads in chunk, Sq, NB], rows stride_gs apart). Launched with one warp: a row's reductions stay
+    # inside the warp (shuffles, no shared memory or barriers), which is what the rule's masked row sums cost on chip.
     rt = tl.program_id(0)
     j = tl.program_id(1)
     bh = bh0 + j
@@ -259,7 +262,9 @@ def _token_threshold_kernel(GATE, Q_BLOCK, BLOCK_SIZE, ROW_SELECT, UNION, SEL_TO
     cols = tl.arange(0, NB_PAD)
     c_ok = cols < NB
     valid = row_ok[:, None] & c_ok[None, :]
-    s = tl.load(GATE + (j.to(tl.int64) * Sq + rows[:, None]) * NB + cols[None, :], mask=valid, other=0.0)
+    # masked by the row's width, not NB: a multiple of 16 (token_gate), so the loads vectorise (columns past NB are 0)
+    s = tl.load(GATE + (j.to(tl.int64) * Sq + rows[:, None]) * stride_gs + cols[None, :],
+                mask=row_ok[:, None] & (cols < stride_gs)[None, :], other=0.0)
     own = tl.load(Q_BLOCK + rows, mask=row_ok, other=0)
     is_own = valid & (cols[None, :] == own[:, None])
     sel = _threshold_rule(s, valid, is_own, threshold, ROWS, EARLY_EXIT)  # within valid: own and other blocks only
@@ -273,7 +278,7 @@ GATE_ONE_PRODUCT, GATE_TF32_SPLIT, GATE_BF16_SPLIT = tl.constexpr(0), tl.constex
 
 @triton.jit
 def _token_gate_kernel(Q, M1, M2, M3, GATE, stride_qb, stride_qs, stride_qh, stride_qd, Sq, H, NB, NB_PAD, bh0,
-                       D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       stride_gs, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        MODE: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
     # GATE[j, rows, :] = q . mean (fp32) for head bh0 + j, on tensor cores: the q tile is loaded once and walks the
     # blocks BN at a time. The means come split into parts exact in the product's input type, so that the products
@@ -294,7 +299,7 @@ def _token_gate_kernel(Q, M1, M2, M3, GATE, stride_qb, stride_qs, stride_qh, str
     if MODE != GATE_BF16_SPLIT or F32_DOT:  # (F32_DOT: the CPU interpreter's bf16 dot is not exact)
         q = q.to(tl.float32)
     m_base = (j.to(tl.int64) * D_PAD + offs_d[:, None]) * NB_PAD  # the parts hold the chunk's heads only
-    g_base = GATE + (j.to(tl.int64) * Sq + rows[:, None]) * NB
+    g_base = GATE + (j.to(tl.int64) * Sq + rows[:, None]) * stride_gs
     for c0 in range(0, NB, BN):
         cols = c0 + tl.arange(0, BN)
         m_offs = m_base + cols[None, :]  # NB_PAD columns, zero past NB: no mask needed
@@ -307,7 +312,8 @@ def _token_gate_kernel(Q, M1, M2, M3, GATE, stride_qb, stride_qs, stride_qh, str
             g = tl.dot(q, tl.load(M1 + m_offs), g, input_precision=PRECISION)
         else:
             g = tl.dot(q, tl.load(M1 + m_offs), input_precision=PRECISION)
-        tl.store(g_base + cols[None, :], g, mask=row_ok[:, None] & (cols < NB)[None, :])
+        # up to the row's width (a multiple of 16: vector stores), past NB the zero means give 0
+        tl.store(g_base + cols[None, :], g, mask=row_ok[:, None] & (cols < stride_gs)[None, :])
 
 
 def _gate_operands(q_dtype: torch.dtype, means_t: torch.Tensor, interpret: bool):
@@ -327,20 +333,23 @@ def _gate_operands(q_dtype: torch.dtype, means_t: torch.Tensor, interpret: bool)
 def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int, h1: int) -> torch.Tensor:
     """fp32 gate ``[h1 - h0, Sq, num_blocks]`` of (sample, head) ``h0 .. h1`` (flat ``b * H + h``): every query row of
     ``q [B, Sq, H, D]`` against every block's key mean (``means_t [B*H, D_PAD, NB_PAD]``, :func:`block_key_means`).
-    Tensor cores at about fp32 accuracy (see ``_token_gate_kernel``)."""
+    Tensor cores at about fp32 accuracy (see ``_token_gate_kernel``). A view: its rows are ``num_blocks`` rounded up to
+    16 floats apart, so that every row starts 64-byte aligned and Triton (which specialises integer arguments that are
+    multiples of 16) vectorises the gate's stores and the rule kernel's loads (with 390 blocks, rows 1,560 bytes apart
+    took one 4-byte access per value)."""
     B, Sq, H, D = q.shape
     means_t = means_t[h0:h1].contiguous()  # split only this chunk's means into parts
     D_PAD, NB_PAD = means_t.shape[1], means_t.shape[2]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     mode, parts, precision = _gate_operands(q.dtype, means_t, interpret)
-    gate = torch.empty(h1 - h0, Sq, num_blocks, device=q.device, dtype=torch.float32)
+    gate = torch.empty(h1 - h0, Sq, -(-num_blocks // 16) * 16, device=q.device, dtype=torch.float32)
     BM, BN = (64, 32) if interpret else _GATE_TILES
     BN = min(BN, NB_PAD)
     _token_gate_kernel[(triton.cdiv(Sq, BM), h1 - h0)](
         q, *parts, gate, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, num_blocks, NB_PAD, h0,
-        D=D, D_PAD=D_PAD, BM=BM, BN=BN, MODE=mode, PRECISION=precision, F32_DOT=interpret,
+        gate.stride(1), D=D, D_PAD=D_PAD, BM=BM, BN=BN, MODE=mode, PRECISION=precision, F32_DOT=interpret,
         num_warps=_GATE_WARPS, num_stages=2)
-    return gate
+    return gate[..., :num_blocks]
 
 
 _FP32_MATMUL_LOCK = threading.Lock()
@@ -368,6 +377,19 @@ def _fp32_matmul():
                 torch.backends.cuda.matmul.allow_tf32 = _fp32_matmul_state["saved"]
 
 
+def _rule_first_check(nb_pad: int) -> int:
+    """``EARLY_EXIT`` of the threshold rule for ``nb_pad`` blocks: the bits left when the search first checks whether
+    it may stop. The check costs about a third of a round (the kernel is issue-bound: 88% of the SM's issue slots,
+    session 14's ncu), and early rounds cannot stop: their interval (an octave or a fraction of one) holds more than
+    one of the blocks' values. Rows of the random-weight Wan2.1-1.3B (480p, 131 K per layer type) stopping after
+    round 1 / 2 / 3 / 4: 11 blocks 0 / 1.4% / 77% / 18%, 130 blocks 0 / 0 / 0 / 11%, 390 blocks 0 / 0 / 0 / 0.05%.
+    So the first check comes after round 2, 4 or 5 (H200, 3D rule kernel: from round 4 1.439 -> 1.355 ms, spatial
+    0.737 -> 0.693, same selections). Checking later only costs rounds: the selection never changes."""
+    if nb_pad <= 32:
+        return 24
+    return 18 if nb_pad <= 128 else 15
+
+
 def _threshold_rows(nb_pad: int) -> int:
     """Rows per one-warp program of _token_threshold_kernel. Measured (H200, Wan-1.3B, router ms at 1 / 2 / 4 / 8
     rows): 1D (32 padded blocks) 1.06 / 1.04 / 1.15 / 1.38 (32 rows: 2.99), 2D 1.68 / 1.93 / 3.25 / 2.60, 3D 3.63 /
@@ -386,14 +408,14 @@ def _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, 
     BH = B * H
     NB_PAD = means_t.shape[-1]
     n_rt = triton.cdiv(Sq, rows)
-    step = max(1, max_gate_bytes // (Sq * NB * 4))
+    step = max(1, max_gate_bytes // (Sq * (-(-NB // 16) * 16) * 4))
     for h0 in range(0, BH, step):
         h1 = min(BH, h0 + step)
         gate = token_gate(q, means_t, NB, h0, h1)
         _token_threshold_kernel[(n_rt, h1 - h0)](
             gate, q_block, block_size, row_select, union, sel_tokens, Sq, NB, n_rt, h0, float(threshold),
-            ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=store_union, EARLY_EXIT=_RULE_EARLY_EXIT,
-            num_warps=1)
+            gate.stride(1), ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=store_union,
+            EARLY_EXIT=_rule_first_check(NB_PAD) if _RULE_EARLY_EXIT else 0, num_warps=1)
 
 
 def _next_pow2(n: int) -> int:
@@ -478,6 +500,7 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.Tensor, blo
     threshold = 2.0 if threshold >= 1.0 else float(threshold)
     means_t = block_key_means(k, block_tile_start, block_tile_count, kv_tile_len, block_size, kv_tile, NB_PAD,
                               max_block_tiles)
+    block_size = torch.nn.functional.pad(block_size, (0, NB_PAD - NB))  # the kernels read whole NB_PAD rows of it
 
     row_select = torch.empty(B, H, Sq, W, device=dev, dtype=torch.int32)
     sel_tokens = torch.empty(B * H, n_rt, device=dev, dtype=torch.float32)
@@ -798,7 +821,7 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
             Sq, NB, n_qt, n_kt, n_grp, BH, int(max_block_tiles), npass, threshold, inv_keys, inv_tiles,
             MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, TM=TM, Q_TILE=q_tile,
             GRP_PAD=max(2, _next_pow2(n_grp)), NCAND=TILE_NCAND, DIGIT=TILE_DIGIT, REC=TILE_REC,
-            EARLY_EXIT=_RULE_EARLY_EXIT, num_warps=num_warps)
+            EARLY_EXIT=_rule_first_check(NB_PAD) if _RULE_EARLY_EXIT else 0, num_warps=num_warps)
 
     if selection == "threshold":
         launch(TILE_THRESHOLD)

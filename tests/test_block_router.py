@@ -239,7 +239,8 @@ def test_token_gate_is_fp32_accurate(dtype):
 def test_threshold_rule_early_exit_selects_as_the_full_search():
     """The cut search stops once the remaining bits cannot change the selection: on gates built to be hard for it
     (many exact ties, values one ulp apart, a single other block, all-equal rows, tiny and large ranges) it selects
-    exactly the blocks the full 30-bit search selects, at several thresholds."""
+    exactly the blocks the full 30-bit search selects, at several thresholds, whether it checks after every round or
+    from the fifth on."""
     import triton
 
     from mixdit.kernels import block_router as br
@@ -261,15 +262,16 @@ def test_threshold_rule_early_exit_selects_as_the_full_search():
     block_size = torch.randint(1, 50, (NB,), generator=g).to(DEV, torch.int32)
     for threshold in (0.02, 0.25, 0.6, 2.0):
         out = {}
-        for early in (False, True):
+        for early in (0, 27, 15):  # the full search; the check after every round; from the fifth round (3D layers)
             rs = torch.full((1, 1, Sq, NB_PAD // 32), -7, device=DEV, dtype=torch.int32)
             tokens = torch.empty(1, triton.cdiv(Sq, 2), device=DEV)
             br._token_threshold_kernel[(triton.cdiv(Sq, 2), 1)](
-                gate, q_block, block_size, rs, tokens, tokens, Sq, NB, triton.cdiv(Sq, 2), 0, threshold,
+                gate, q_block, block_size, rs, tokens, tokens, Sq, NB, triton.cdiv(Sq, 2), 0, threshold, NB,
                 ROWS=2, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=False, EARLY_EXIT=early, num_warps=1)
             out[early] = rs
-        assert torch.equal(out[True], out[False]), threshold
-        sel = rr.row_select_to_selection(out[True], NB)[0, 0]
+        assert torch.equal(out[27], out[0]), threshold
+        assert torch.equal(out[15], out[0]), threshold
+        sel = rr.row_select_to_selection(out[27], NB)[0, 0]
         assert sel[torch.arange(Sq), q_block.long()].all()  # own block always
         if threshold == 2.0:
             assert sel.all()
