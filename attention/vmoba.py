@@ -275,8 +275,14 @@ def _sorted_query_tile_call(qb, kb, vb, row_select, part: VMoBAPartition, config
     order = selection_word_order(row_select)
     rs = torch.gather(row_select, 2, order.unsqueeze(-1))
     # the blocks every row of a tile selects go first, unmasked (kv_full): sorted, ~70% of the steps at Wan-1.3B
-    kv_count, kv_index, kv_full = tile_layout_from_selection(row_select_to_selection(rs, part.num_blocks),
-                                                             part.kv_tile_group, config.q_tile, full_first=True)
+    if _kernel_runs(qb):  # one Triton launch (the PyTorch form's ~25 small ops left an isolated call host-bound)
+        from mixdit.kernels.block_router import sorted_tile_layout
+
+        kv_count, kv_index, kv_full = sorted_tile_layout(rs, part.block_tile_start, part.block_tile_count,
+                                                         part.num_kv_tiles, part.max_block_tiles, config.q_tile)
+    else:
+        kv_count, kv_index, kv_full = tile_layout_from_selection(row_select_to_selection(rs, part.num_blocks),
+                                                                 part.kv_tile_group, config.q_tile, full_first=True)
     # q as a [B, Sq, H, D] view of [B, H, Sq, D] storage (the kernel takes strided rows)
     qs = torch.gather(qb.transpose(1, 2), 2, order.unsqueeze(-1).expand(B, H, Sq, D)).transpose(1, 2)
     out_s, lse_s = _kernel_attention(qs, kb, vb, kv_count, kv_index, q_tile=config.q_tile, kv_tile=part.kv_tile,
@@ -300,7 +306,8 @@ def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, config: VMoBAC
     inputs = _kernel_inputs(qb, kb, vb)
     if hybrid:
         out, lse, work = hybrid_block_attention(*inputs, row_select, kv_tile_group=part.kv_tile_group,
-                                                **hybrid_launch(part, config), **kw)
+                                                max_block_tiles=part.max_block_tiles, **hybrid_launch(part, config),
+                                                **kw)
     else:
         out, lse, work = key_block_attention(*inputs, row_select, **kw)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work

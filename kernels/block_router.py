@@ -614,6 +614,78 @@ TILE_REC = TILE_NCAND + 3  # per-program partial record: [total, own, top, sums 
 
 
 @triton.jit
+def _store_block_tiles(idx_base, sel, first, start, tc, max_tc):
+    """Write the key tiles of the blocks ``sel [R, NB_PAD]`` selects into ``idx_base [R, 1]`` (one query tile's
+    ``kv_index`` row each), block after block in increasing order from slot ``first [R]`` on; block ``c`` owns tiles
+    ``start[c] .. start[c] + tc[c] - 1`` (``max_tc`` = the largest ``tc``). Returns the tiles written per row."""
+    ntile = tl.where(sel, tc[None, :], 0)
+    dst = first[:, None] + tl.cumsum(ntile, axis=1) - ntile  # selected tiles of lower blocks come first
+    for l in range(0, max_tc):
+        tl.store(idx_base + dst + l, start[None, :] + l, mask=sel & (l < tc[None, :]))
+    return tl.sum(ntile, axis=1)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _and(a, b):
+    return a & b
+
+
+@triton.jit
+def _sorted_layout_kernel(RS, TILE_START, TILE_COUNT, KV_COUNT, KV_INDEX, KV_FULL, Sq, NB, n_qt, n_kt, max_tc,
+                          Q_TILE: tl.constexpr, NB_PAD: tl.constexpr):
+    # The query-tile layout of one query tile of one (sample, head) from its rows' selection words (RS [B*H, Sq], one
+    # int32 word per row: at most 32 blocks): the blocks every row selected first (their tiles counted in KV_FULL),
+    # then the other blocks of the union, each part in increasing order; entries past KV_COUNT are not written.
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = qt * Q_TILE + tl.arange(0, Q_TILE)
+    ok = rows < Sq
+    words = tl.load(RS + bh.to(tl.int64) * Sq + rows, mask=ok, other=0)
+    union = tl.reduce(words, 0, _or)
+    full = tl.reduce(tl.where(ok, words, -1), 0, _and)  # rows past Sq select everything: never make a block partial
+    cols = tl.arange(0, NB_PAD)
+    c_ok = cols < NB
+    in_union = (((union >> cols) & 1) != 0) & c_ok
+    in_full = (((full >> cols) & 1) != 0) & in_union
+    tc = tl.load(TILE_COUNT + cols, mask=c_ok, other=0)
+    start = tl.load(TILE_START + cols, mask=c_ok, other=0)
+    row = (bh * n_qt + qt).to(tl.int64)
+    base = KV_INDEX + row * n_kt + tl.zeros([1, 1], dtype=tl.int64)
+    n_full = _store_block_tiles(base, in_full[None, :], tl.zeros([1], dtype=tl.int32), start, tc, max_tc)
+    n_part = _store_block_tiles(base, (in_union & ~in_full)[None, :], n_full, start, tc, max_tc)
+    one = tl.arange(0, 1)
+    tl.store(KV_FULL + row + one, n_full)
+    tl.store(KV_COUNT + row + one, n_full + n_part)
+
+
+def sorted_tile_layout(words: torch.Tensor, block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
+                       num_kv_tiles: int, max_block_tiles: int, q_tile: int):
+    """``(kv_count, kv_index, kv_full)`` of rows whose selection is one int32 word each (``words [B, H, Sq, 1]``, at
+    most 32 blocks; VMoBA's sorted 1D path): what :func:`mixdit.kernels.router_reference.tile_layout_from_selection`
+    with ``full_first=True`` returns (identical counts and ``kv_index[..., :kv_count]``; entries past the count are
+    left unwritten, as the layout contract allows), in one Triton launch instead of ~25 PyTorch ops."""
+    B, H, Sq, W = words.shape
+    NB = block_tile_start.numel()
+    if W != 1 or NB > 32:
+        raise ValueError(f"sorted_tile_layout takes one selection word per row (<= 32 blocks), got {W} words and "
+                         f"{NB} blocks")
+    n_qt = triton.cdiv(Sq, q_tile)
+    dev = words.device
+    kv_count = torch.empty(B, H, n_qt, device=dev, dtype=torch.int32)
+    kv_full = torch.empty(B, H, n_qt, device=dev, dtype=torch.int32)
+    kv_index = torch.empty(B, H, n_qt, num_kv_tiles, device=dev, dtype=torch.int32)
+    _sorted_layout_kernel[(n_qt, B * H)](words.contiguous(), block_tile_start, block_tile_count, kv_count, kv_index,
+                                         kv_full, Sq, NB, n_qt, num_kv_tiles, int(max_block_tiles), Q_TILE=q_tile,
+                                         NB_PAD=32, num_warps=1)
+    return kv_count, kv_index, kv_full
+
+
+@triton.jit
 def _tile_query_means_kernel(Q, QMEAN, stride_qb, stride_qs, stride_qh, stride_qd, Sq, H, n_qt,
                              D: tl.constexpr, D_PAD: tl.constexpr, Q_TILE: tl.constexpr, ROWS: tl.constexpr):
     # fp32 mean query of one (sample, head, query tile): QMEAN [B*H, n_qt, D_PAD] (zeros past D).
@@ -737,12 +809,8 @@ def _tile_route_kernel(GATE, Q_BLOCK, BLOCK_SIZE, TILE_START, TILE_COUNT, PART,
     sel = sel & valid
     tc = tl.load(TILE_COUNT + cols, mask=c_ok, other=0)
     start = tl.load(TILE_START + cols, mask=c_ok, other=0)
-    ntile = tl.where(sel, tc[None, :], 0)
-    count = tl.sum(ntile, axis=1)
-    dst = tl.cumsum(ntile, axis=1) - ntile  # first slot of each selected block: selected tiles of lower blocks
-    idx_base = KV_INDEX + row_off[:, None] * n_kt
-    for l in range(0, max_tc):
-        tl.store(idx_base + dst + l, start[None, :] + l, mask=sel & (l < tc[None, :]))
+    count = _store_block_tiles(KV_INDEX + row_off[:, None] * n_kt, sel, tl.zeros([TM], dtype=tl.int32), start, tc,
+                               max_tc)
     tl.store(KV_COUNT + row_off, count, mask=t_ok)
     # statistics per tile: selected keys x query rows, and visited tiles, pre-scaled (summed by the launcher)
     bsize = tl.load(BLOCK_SIZE + cols, mask=c_ok, other=0)

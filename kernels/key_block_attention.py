@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_router import _store_block_tiles
 from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
 __all__ = ["KeyBlockPlan", "hybrid_block_attention", "key_block_attention", "key_block_plan", "split_by_tile_fill"]
@@ -217,11 +218,14 @@ def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, BASE_O,
 
 
 @triton.jit
-def _tile_fill_split_kernel(RS, DENSE_RS, SPARSE_RS, UNION, Sq, W, NB, n_qt, min_fill,
-                            Q_TILE: tl.constexpr, R: tl.constexpr, NB_PAD: tl.constexpr, W_PAD: tl.constexpr):
+def _tile_fill_split_kernel(RS, DENSE_RS, SPARSE_RS, UNION, TILE_START, TILE_COUNT, KV_COUNT, KV_INDEX,
+                            Sq, W, NB, n_qt, n_kt, max_tc, min_fill,
+                            Q_TILE: tl.constexpr, R: tl.constexpr, NB_PAD: tl.constexpr, W_PAD: tl.constexpr,
+                            LAYOUT: tl.constexpr):
     # Program (query tile, b*h): per block, how many of the tile's rows selected it; the blocks at least min_fill
-    # of the rows selected are the tile's dense set (UNION, int8); every row's words split into the bits of the
-    # dense set (DENSE_RS) and the rest (SPARSE_RS).
+    # of the rows selected are the tile's dense set (UNION, int8; with LAYOUT also as the query-tile kernel's layout
+    # KV_COUNT / KV_INDEX); every row's words split into the bits of the dense set (DENSE_RS) and the rest
+    # (SPARSE_RS).
     t = tl.program_id(0)
     bh = tl.program_id(1)
     r0 = t * Q_TILE
@@ -233,6 +237,14 @@ def _tile_fill_split_kernel(RS, DENSE_RS, SPARSE_RS, UNION, Sq, W, NB, n_qt, min
     n_rows = tl.minimum(Q_TILE, Sq - r0).to(tl.float32)
     dense = (cnt > 0) & (cnt.to(tl.float32) >= min_fill * n_rows)
     tl.store(UNION + (bh.to(tl.int64) * n_qt + t) * NB_PAD + cols, dense.to(tl.int8))
+    if LAYOUT:  # the dense set's key tiles (blocks own contiguous tile ranges in block order)
+        c_ok = cols < NB
+        tc = tl.load(TILE_COUNT + cols, mask=c_ok, other=0)
+        start = tl.load(TILE_START + cols, mask=c_ok, other=0)
+        row = bh.to(tl.int64) * n_qt + t
+        n = _store_block_tiles(KV_INDEX + row * n_kt + tl.zeros([1, 1], dtype=tl.int64), dense[None, :],
+                               tl.zeros([1], dtype=tl.int32), start, tc, max_tc)
+        tl.store(KV_COUNT + row + tl.arange(0, 1), n)
     # distinct bits: their sum is their OR (bit 31 wraps to the sign, as in the router's words)
     dense_words = tl.sum(tl.reshape(dense.to(tl.int32) << (cols % 32), [W_PAD, 32]), axis=1)
     wcols = tl.arange(0, W_PAD)
@@ -410,13 +422,16 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     return (out, lse_out, work) if return_work else (out, lse_out)
 
 
-def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int, min_fill: float):
+def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int, min_fill: float, block_tiles=None):
     """Split a per-row selection by how full each (query tile, block) pair is.
 
     For each tile of ``q_tile`` consecutive rows of a (sample, head), the blocks that at least ``min_fill`` of
-    its rows selected form the tile's *dense set*. Returns ``(dense_rs, sparse_rs, dense_union)``: the rows'
+    its rows selected form the tile's *dense set*. Returns ``(dense_rs, sparse_rs, dense_union, layout)``: the rows'
     bits inside their tile's dense set, the remaining bits (``dense_rs | sparse_rs == row_select``, disjoint),
-    and the dense sets as bool ``[B, H, n_query_tiles, num_blocks]`` (the query-tile kernel's layout)."""
+    the dense sets as bool ``[B, H, n_query_tiles, num_blocks]``, and with ``block_tiles = (block_tile_start,
+    block_tile_count, num_kv_tiles, max_block_tiles)`` (block ``c`` owns key tiles ``start[c] .. + count[c] - 1``)
+    the dense sets as the query-tile kernel's layout ``(kv_count, kv_index)``, written by the same kernel (what
+    ``compact_tiles`` makes of the union; entries past the count unwritten), else None."""
     B, H, Sq, W = row_select.shape
     if row_select.dtype != torch.int32 or not row_select.is_contiguous():
         raise ValueError("row_select must be a contiguous int32 [B, H, Sq, words] tensor")
@@ -431,16 +446,25 @@ def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int, m
     sparse = torch.empty_like(row_select)
     union = torch.empty(B * H, n_qt, NB_PAD, device=row_select.device, dtype=torch.int8)
     R = max(1, min(q_tile, 8192 // NB_PAD))
-    _tile_fill_split_kernel[(n_qt, B * H)](row_select, dense, sparse, union, Sq, W, num_blocks, n_qt, float(min_fill),
-                                           Q_TILE=q_tile, R=R, NB_PAD=NB_PAD, W_PAD=W_PAD, num_warps=4)
-    return dense, sparse, union.view(B, H, n_qt, NB_PAD)[..., :num_blocks].bool()
+    layout, n_kt, max_tc = None, 0, 0
+    start = count = kv_count = kv_index = union  # (unused pointers without the layout)
+    if block_tiles is not None:
+        start, count, n_kt, max_tc = block_tiles
+        kv_count = torch.empty(B, H, n_qt, device=row_select.device, dtype=torch.int32)
+        kv_index = torch.empty(B, H, n_qt, n_kt, device=row_select.device, dtype=torch.int32)
+        layout = (kv_count, kv_index)
+    _tile_fill_split_kernel[(n_qt, B * H)](row_select, dense, sparse, union, start, count, kv_count, kv_index,
+                                           Sq, W, num_blocks, n_qt, int(n_kt), int(max_tc), float(min_fill),
+                                           Q_TILE=q_tile, R=R, NB_PAD=NB_PAD, W_PAD=W_PAD,
+                                           LAYOUT=block_tiles is not None, num_warps=4)
+    return dense, sparse, union.view(B, H, n_qt, NB_PAD)[..., :num_blocks].bool(), layout
 
 
 def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                            block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                            kv_tile_group: torch.Tensor, kv_tile: int, min_fill: float, scale: float | None = None,
                            q_tile: int = 128, return_work: bool = False, out_dtype: torch.dtype | None = None,
-                           **key_block_kw):
+                           max_block_tiles: int | None = None, **key_block_kw):
     """Exact attention over per-row block selections, each (query tile, block) pair computed where it is cheaper.
 
     A block that many rows of a query tile selected is cheapest in the query-tile kernel (whole tiles, masked per
@@ -450,16 +474,19 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     key-block merge as one more partial. Exact like both (every selected key once, no other key).
     Arguments and returns as :func:`key_block_attention` (``return_work``: key tiles computed by both kernels as a
     share of all, padding included); ``kv_tile_group`` the block of each key tile; ``q`` in block order;
-    ``min_fill`` has no default here: VMoBA's measured values are ``mixdit.attention.vmoba_config.HYBRID_LAUNCH``."""
+    ``min_fill`` has no default here: VMoBA's measured values are ``mixdit.attention.vmoba_config.HYBRID_LAUNCH``.
+    ``max_block_tiles``: the largest ``block_tile_count`` (known from the block shape; None: read from the tensor, one
+    more host sync)."""
     from .block_sparse_attention import block_sparse_attention_forward, slot_masks_fit
-    from .router_reference import compact_tiles
 
     B, Sq, H, _ = q.shape
     NB = block_tile_start.numel()
-    dense_rs, sparse_rs, union = split_by_tile_fill(row_select, NB, q_tile, min_fill)
+    if max_block_tiles is None:
+        max_block_tiles = int(block_tile_count.max())
+    dense_rs, sparse_rs, _, (kv_count, kv_index) = split_by_tile_fill(
+        row_select, NB, q_tile, min_fill, (block_tile_start, block_tile_count, kv_tile_group.numel(), max_block_tiles))
     # the key-block plan first: its host copy completes while the query-tile kernel, queued next, runs
     plan = key_block_plan(sparse_rs, NB, key_block_kw.get("block_m", DEFAULT_BLOCK_M))
-    kv_count, kv_index = compact_tiles(union, kv_tile_group)
     if not slot_masks_fit(kv_index, q_tile):
         # a layout sized for every key tile is too large for per-slot masks (Wan-14B 720p 3D layers: 1.1 GB); cut to
         # the most tiles a query tile visits, which fits: one host sync, after the plan's copy was queued

@@ -260,13 +260,14 @@ def test_threshold_rule_early_exit_selects_as_the_full_search():
     q_block = (torch.arange(Sq) % NB).to(DEV, torch.int32)
     q_block[-1] = 0
     block_size = torch.randint(1, 50, (NB,), generator=g).to(DEV, torch.int32)
+    block_size_pad = torch.nn.functional.pad(block_size, (0, NB_PAD - NB))  # the kernel reads NB_PAD of them
     for threshold in (0.02, 0.25, 0.6, 2.0):
         out = {}
         for early in (0, 27, 15):  # the full search; the check after every round; from the fifth round (3D layers)
             rs = torch.full((1, 1, Sq, NB_PAD // 32), -7, device=DEV, dtype=torch.int32)
             tokens = torch.empty(1, triton.cdiv(Sq, 2), device=DEV)
             br._token_threshold_kernel[(triton.cdiv(Sq, 2), 1)](
-                gate, q_block, block_size, rs, tokens, tokens, Sq, NB, triton.cdiv(Sq, 2), 0, threshold, NB,
+                gate, q_block, block_size_pad, rs, tokens, tokens, Sq, NB, triton.cdiv(Sq, 2), 0, threshold, NB,
                 ROWS=2, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=False, EARLY_EXIT=early, num_warps=1)
             out[early] = rs
         assert torch.equal(out[27], out[0]), threshold
@@ -309,3 +310,38 @@ def test_fp32_matmul_restores_tf32_after_overlapping_threads(monkeypatch):
         t.join(10)
     assert seen == {"a": False, "b": False}
     assert torch.backends.cuda.matmul.allow_tf32 is True and br._fp32_matmul_state["users"] == 0
+
+
+@pytest.mark.parametrize("grid,block,kv_tile,q_tile", [((5, 4, 6), (2, 4, 6), 32, 16), ((7, 6, 6), (1, 6, 6), 16, 32)])
+def test_sorted_tile_layout_matches_the_pytorch_layout(grid, block, kv_tile, q_tile):
+    """The sorted 1D path's layout kernel (union and every-row set per query tile from one selection word per row)
+    gives what ``tile_layout_from_selection(full_first=True)`` gives: counts, full counts and the visited tiles in
+    order (full blocks first), with a partial last query tile, a block every row takes and sorted words; more than one
+    word per row is refused."""
+    from mixdit.attention.vmoba import get_partition
+    from mixdit.kernels.block_router import sorted_tile_layout
+
+    g = torch.Generator().manual_seed(7)
+    part = get_partition(grid, "temporal", block, kv_tile, DEV)
+    NB = part.num_blocks
+    B, H, Sq = 2, 3, grid[0] * grid[1] * grid[2]
+    assert Sq % q_tile  # the last query tile is partial
+    bits = torch.rand(B, H, Sq, NB, generator=g) < 0.4
+    bits[..., 0] |= torch.rand(B, H, Sq, generator=g) < 0.9
+    bits[:, 0, :, 1] = True  # every row of head 0 takes block 1: full in every tile
+    words = (bits.int() << torch.arange(NB, dtype=torch.int32)).sum(-1, keepdim=True).to(torch.int32)
+    words = torch.sort(words, dim=2).values.to(DEV)
+    want = rr.tile_layout_from_selection(rr.row_select_to_selection(words, NB), part.kv_tile_group, q_tile,
+                                         full_first=True)
+    got = sorted_tile_layout(words, part.block_tile_start, part.block_tile_count, part.num_kv_tiles,
+                             part.max_block_tiles, q_tile)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    assert 0 < int(want[2].sum()) < int(want[0].sum())
+    for b in range(B):
+        for h in range(H):
+            for t in range(want[0].shape[-1]):
+                c = int(want[0][b, h, t])
+                assert torch.equal(got[1][b, h, t, :c], want[1][b, h, t, :c]), (b, h, t)
+    with pytest.raises(ValueError, match="one selection word"):
+        sorted_tile_layout(torch.cat([words, words], -1), part.block_tile_start, part.block_tile_count,
+                           part.num_kv_tiles, part.max_block_tiles, q_tile)

@@ -9,7 +9,7 @@ from mixdit.attention.vmoba import get_partition
 from mixdit.kernels.key_block_attention import (_chunks, hybrid_block_attention, key_block_attention, key_block_plan,
                                                 split_by_tile_fill)
 from mixdit.kernels.reference import block_sparse_attention_reference, dense_layout
-from mixdit.kernels.router_reference import row_select_to_selection, selection_to_row_select
+from mixdit.kernels.router_reference import compact_tiles, row_select_to_selection, selection_to_row_select
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +110,8 @@ def test_split_by_tile_fill(device):
     B, H, S, NB, q_tile, min_fill = 2, 3, 160, 72, 64, 0.3
     sel = torch.rand(B, H, S, NB, generator=gen) < torch.rand(B, H, 1, NB, generator=gen)  # per-block rates
     rs = selection_to_row_select(sel).to(device)
-    dense, sparse, union = split_by_tile_fill(rs, NB, q_tile, min_fill)
+    dense, sparse, union, layout = split_by_tile_fill(rs, NB, q_tile, min_fill)
+    assert layout is None
     n_qt = -(-S // q_tile)
     rows = torch.tensor([min(q_tile, S - t * q_tile) for t in range(n_qt)], dtype=torch.float32)
     cnt = torch.stack([sel[:, :, t * q_tile:(t + 1) * q_tile].sum(2) for t in range(n_qt)], 2).float()
@@ -122,6 +123,20 @@ def test_split_by_tile_fill(device):
     assert torch.equal(row_select_to_selection(dense.cpu(), NB), dense_bits)
     assert torch.equal(row_select_to_selection(sparse.cpu(), NB), sel & ~dense_bits)
     assert torch.equal(dense.cpu() | sparse.cpu(), rs.cpu()) and not (dense.cpu() & sparse.cpu()).any()
+    # the same kernel writes the dense sets as the query-tile layout: what compact_tiles makes of the union
+    tiles_per_block = torch.randint(1, 4, (NB,), generator=gen, dtype=torch.int32)
+    start = (torch.cumsum(tiles_per_block, 0) - tiles_per_block).to(torch.int32)
+    kv_tile_group = torch.repeat_interleave(torch.arange(NB, dtype=torch.int32), tiles_per_block)
+    n_kt = kv_tile_group.numel()
+    block_tiles = (start.to(device), tiles_per_block.to(device), n_kt, int(tiles_per_block.max()))
+    *_, (kv_count, kv_index) = split_by_tile_fill(rs, NB, q_tile, min_fill, block_tiles)
+    want_count, want_index = compact_tiles(want, kv_tile_group)
+    assert torch.equal(kv_count.cpu(), want_count)
+    for b in range(B):
+        for h in range(H):
+            for t in range(n_qt):
+                c = int(want_count[b, h, t])
+                assert torch.equal(kv_index[b, h, t, :c].cpu(), want_index[b, h, t, :c]), (b, h, t)
 
 
 @pytest.mark.parametrize("min_fill", [0.0, 0.35, 1.01])  # all pairs to query tiles / mixed / all to key blocks
