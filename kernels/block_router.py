@@ -330,6 +330,11 @@ def _gate_operands(q_dtype: torch.dtype, means_t: torch.Tensor, interpret: bool)
     return GATE_ONE_PRODUCT, (means_t, means_t, means_t), "ieee" if interpret else "tf32x3"  # (only the first read)
 
 
+def _gate_row_width(num_blocks: int) -> int:
+    """Floats between the rows of :func:`token_gate`'s buffer: ``num_blocks`` rounded up to 16."""
+    return -(-num_blocks // 16) * 16
+
+
 def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int, h1: int) -> torch.Tensor:
     """fp32 gate ``[h1 - h0, Sq, num_blocks]`` of (sample, head) ``h0 .. h1`` (flat ``b * H + h``): every query row of
     ``q [B, Sq, H, D]`` against every block's key mean (``means_t [B*H, D_PAD, NB_PAD]``, :func:`block_key_means`).
@@ -342,7 +347,7 @@ def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int,
     D_PAD, NB_PAD = means_t.shape[1], means_t.shape[2]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     mode, parts, precision = _gate_operands(q.dtype, means_t, interpret)
-    gate = torch.empty(h1 - h0, Sq, -(-num_blocks // 16) * 16, device=q.device, dtype=torch.float32)
+    gate = torch.empty(h1 - h0, Sq, _gate_row_width(num_blocks), device=q.device, dtype=torch.float32)
     BM, BN = (64, 32) if interpret else _GATE_TILES
     BN = min(BN, NB_PAD)
     _token_gate_kernel[(triton.cdiv(Sq, BM), h1 - h0)](
@@ -384,7 +389,10 @@ def _rule_first_check(nb_pad: int) -> int:
     one of the blocks' values. Rows of the random-weight Wan2.1-1.3B (480p, 131 K per layer type) stopping after
     round 1 / 2 / 3 / 4: 11 blocks 0 / 1.4% / 77% / 18%, 130 blocks 0 / 0 / 0 / 11%, 390 blocks 0 / 0 / 0 / 0.05%.
     So the first check comes after round 2, 4 or 5 (H200, 3D rule kernel: from round 4 1.439 -> 1.355 ms, spatial
-    0.737 -> 0.693, same selections). Checking later only costs rounds: the selection never changes."""
+    0.737 -> 0.693, same selections). Checking later only costs rounds: the selection never changes. 0 (no check,
+    the full 30-bit search) when ``_RULE_EARLY_EXIT`` is off."""
+    if not _RULE_EARLY_EXIT:
+        return 0
     if nb_pad <= 32:
         return 24
     return 18 if nb_pad <= 128 else 15
@@ -408,14 +416,14 @@ def _route_threshold_tokens(q, means_t, q_block, block_size, row_select, union, 
     BH = B * H
     NB_PAD = means_t.shape[-1]
     n_rt = triton.cdiv(Sq, rows)
-    step = max(1, max_gate_bytes // (Sq * (-(-NB // 16) * 16) * 4))
+    step = max(1, max_gate_bytes // (Sq * _gate_row_width(NB) * 4))
     for h0 in range(0, BH, step):
         h1 = min(BH, h0 + step)
         gate = token_gate(q, means_t, NB, h0, h1)
         _token_threshold_kernel[(n_rt, h1 - h0)](
             gate, q_block, block_size, row_select, union, sel_tokens, Sq, NB, n_rt, h0, float(threshold),
             gate.stride(1), ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=store_union,
-            EARLY_EXIT=_rule_first_check(NB_PAD) if _RULE_EARLY_EXIT else 0, num_warps=1)
+            EARLY_EXIT=_rule_first_check(NB_PAD), num_warps=1)
 
 
 def _next_pow2(n: int) -> int:
@@ -626,6 +634,14 @@ def _store_block_tiles(idx_base, sel, first, start, tc, max_tc):
 
 
 @triton.jit
+def _store_query_tile_tiles(KV_INDEX, row, n_kt, sel, first, start, tc, max_tc):
+    """:func:`_store_block_tiles` for the one query tile ``row`` of ``kv_index`` (``[rows, n_kt]``): ``sel
+    [NB_PAD]``, ``first`` a ``[1]`` tensor; returns the tiles written as ``[1]``."""
+    return _store_block_tiles(KV_INDEX + row * n_kt + tl.zeros([1, 1], dtype=tl.int64), sel[None, :], first, start,
+                              tc, max_tc)
+
+
+@triton.jit
 def _or(a, b):
     return a | b
 
@@ -655,9 +671,8 @@ def _sorted_layout_kernel(RS, TILE_START, TILE_COUNT, KV_COUNT, KV_INDEX, KV_FUL
     tc = tl.load(TILE_COUNT + cols, mask=c_ok, other=0)
     start = tl.load(TILE_START + cols, mask=c_ok, other=0)
     row = (bh * n_qt + qt).to(tl.int64)
-    base = KV_INDEX + row * n_kt + tl.zeros([1, 1], dtype=tl.int64)
-    n_full = _store_block_tiles(base, in_full[None, :], tl.zeros([1], dtype=tl.int32), start, tc, max_tc)
-    n_part = _store_block_tiles(base, (in_union & ~in_full)[None, :], n_full, start, tc, max_tc)
+    n_full = _store_query_tile_tiles(KV_INDEX, row, n_kt, in_full, tl.zeros([1], dtype=tl.int32), start, tc, max_tc)
+    n_part = _store_query_tile_tiles(KV_INDEX, row, n_kt, in_union & ~in_full, n_full, start, tc, max_tc)
     one = tl.arange(0, 1)
     tl.store(KV_FULL + row + one, n_full)
     tl.store(KV_COUNT + row + one, n_full + n_part)
@@ -889,7 +904,7 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
             Sq, NB, n_qt, n_kt, n_grp, BH, int(max_block_tiles), npass, threshold, inv_keys, inv_tiles,
             MODE=mode, TOPK=max(1, min(int(topk), NB)), NB_PAD=NB_PAD, TM=TM, Q_TILE=q_tile,
             GRP_PAD=max(2, _next_pow2(n_grp)), NCAND=TILE_NCAND, DIGIT=TILE_DIGIT, REC=TILE_REC,
-            EARLY_EXIT=_rule_first_check(NB_PAD) if _RULE_EARLY_EXIT else 0, num_warps=num_warps)
+            EARLY_EXIT=_rule_first_check(NB_PAD), num_warps=num_warps)
 
     if selection == "threshold":
         launch(TILE_THRESHOLD)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_router import _store_block_tiles
+from .block_router import _store_query_tile_tiles
 from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
 __all__ = ["KeyBlockPlan", "hybrid_block_attention", "key_block_attention", "key_block_plan", "split_by_tile_fill"]
@@ -58,16 +58,26 @@ DEFAULT_BLOCK_M = 128
 
 
 @triton.jit
+def _row_words(RS, bh, rows, row_ok, Sq, W, NB_PAD: tl.constexpr):
+    # [rows, NB_PAD // 32] int32: the words of row_select[bh, rows] (W = ceil(NB / 32) of them need not fill NB_PAD;
+    # the last one may hold bits past NB: callers clear them)
+    wcols = tl.arange(0, NB_PAD // 32)
+    return tl.load(RS + (bh.to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :],
+                   mask=row_ok[:, None] & (wcols < W)[None, :], other=0)
+
+
+@triton.jit
+def _spread_words(x, BM: tl.constexpr, NB_PAD: tl.constexpr):
+    # [BM, NB_PAD // 32] -> [BM, NB_PAD]: each word's value repeated over its 32 bit columns (on chip: loading a word
+    # once per column made the pair count and the split 2-6x slower, H200 session 14)
+    return tl.reshape(tl.broadcast_to(x[:, :, None], [BM, NB_PAD // 32, 32]), [BM, NB_PAD])
+
+
+@triton.jit
 def _row_bits(RS, bh, rows, row_ok, Sq, W, NB, BM: tl.constexpr, NB_PAD: tl.constexpr):
-    # [BM, NB_PAD] int32 0/1: bit c of row_select[bh, row] (word c // 32); 0 past NB (W = ceil(NB / 32) words
-    # need not fill NB_PAD). Each word is loaded once and spread over its 32 columns on chip: a load per column
-    # (32 of each word) made the pair count and the split 2-6x slower (H200, session 14).
-    W_PAD: tl.constexpr = NB_PAD // 32
-    wcols = tl.arange(0, W_PAD)
-    words = tl.load(RS + (bh.to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :],
-                    mask=row_ok[:, None] & (wcols < W)[None, :], other=0)
+    # [BM, NB_PAD] int32 0/1: bit c of row_select[bh, row] (word c // 32); 0 past NB
     cols = tl.arange(0, NB_PAD)
-    word_c = tl.reshape(tl.broadcast_to(words[:, :, None], [BM, W_PAD, 32]), [BM, NB_PAD])
+    word_c = _spread_words(_row_words(RS, bh, rows, row_ok, Sq, W, NB_PAD), BM, NB_PAD)
     return tl.where((cols < NB)[None, :], (word_c >> (cols % 32)[None, :]) & 1, 0)
 
 
@@ -103,19 +113,14 @@ def _pair_fill_kernel(RS, ROW_OFF, COL_OFF, PAIR_Q, PAIR_DST, bh0, Sq, W, NB, n_
     rows = rt * BM + tl.arange(0, BM)
     row_ok = rows < Sq
     cols = tl.arange(0, NB_PAD)
-    W_PAD: tl.constexpr = NB_PAD // 32
-    # the rows' words, bits past NB cleared (the counts skip them too)
-    wcols = tl.arange(0, W_PAD)
-    words = tl.load(RS + ((bh0 + j).to(tl.int64) * Sq + rows[:, None]) * W + wcols[None, :],
-                    mask=row_ok[:, None] & (wcols < W)[None, :], other=0)
-    n_valid = NB - wcols * 32
+    words = _row_words(RS, bh0 + j, rows, row_ok, Sq, W, NB_PAD)
+    n_valid = NB - tl.arange(0, NB_PAD // 32) * 32  # bits past NB cleared (the counts skip them too)
     words = words & tl.where(n_valid >= 32, -1, (1 << tl.minimum(tl.maximum(n_valid, 0), 31)) - 1)[None, :]
     # a pair's slot among its row's pairs: the set bits of the row's earlier words, then of its own word's lower
     # bits (a scan over the 512 bit columns instead took 255 registers and 2.5x the instructions, sm_90)
     pc = _popcount(words)
-    before = tl.cumsum(pc, axis=1) - pc  # [BM, W_PAD]
-    word_c = tl.reshape(tl.broadcast_to(words[:, :, None], [BM, W_PAD, 32]), [BM, NB_PAD])
-    before_c = tl.reshape(tl.broadcast_to(before[:, :, None], [BM, W_PAD, 32]), [BM, NB_PAD])
+    word_c = _spread_words(words, BM, NB_PAD)
+    before_c = _spread_words(tl.cumsum(pc, axis=1) - pc, BM, NB_PAD)
     bit = (cols % 32)[None, :]
     bits = (word_c >> bit) & 1
     slot = before_c + _popcount(word_c & ((1 << bit) - 1))
@@ -223,8 +228,8 @@ def _tile_fill_split_kernel(RS, DENSE_RS, SPARSE_RS, UNION, TILE_START, TILE_COU
                             Q_TILE: tl.constexpr, R: tl.constexpr, NB_PAD: tl.constexpr, W_PAD: tl.constexpr,
                             LAYOUT: tl.constexpr):
     # Program (query tile, b*h): per block, how many of the tile's rows selected it; the blocks at least min_fill
-    # of the rows selected are the tile's dense set (UNION, int8; with LAYOUT also as the query-tile kernel's layout
-    # KV_COUNT / KV_INDEX); every row's words split into the bits of the dense set (DENSE_RS) and the rest
+    # of the rows selected are the tile's dense set (UNION, int8; with LAYOUT instead as the query-tile kernel's
+    # layout KV_COUNT / KV_INDEX); every row's words split into the bits of the dense set (DENSE_RS) and the rest
     # (SPARSE_RS).
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -236,15 +241,15 @@ def _tile_fill_split_kernel(RS, DENSE_RS, SPARSE_RS, UNION, TILE_START, TILE_COU
         cnt += tl.sum(_row_bits(RS, bh, rows, rows < Sq, Sq, W, NB, R, NB_PAD), axis=0)
     n_rows = tl.minimum(Q_TILE, Sq - r0).to(tl.float32)
     dense = (cnt > 0) & (cnt.to(tl.float32) >= min_fill * n_rows)
-    tl.store(UNION + (bh.to(tl.int64) * n_qt + t) * NB_PAD + cols, dense.to(tl.int8))
+    row = bh.to(tl.int64) * n_qt + t
     if LAYOUT:  # the dense set's key tiles (blocks own contiguous tile ranges in block order)
         c_ok = cols < NB
         tc = tl.load(TILE_COUNT + cols, mask=c_ok, other=0)
         start = tl.load(TILE_START + cols, mask=c_ok, other=0)
-        row = bh.to(tl.int64) * n_qt + t
-        n = _store_block_tiles(KV_INDEX + row * n_kt + tl.zeros([1, 1], dtype=tl.int64), dense[None, :],
-                               tl.zeros([1], dtype=tl.int32), start, tc, max_tc)
+        n = _store_query_tile_tiles(KV_INDEX, row, n_kt, dense, tl.zeros([1], dtype=tl.int32), start, tc, max_tc)
         tl.store(KV_COUNT + row + tl.arange(0, 1), n)
+    else:
+        tl.store(UNION + row * NB_PAD + cols, dense.to(tl.int8))
     # distinct bits: their sum is their OR (bit 31 wraps to the sign, as in the router's words)
     dense_words = tl.sum(tl.reshape(dense.to(tl.int32) << (cols % 32), [W_PAD, 32]), axis=1)
     wcols = tl.arange(0, W_PAD)
@@ -428,10 +433,10 @@ def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int, m
     For each tile of ``q_tile`` consecutive rows of a (sample, head), the blocks that at least ``min_fill`` of
     its rows selected form the tile's *dense set*. Returns ``(dense_rs, sparse_rs, dense_union, layout)``: the rows'
     bits inside their tile's dense set, the remaining bits (``dense_rs | sparse_rs == row_select``, disjoint),
-    the dense sets as bool ``[B, H, n_query_tiles, num_blocks]``, and with ``block_tiles = (block_tile_start,
-    block_tile_count, num_kv_tiles, max_block_tiles)`` (block ``c`` owns key tiles ``start[c] .. + count[c] - 1``)
-    the dense sets as the query-tile kernel's layout ``(kv_count, kv_index)``, written by the same kernel (what
-    ``compact_tiles`` makes of the union; entries past the count unwritten), else None."""
+    and the dense sets: without ``block_tiles`` as bool ``[B, H, n_query_tiles, num_blocks]`` (layout None); with
+    ``block_tiles = (block_tile_start, block_tile_count, num_kv_tiles, max_block_tiles)`` (block ``c`` owns key tiles
+    ``start[c] .. + count[c] - 1``) as the query-tile kernel's layout ``(kv_count, kv_index)`` instead (union None),
+    written by the same kernel: what ``compact_tiles`` makes of the union, entries past the count unwritten."""
     B, H, Sq, W = row_select.shape
     if row_select.dtype != torch.int32 or not row_select.is_contiguous():
         raise ValueError("row_select must be a contiguous int32 [B, H, Sq, words] tensor")
@@ -444,20 +449,23 @@ def split_by_tile_fill(row_select: torch.Tensor, num_blocks: int, q_tile: int, m
     n_qt = triton.cdiv(Sq, q_tile)
     dense = torch.empty_like(row_select)
     sparse = torch.empty_like(row_select)
-    union = torch.empty(B * H, n_qt, NB_PAD, device=row_select.device, dtype=torch.int8)
     R = max(1, min(q_tile, 8192 // NB_PAD))
-    layout, n_kt, max_tc = None, 0, 0
-    start = count = kv_count = kv_index = union  # (unused pointers without the layout)
-    if block_tiles is not None:
+    if block_tiles is None:
+        union = torch.empty(B * H, n_qt, NB_PAD, device=row_select.device, dtype=torch.int8)
+        start = count = kv_count = kv_index = union  # (pointers the kernel does not read without the layout)
+        n_kt = max_tc = 0
+    else:
         start, count, n_kt, max_tc = block_tiles
         kv_count = torch.empty(B, H, n_qt, device=row_select.device, dtype=torch.int32)
         kv_index = torch.empty(B, H, n_qt, n_kt, device=row_select.device, dtype=torch.int32)
-        layout = (kv_count, kv_index)
+        union = kv_count  # (not written with the layout)
     _tile_fill_split_kernel[(n_qt, B * H)](row_select, dense, sparse, union, start, count, kv_count, kv_index,
                                            Sq, W, num_blocks, n_qt, int(n_kt), int(max_tc), float(min_fill),
                                            Q_TILE=q_tile, R=R, NB_PAD=NB_PAD, W_PAD=W_PAD,
                                            LAYOUT=block_tiles is not None, num_warps=4)
-    return dense, sparse, union.view(B, H, n_qt, NB_PAD)[..., :num_blocks].bool(), layout
+    if block_tiles is not None:
+        return dense, sparse, None, (kv_count, kv_index)
+    return dense, sparse, union.view(B, H, n_qt, NB_PAD)[..., :num_blocks].bool(), None
 
 
 def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
