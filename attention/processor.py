@@ -88,6 +88,9 @@ class MixditAttnProcessor:
             pass
         self.__dict__["__call__"] = signature_proxy
 
+    # eager inside a compiled model (a graph break per patched module): dynamo tracing the caught SDPA call gave
+    # wrong outputs, and the features' kernels have data-dependent shapes and host syncs
+    @torch.compiler.disable
     def __call__(self, attn, *args, **kwargs):
         ctx = current_context()
         active = self.session.active_features(self.site, ctx) if ctx is not None else []

@@ -104,6 +104,9 @@ class _ForwardContextHook(ModelHook):
         self._token = None
         self._ctx: ForwardContext | None = None
 
+    # Under torch.compile the per-call bookkeeping runs eagerly (a graph break): traced, its Python state (call
+    # counts, the step, the rows' roles) would be guarded on and recompiled every call
+    @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         ctx = self.session.make_context(module, self.denoiser_name, args, kwargs)
         for feature in self.session.features:
@@ -111,6 +114,7 @@ class _ForwardContextHook(ModelHook):
         self._ctx, self._token = ctx, set_context(ctx)
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module, output):
         ctx, token = self._ctx, self._token
         self._ctx = self._token = None

@@ -184,3 +184,28 @@ def test_forward_context_row_roles_and_steps(name, expected):
     per_step = len(expected)
     assert [s[0] for s in seen] == expected * 2
     assert [s[1] for s in seen] == [0] * per_step + [1] * per_step and all(s[2] == 2 for s in seen)
+
+
+@pytest.mark.parametrize("make,inputs,layers", [(tiny_wan, wan_inputs, 3), (tiny_sd3, sd3_inputs, 2)])
+def test_torch_compile_keeps_features_eager_and_compiles_once(make, inputs, layers):
+    """Under ``torch.compile`` mixdit's bookkeeping and patched attention modules run eagerly (graph breaks), so the
+    features see every call and a later call with another timestep compiles nothing new (the per-call state
+    would otherwise be guarded on and recompiled each call)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = make()
+    mixdit.apply(model, _recorder=RecorderConfig(scale=0.5))
+    compiled = torch.compile(model, backend="eager")
+    graphs = []
+    with torch.no_grad():
+        for t in (900.0, 500.0, 100.0):
+            x = inputs()
+            x["timestep"] = torch.tensor([t, t])
+            seen_before = len(Recorder.seen)
+            out = compiled(**x)[0]
+            torch.testing.assert_close(out, model(**x)[0], rtol=0, atol=0)
+            assert len(Recorder.seen) - seen_before == 2 * layers, "the feature missed attention calls"  # compiled + eager
+            graphs.append(counters["stats"]["unique_graphs"])
+    mixdit.remove(model)
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], f"recompiled on later calls: {graphs}"
