@@ -305,11 +305,27 @@ def apply(pipe, **features) -> Session:
             raise UnsupportedModelError(
                 f"{keyword} does not support the {adapter.family} family; supported: {', '.join(cls.supported_families)}")
         instances.append(cls(config, adapter, pipe))
+    if instances:
+        _check_not_parallel(adapter, pipe)
     remove(pipe)
     session = Session(pipe, adapter, instances)
     session.install()
     _set_session(pipe, session)
     return session
+
+
+def _check_not_parallel(adapter, pipe) -> None:
+    """Refuse denoisers sharded by diffusers' ``enable_parallelism``. With context parallelism each rank holds a slice
+    of the sequence and its attention processors exchange the rest, which mixdit's wrapped processor (pinned to the
+    native backend) would skip, silently attending within the slice; tensor parallelism is untested with mixdit."""
+    from mixdit.errors import UnsupportedModelError
+
+    for name, model in adapter.denoisers(pipe):
+        if getattr(model, "_parallel_config", None) is not None:
+            raise UnsupportedModelError(
+                f"the {name} is sharded by diffusers' enable_parallelism (context or tensor parallelism), which "
+                "mixdit's features do not support: apply them to an unsharded model (mixdit batch spreads whole "
+                "generations over GPUs instead)")
 
 
 def _coerce_config(keyword: str, config_class: type, config):

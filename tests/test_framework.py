@@ -138,6 +138,22 @@ def test_unsupported_model_lists_families():
         mixdit.apply(torch.nn.Linear(2, 2), _recorder=True)
 
 
+def test_parallel_model_is_refused_and_the_installed_session_kept():
+    """A denoiser sharded by diffusers' context parallelism would attend within each rank's slice once mixdit's
+    processor (native backend) replaced the exchanging one: refused (tensor parallelism too: untested), and what was
+    installed stays."""
+    from types import SimpleNamespace
+
+    model = tiny_wan()
+    mixdit.apply(model, _recorder=RecorderConfig(scale=0.5))
+    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2))
+    with pytest.raises(UnsupportedModelError, match="enable_parallelism"):
+        mixdit.apply(model, _recorder=RecorderConfig(scale=1.0))
+    assert mixdit.summary(model)["features"]["_recorder"] is not None  # the earlier session is untouched
+    model._parallel_config = None
+    mixdit.remove(model)
+
+
 def test_pipeline_with_cpu_offload_apply_then_remove_is_bitwise():
     """A whole tiny pipeline under accelerate's model offload hooks: patched output differs,
     removed output is bitwise the untouched one."""
