@@ -261,14 +261,16 @@ def test_threshold_rule_early_exit_selects_as_the_full_search():
     q_block[-1] = 0
     block_size = torch.randint(1, 50, (NB,), generator=g).to(DEV, torch.int32)
     block_size_pad = torch.nn.functional.pad(block_size, (0, NB_PAD - NB))  # the kernel reads NB_PAD of them
+    rows = br._threshold_rows(NB_PAD)  # as the router launches it (the interpreter: 16 rows per program)
+    n_rt = triton.cdiv(Sq, rows)
     for threshold in (0.02, 0.25, 0.6, 2.0):
         out = {}
         for early in (0, 27, 15):  # the full search; the check after every round; from the fifth round (3D layers)
             rs = torch.full((1, 1, Sq, NB_PAD // 32), -7, device=DEV, dtype=torch.int32)
-            tokens = torch.empty(1, triton.cdiv(Sq, 2), device=DEV)
-            br._token_threshold_kernel[(triton.cdiv(Sq, 2), 1)](
-                gate, q_block, block_size_pad, rs, tokens, tokens, Sq, NB, triton.cdiv(Sq, 2), 0, threshold, NB,
-                ROWS=2, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=False, EARLY_EXIT=early, num_warps=1)
+            tokens = torch.empty(1, n_rt, device=DEV)
+            br._token_threshold_kernel[(n_rt, 1)](
+                gate, q_block, block_size_pad, rs, tokens, tokens, Sq, NB, n_rt, 0, threshold, NB,
+                ROWS=rows, NB_PAD=NB_PAD, W=NB_PAD // 32, STORE_UNION=False, EARLY_EXIT=early, num_warps=1)
             out[early] = rs
         assert torch.equal(out[27], out[0]), threshold
         assert torch.equal(out[15], out[0]), threshold
