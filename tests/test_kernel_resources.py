@@ -57,10 +57,13 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_default_configs_fit_hopper_shared_memory():
+def test_default_configs_fit_hopper_shared_memory(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compilation, not the interpreter
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    # run outside the checkout: `python -c` puts the working directory first on sys.path, where the bare `mixdit/`
+    # folder would shadow an installed (non-editable) mixdit
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=tmp_path)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
     if line is None and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip("Triton's ptxas is not available here")
