@@ -22,7 +22,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from mixdit.attention.processor import AttentionCall, MixditAttnProcessor
-from mixdit.errors import ConfigError
+from mixdit.errors import ConfigError, UnsupportedModelError
 from mixdit.pipelines.adapters import AttentionSite, FamilyAdapter, adapter_for
 from mixdit.pipelines.context import ForwardContext, reset_context, set_context
 
@@ -300,8 +300,6 @@ def apply(pipe, **features) -> Session:
         cls = FEATURES[keyword]
         config = _coerce_config(keyword, cls.config_class, config)
         if cls.supported_families is not None and adapter.family not in cls.supported_families:
-            from mixdit.errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"{keyword} does not support the {adapter.family} family; supported: {', '.join(cls.supported_families)}")
         instances.append(cls(config, adapter, pipe))
@@ -318,8 +316,6 @@ def _check_not_parallel(adapter, pipe) -> None:
     """Refuse denoisers sharded by diffusers' ``enable_parallelism``. With context parallelism each rank holds a slice
     of the sequence and its attention processors exchange the rest, which mixdit's wrapped processor (pinned to the
     native backend) would skip, silently attending within the slice; tensor parallelism is untested with mixdit."""
-    from mixdit.errors import UnsupportedModelError
-
     for name, model in adapter.denoisers(pipe):
         if getattr(model, "_parallel_config", None) is not None:
             raise UnsupportedModelError(
