@@ -21,6 +21,14 @@ def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile tests: no compiled code or counters from an earlier test, none left for a later one."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def tolerance(ref_same_dtype: torch.Tensor, ref_fp32: torch.Tensor) -> float:
     """FlagAttention's rule: allowed max error = 2 x (same-dtype PyTorch error vs fp32) + 1e-5."""
     return 2 * (ref_same_dtype.float() - ref_fp32.float()).abs().max().item() + 1e-5

@@ -203,13 +203,12 @@ def test_forward_context_row_roles_and_steps(name, expected):
 
 
 @pytest.mark.parametrize("make,inputs,layers", [(tiny_wan, wan_inputs, 3), (tiny_sd3, sd3_inputs, 2)])
-def test_torch_compile_keeps_features_eager_and_compiles_once(make, inputs, layers):
+def test_torch_compile_keeps_features_eager_and_compiles_once(fresh_dynamo, make, inputs, layers):
     """Under ``torch.compile`` mixdit's bookkeeping and patched attention modules run eagerly (graph breaks), so the
     features see every call and a later call with another timestep compiles nothing new (the per-call state
     would otherwise be guarded on and recompiled each call)."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
     model = make()
     mixdit.apply(model, _recorder=RecorderConfig(scale=0.5))
     compiled = torch.compile(model, backend="eager")

@@ -76,12 +76,11 @@ def test_shared_prefix_equals_naive_in_pipeline(pipes, name):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_torch_compiled_denoiser_equals_eager(pipes):
+def test_torch_compiled_denoiser_equals_eager(fresh_dynamo, pipes):
     """The shared-prefix fork (rows added at a block, a plan per call) under ``torch.compile``: same output as eager
     on every call, nothing recompiled after the first."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
     model = copy.deepcopy(pipes["tiny-wan"].transformer)
     last = mixdit.api.adapter_for(model).num_layers(model) - 1
     mixdit.apply(model, guidance=GuidanceConfig(heads=f"L{last}H1,L{last - 1}H0", scale=2.5, softpag=0.7))

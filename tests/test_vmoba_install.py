@@ -64,7 +64,7 @@ def test_all_blocks_equals_dense_and_remove_is_bitwise(make, inputs):
 
 
 @pytest.mark.parametrize("make,inputs", MODELS, ids=["wan", "hunyuan_video", "cogvideox"])
-def test_torch_compile_equals_eager_and_compiles_once(make, inputs):
+def test_torch_compile_equals_eager_and_compiles_once(fresh_dynamo, make, inputs):
     """``torch.compile`` (dynamo, eager backend on the CPU) of a denoiser with VMoBA installed: the patched attention
     runs eagerly (joint text tokens included), the output is the eager model's bit for bit, and a second call with
     other latents compiles nothing new."""
@@ -72,7 +72,6 @@ def test_torch_compile_equals_eager_and_compiles_once(make, inputs):
 
     from mixdit.attention.vmoba import VMoBAConfig
 
-    torch._dynamo.reset()
     model = make()
     mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25)))
     compiled = torch.compile(model, backend="eager")
@@ -216,7 +215,7 @@ def test_gpu_measuring_call_times_sparse_and_dense():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_inductor_compiled_model_runs_vmoba_eagerly():
+def test_gpu_inductor_compiled_model_runs_vmoba_eagerly(fresh_dynamo):
     """``torch.compile`` (inductor) of a model with VMoBA installed: the patched attention stays eager (mixdit's
     Triton kernels, measured per-call state), the rest compiles, the feature sees every call, and the output is the
     eager model's up to precision. Every block is selected so no threshold cut can move; the tolerance is the
@@ -224,7 +223,6 @@ def test_gpu_inductor_compiled_model_runs_vmoba_eagerly():
     q/k/v, become 3e-4 at layer 1's and 4.5e-4 at the output; the same model compiled without mixdit: 4e-7)."""
     from mixdit.attention.vmoba import VMoBAConfig
 
-    torch._dynamo.reset()
     model = tiny_wan().cuda()
     x = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in denoiser_inputs(model, 2, latent=WAN_LATENT).items()}
     with torch.no_grad():
@@ -237,7 +235,6 @@ def test_gpu_inductor_compiled_model_runs_vmoba_eagerly():
             torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=0)
         after = mixdit.summary(model)["features"]["vmoba"]["density"]["spatial"]["calls"]
     mixdit.remove(model)
-    torch._dynamo.reset()
     assert after == 3 * calls
 
 
