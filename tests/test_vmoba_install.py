@@ -76,10 +76,10 @@ def test_torch_compile_equals_eager_and_compiles_once(fresh_dynamo, make, inputs
     mixdit.apply(model, vmoba=VMoBAConfig(**dict(SMALL, threshold=0.25)))
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
-        x = denoiser_inputs(model, 2, **inputs)
+        x = denoiser_inputs(model, 1, **inputs)  # one sample: the kernels run in the CPU interpreter
         assert torch.equal(compiled(**x)[0], model(**x)[0])
         graphs = counters["stats"]["unique_graphs"]
-        compiled(**denoiser_inputs(model, 2, seed=1, **inputs))
+        compiled(**denoiser_inputs(model, 1, seed=1, **inputs))
     mixdit.remove(model)
     assert counters["stats"]["unique_graphs"] == graphs > 0
 
