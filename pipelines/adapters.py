@@ -37,12 +37,12 @@ class FamilyAdapter:
     def denoisers(pipe_or_model) -> list[tuple[str, torch.nn.Module]]:
         """(attribute name, module) for every denoiser (Wan 2.2 has two experts)."""
         if isinstance(pipe_or_model, torch.nn.Module):
-            return [("transformer", pipe_or_model)]
+            return [("transformer", uncompiled(pipe_or_model))]
         out = []
         for name in ("transformer", "transformer_2"):
             model = getattr(pipe_or_model, name, None)
             if model is not None:
-                out.append((name, model))
+                out.append((name, uncompiled(model)))
         return out
 
     # -- layers ----------------------------------------------------------------------------
@@ -274,6 +274,13 @@ ADAPTERS: dict[str, FamilyAdapter] = {a.family: a for a in
 SUPPORTED_FAMILIES = tuple(ADAPTERS)
 
 
+def uncompiled(model):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, else ``model``: mixdit patches the real
+    denoiser, whose hooked forward and processors the wrapper then compiles (with a graph break at each)."""
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
 def adapter_for(pipe_or_model: Any) -> FamilyAdapter:
     """The adapter for a diffusers pipeline (its ``transformer``, else ``transformer_2``) or a bare
     denoiser; subclasses count as their diffusers base class. A clear error for anything else."""
@@ -284,6 +291,7 @@ def adapter_for(pipe_or_model: Any) -> FamilyAdapter:
         model = getattr(pipe_or_model, "transformer", None)
         if model is None:
             model = getattr(pipe_or_model, "transformer_2", None)
+    model = uncompiled(model)
     for adapter in ADAPTERS.values():
         cls = getattr(diffusers, adapter.transformer_class, None)
         if cls is not None and isinstance(model, cls):

@@ -224,3 +224,20 @@ def test_torch_compile_keeps_features_eager_and_compiles_once(fresh_dynamo, make
             graphs.append(counters["stats"]["unique_graphs"])
     mixdit.remove(model)
     assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], f"recompiled on later calls: {graphs}"
+
+
+def test_apply_to_an_already_compiled_denoiser(fresh_dynamo):
+    """``mixdit.apply`` on a ``torch.compile`` wrapper (or a pipeline holding one) patches the model inside it: the
+    feature runs in the compiled calls, and ``remove`` gives the untouched output back."""
+    model = tiny_wan()
+    compiled = torch.compile(model, backend="eager")
+    x = wan_inputs()
+    with torch.no_grad():
+        ref = compiled(**x)[0]
+        mixdit.apply(compiled, _recorder=RecorderConfig(scale=0.5))
+        seen_before = len(Recorder.seen)
+        patched = compiled(**x)[0]
+        assert len(Recorder.seen) - seen_before == 3
+        assert not torch.allclose(patched, ref, atol=1e-4)
+        mixdit.remove(compiled)
+        assert torch.equal(compiled(**x)[0], ref)
