@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from mixdit.errors import UnsupportedModelError
 from mixdit.pipelines.context import ForwardContext, current_context
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +66,16 @@ class _CatchSDPA(TorchFunctionMode):
         return self.processor.session.run_attention(call, self.active)
 
 
+def parallelism_unsupported(what: str) -> UnsupportedModelError:
+    """The error for a denoiser sharded by diffusers' ``enable_parallelism``: with context parallelism each rank holds
+    a slice of the sequence and the processors exchange the rest, which the wrapped copy (pinned to the native
+    backend) would skip, attending within the slice; tensor parallelism is untested with mixdit."""
+    return UnsupportedModelError(
+        f"{what} is sharded by diffusers' enable_parallelism (context or tensor parallelism), which mixdit's features "
+        "do not support: mixdit.remove() gives diffusers' own processors back; or apply mixdit to an unsharded model "
+        "(mixdit batch spreads whole generations over GPUs instead)")
+
+
 class MixditAttnProcessor:
     """Wraps one module's diffusers processor; see the module docstring."""
 
@@ -75,7 +86,6 @@ class MixditAttnProcessor:
         self.inner = copy.copy(original)
         if hasattr(self.inner, "_attention_backend"):
             self.inner._attention_backend = "native"
-            self.inner._parallel_config = None
         # diffusers' legacy `Attention.forward` drops keyword arguments (e.g. HunyuanVideo's
         # `image_rotary_emb`) that `inspect.signature(processor.__call__)` does not list: expose the
         # wrapped processor's signature on the instance (calls still go through the class method).
@@ -96,9 +106,19 @@ class MixditAttnProcessor:
         active = self.session.active_features(self.site, ctx) if ctx is not None else []
         if not active:
             return self.original(attn, *args, **kwargs)
+        if getattr(self.original, "_parallel_config", None) is not None:  # sharded after mixdit.apply
+            raise parallelism_unsupported(f"the denoiser of {self.site.name}")
         ctx.layer_index = self.site.layer_index
         with _CatchSDPA(self, ctx, active):
             return self.inner(attn, *args, **kwargs)
+
+    def __setattr__(self, name, value):
+        # diffusers' enable_parallelism after mixdit.apply configures the processor it finds, this wrapper: the original
+        # keeps the setting (remove() hands it back configured), and calls with an active feature refuse it
+        if name == "_parallel_config":
+            setattr(self.original, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def __getattr__(self, name):  # diffusers inspects processor attributes (e.g. signature checks)
         if name in ("original", "inner", "site", "session"):

@@ -280,10 +280,14 @@ def _compose_14b(config, label, per_layer, times, summary, rel14, rows):
                      note="40-layer times composed from measured 1- and 4-layer stacks: overhead + layer 0 dense + 39 x mean VMoBA layer"))
 
 
-def write(rows):
+def result_path(name: str) -> str:
+    """``benchmarks/results/<name>-<gpu>`` (no extension; the folder is created)."""
     os.makedirs(RESULTS, exist_ok=True)
-    gpu = torch.cuda.get_device_name().lower().replace(" ", "-")
-    path = os.path.join(RESULTS, f"vmoba-{gpu}")
+    return os.path.join(RESULTS, f"{name}-" + torch.cuda.get_device_name().lower().replace(" ", "-"))
+
+
+def write(rows):
+    path = result_path("vmoba")
     with open(path + ".json", "w") as f:
         json.dump(rows, f, indent=1, default=float)
     lines = [f"# VMoBA in the Wan transformer ({torch.cuda.get_device_name()})", "",

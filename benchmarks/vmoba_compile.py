@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vmoba import RESULTS, bench, model_inputs  # noqa: E402
+from vmoba import bench, model_inputs, result_path  # noqa: E402
 
 
 def _forward(model, inputs):
@@ -87,8 +87,7 @@ def main() -> int:
                   speedup_vmoba_eager_vs_dense_eager=ms["dense eager"] / ms["VMoBA eager"],
                   vmoba_compiled_rel_l2_vs_dense_eager=float((vmoba_compiled.float() - dense_eager.float()).norm()
                                                              / dense_eager.float().norm()))
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "vmoba-compile-" + gpu.lower().replace(" ", "-"))
+    path = result_path("vmoba-compile")
     with open(path + ".json", "w") as f:
         json.dump(result, f, indent=1)
     lines = [f"# VMoBA under torch.compile, Wan2.1-1.3B 480p 81f ({gpu}, torch {torch.__version__})", "",

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from mixdit.attention.processor import AttentionCall, MixditAttnProcessor
+from mixdit.attention.processor import AttentionCall, MixditAttnProcessor, parallelism_unsupported
 from mixdit.errors import ConfigError, UnsupportedModelError
 from mixdit.pipelines.adapters import AttentionSite, FamilyAdapter, adapter_for
 from mixdit.pipelines.context import ForwardContext, reset_context, set_context
@@ -313,15 +313,11 @@ def apply(pipe, **features) -> Session:
 
 
 def _check_not_parallel(adapter, pipe) -> None:
-    """Refuse denoisers sharded by diffusers' ``enable_parallelism``. With context parallelism each rank holds a slice
-    of the sequence and its attention processors exchange the rest, which mixdit's wrapped processor (pinned to the
-    native backend) would skip, silently attending within the slice; tensor parallelism is untested with mixdit."""
+    """Refuse denoisers already sharded by diffusers' ``enable_parallelism`` before anything is installed (sharded
+    later, the processor refuses its calls: :func:`mixdit.attention.processor.parallelism_unsupported`)."""
     for name, model in adapter.denoisers(pipe):
         if getattr(model, "_parallel_config", None) is not None:
-            raise UnsupportedModelError(
-                f"the {name} is sharded by diffusers' enable_parallelism (context or tensor parallelism), which "
-                "mixdit's features do not support: apply them to an unsharded model (mixdit batch spreads whole "
-                "generations over GPUs instead)")
+            raise parallelism_unsupported(f"the {name}")
 
 
 def _coerce_config(keyword: str, config_class: type, config):

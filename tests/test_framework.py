@@ -140,18 +140,29 @@ def test_unsupported_model_lists_families():
 
 def test_parallel_model_is_refused_and_the_installed_session_kept():
     """A denoiser sharded by diffusers' context parallelism would attend within each rank's slice once mixdit's
-    processor (native backend) replaced the exchanging one: refused (tensor parallelism too: untested), and what was
-    installed stays."""
+    processor (native backend) replaced the exchanging one: refused by apply (tensor parallelism too: untested), and
+    what was installed stays; sharded after apply (diffusers then configures the wrappers), the calls refuse it, and
+    remove gives the processors back with diffusers' setting."""
     from types import SimpleNamespace
 
+    from mixdit.api import session_of
+
     model = tiny_wan()
-    mixdit.apply(model, _recorder=RecorderConfig(scale=0.5))
+    session = mixdit.apply(model, _recorder=RecorderConfig(scale=0.5))
     model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2))
     with pytest.raises(UnsupportedModelError, match="enable_parallelism"):
         mixdit.apply(model, _recorder=RecorderConfig(scale=1.0))
-    assert mixdit.summary(model)["features"]["_recorder"] is not None  # the earlier session is untouched
+    assert session_of(model) is session and session.features[0].config.scale == 0.5  # the earlier session is untouched
+    # what enable_parallelism does to each attention processor it finds (here: mixdit's wrappers)
+    cp = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2))
+    for site in adapter_for(model).attention_sites(model):
+        if hasattr(site.module.processor, "_parallel_config"):
+            site.module.processor._parallel_config = cp
+    with torch.no_grad(), pytest.raises(UnsupportedModelError, match="enable_parallelism"):
+        model(**wan_inputs())
     model._parallel_config = None
     mixdit.remove(model)
+    assert all(s.module.processor._parallel_config is cp for s in adapter_for(model).attention_sites(model))
 
 
 def test_pipeline_with_cpu_offload_apply_then_remove_is_bitwise():
