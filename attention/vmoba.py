@@ -242,16 +242,16 @@ def attention_path(config: VMoBAConfig, part: VMoBAPartition, qb, kb, vb) -> str
     (the exact rule, queries sorted by selection: layers of at most ``SORTED_QUERY_MAX_BLOCKS`` blocks),
     ``"hybrid"`` (:func:`mixdit.kernels.key_block_attention.hybrid_block_attention`: ``"auto"`` in layers of more
     blocks, or ``exact_kernel="hybrid"``) or ``"key_blocks"`` (:func:`~mixdit.kernels.key_block_attention.
-    key_block_attention`, ``exact_kernel="key_blocks"``). The last two need Triton and no gradient: they have no
-    backward and sync the host once per call, so training takes the query tiles, same selection."""
+    key_block_attention`, ``exact_kernel="key_blocks"``). The last two need Triton (CUDA or the interpreter) and
+    sync the host once per call; with gradients their forward runs as is and the backward is the query-tile
+    kernel's over the same selection (:func:`~mixdit.kernels.key_block_attention.exact_attention_with_grad`)."""
     if config.granularity != "token" or config.tile_union_only:
         return "query_tiles"
     few_blocks = part.num_blocks <= SORTED_QUERY_MAX_BLOCKS
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))
     kernel = config.exact_kernel
     if kernel == "auto":
         kernel = "query_tiles" if few_blocks else "hybrid"
-    if kernel in ("hybrid", "key_blocks") and not wants_grad and _kernel_runs(qb):
+    if kernel in ("hybrid", "key_blocks") and _kernel_runs(qb):
         return kernel
     return "sorted_query_tiles" if few_blocks else "query_tiles"
 
@@ -294,22 +294,20 @@ def _sorted_query_tile_call(qb, kb, vb, row_select, part: VMoBAPartition, config
     return out, torch.gather(lse_s, 2, inv), work
 
 
-def _key_block_call(qb, kb, vb, row_select, part: VMoBAPartition, config: VMoBAConfig, scale: float, fp32_out: bool,
+def _key_block_call(qb, kb, vb, r, part: VMoBAPartition, config: VMoBAConfig, scale: float, fp32_out: bool,
                     hybrid: bool):
-    """The key-block or (``hybrid``) the hybrid kernel. ``fp32_out``: keep the output in fp32 (text parts are
-    merged into it before the one final rounding)."""
-    from mixdit.kernels.key_block_attention import hybrid_block_attention, key_block_attention
+    """The key-block or (``hybrid``) the hybrid kernel on the router output ``r``; differentiable, with the query-tile
+    backward on ``r``'s tile layout (the router builds it when gradients are wanted). ``fp32_out``: keep the output
+    in fp32 (text parts are merged into it before the one final rounding)."""
+    from mixdit.kernels.key_block_attention import exact_attention_with_grad
 
-    kw = dict(block_tile_start=part.block_tile_start, block_tile_count=part.block_tile_count,
-              kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale, return_work=True,
-              out_dtype=torch.float32 if fp32_out else None)
-    inputs = _kernel_inputs(qb, kb, vb)
+    kw = dict(out_dtype=torch.float32 if fp32_out else None)
     if hybrid:
-        out, lse, work = hybrid_block_attention(*inputs, row_select, kv_tile_group=part.kv_tile_group,
-                                                max_block_tiles=part.max_block_tiles, **hybrid_launch(part, config),
-                                                **kw)
-    else:
-        out, lse, work = key_block_attention(*inputs, row_select, **kw)
+        kw.update(max_block_tiles=part.max_block_tiles, **hybrid_launch(part, config))
+    out, lse, work = exact_attention_with_grad(
+        *_kernel_inputs(qb, kb, vb), r.row_select, hybrid=hybrid, backward_layout=(r.kv_count, r.kv_index),
+        q_tile_backward=config.q_tile, kv_tile_group=part.kv_tile_group, block_tile_start=part.block_tile_start,
+        block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale, **kw)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
 
 
@@ -551,9 +549,11 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
         kb, vb = _gather_tokens(kv_, part.kv_perm), _gather_tokens(vv, part.kv_perm)
     qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
     path = attention_path(config, part, qb, kb, vb)
-    r = route(qb, kb, part, config, tile_layout=path == "query_tiles")
+    # the query-tile layout: what the query-tile kernel runs on, and the backward of the key-block / hybrid forward
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))
+    r = route(qb, kb, part, config, tile_layout=path == "query_tiles" or (wants_grad and path != "sorted_query_tiles"))
     if path in ("key_blocks", "hybrid"):
-        out_b, lse_b, work = _key_block_call(qb, kb, vb, r.row_select, part, config, scale, fp32_out=T > 0,
+        out_b, lse_b, work = _key_block_call(qb, kb, vb, r, part, config, scale, fp32_out=T > 0,
                                              hybrid=path == "hybrid")
     elif path == "sorted_query_tiles":
         out_b, lse_b, work = _sorted_query_tile_call(qb, kb, vb, r.row_select, part, config, scale)

@@ -21,7 +21,8 @@ call, tiles whose selection differs). Writes ``benchmarks/results/vmoba-query-ti
 Kernel studies: ``--kernel-ab`` (forward switches per layer), ``--kernel-configs`` (forward configs of the 3D
 layers), ``--layout-probe`` (VMoBA layouts vs random ones of the same density: masks, tile order, count spread),
 ``--bwd-ab`` (forward + backward with backward switches), ``--gathers``, ``--profile-router``, ``--key-blocks`` (the
-exact rule: key-block attention vs the query-tile kernel, per layer type).
+exact rule: key-block attention vs the query-tile kernel, per layer type), ``--train`` (the exact rule with gradients:
+forward and forward + backward per layer type, query tiles vs the hybrid forward).
 """
 
 from __future__ import annotations
@@ -432,6 +433,71 @@ def _model_layers(layer_types, cfg):
         del q, k, v
 
 
+def train_step_study(reps: int = 10, profile: bool = False) -> dict:
+    """What VMoBA's exact rule costs in training, per layer type, on a random-weight Wan2.1-1.3B's own q/k/v (480p /
+    81 frames, B = 1): forward with gradients (what gradient checkpointing runs twice) and forward + backward of
+    ``vmoba_attention`` (permutations and router included) with ``exact_kernel="query_tiles"`` (the training path
+    up to session 15: the query-tile kernel in block order in 2D/3D layers, sorted queries in 1D) and ``"auto"``
+    (since session 16 the hybrid in 2D/3D layers, forward and backward; 3D also with 128-key tiles), against cuDNN
+    dense. ``profile``: also the GPU time per kernel of one forward + backward of the default path."""
+    from mixdit.attention.vmoba import vmoba_attention
+
+    base = dict(min_tokens=0, dense_layers=())
+    rows = []
+    for _, B, D, layer_type, part, qb, kb, vb, r, raster in _model_layers(tuple(LAYER_OF_TYPE), VMoBAConfig(**base)):
+        q, k, v = (t.detach().requires_grad_(True) for t in raster)
+        grad = torch.randn_like(q)
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+
+        def dense():
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qh, kh, vh, scale=D ** -0.5).transpose(1, 2)
+
+        fns = {"dense (cuDNN)": dense}
+        variants = {"query_tiles": dict(exact_kernel="query_tiles"), "auto": {}}
+        if layer_type == "spatiotemporal":  # 128-key tiles (33% padding) instead of 32 in 3D layers
+            variants["auto kv_tile 128"] = dict(kv_tile_spatiotemporal=128)
+        for label, extra in variants.items():
+            cfg = VMoBAConfig(**extra, **base)
+            fns[f"vmoba {label}"] = (lambda c: lambda: vmoba_attention(
+                q, k, v, grid=(21, 30, 52), layer_index=LAYER_OF_TYPE[layer_type], config=c))(cfg)
+        outs = {}
+        for name, fn in fns.items():
+            out = fn()
+            g = torch.autograd.grad(out, (q, k, v), grad)
+            outs[name] = (out.detach().float(), [t.float() for t in g])
+            fwd = _bench(fn, reps)
+            step = _bench(lambda: torch.autograd.grad(fn(), (q, k, v), grad), reps)
+            rows.append(dict(layer_type=layer_type, path=name, fwd_ms=fwd, fwd_bwd_ms=step,
+                             checkpointed_ms=step + fwd))
+            print(f"train {layer_type:14s} {name:22s} fwd {fwd:6.2f}  fwd+bwd {step:6.2f}  "
+                  f"checkpointed (fwd twice) {step + fwd:6.2f} ms", flush=True)
+        if profile:  # GPU time per kernel of one forward + backward of the default path
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            fn = fns["vmoba auto"]
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                torch.autograd.grad(fn(), (q, k, v), grad)
+                torch.cuda.synchronize()
+            per_kernel = {}
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    per_kernel[e.name[:50]] = per_kernel.get(e.name[:50], 0.0) + e.device_time / 1e3
+            top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:14]
+            rows.append(dict(layer_type=layer_type, profile_auto_fwd_bwd_ms=dict(top)))
+            print(f"profile {layer_type}: total {sum(per_kernel.values()):.2f} ms; "
+                  + "; ".join(f"{n} {ms:.2f}" for n, ms in top), flush=True)
+        a, b = outs["vmoba query_tiles"], outs["vmoba auto"]  # same selection, two kernels: equal up to rounding
+        rel = [float((x - y).norm() / y.norm()) for x, y in zip([a[0], *a[1]], [b[0], *b[1]])]
+        rows.append(dict(layer_type=layer_type, rel_l2_auto_vs_query_tiles_out_dq_dk_dv=rel))
+        print(f"train {layer_type:14s} auto vs query_tiles rel. L2 (out, dq, dk, dv): "
+              + ", ".join(f"{x:.1e}" for x in rel), flush=True)
+    return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
+                         f"vmoba-train-step-{torch.cuda.get_device_name().replace(' ', '-')}.json")
+
+
 def layout_probe():
     """Where VMoBA layouts lose against a random layout of the same density (query_tile, smooth q/k, B = 1): the
     sparse kernel on the routed layout with its kv_tile_len masks, without them (timing only), with each query
@@ -580,10 +646,15 @@ if __name__ == "__main__":
                     help="only profile the fused query_tile router's kernels per layer type (B = 2)")
     ap.add_argument("--key-blocks", action="store_true",
                     help="only the exact rule's kernels: key-block attention (+ variants), hybrid, query tiles, dense")
+    ap.add_argument("--train", action="store_true",
+                    help="only the exact rule in training per layer type (model q/k/v): forward, forward + backward")
+    ap.add_argument("--profile", action="store_true", help="--train: also GPU time per kernel of the default path")
     ap.add_argument("--model-qk", action="store_true",
                     help="--key-blocks on a random-weight Wan2.1-1.3B's own q/k/v instead of synthetic fields")
     a = ap.parse_args()
-    if a.key_blocks:
+    if a.train:
+        train_step_study(profile=a.profile)
+    elif a.key_blocks:
         key_blocks_study(variants=not a.quick, source="model" if a.model_qk else "smooth")
     elif a.gathers:
         time_gathers()

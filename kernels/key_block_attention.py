@@ -28,6 +28,12 @@ so this path is for inference; gradients use the query-tile kernel (same selecti
 query tile selected go to the query-tile kernel (whole tiles, per-row masks, no partials), the rest through the
 key-block kernel above, whose merge takes the query-tile result as one more partial.
 
+:func:`exact_attention_with_grad` makes either differentiable: attention's backward needs only the inputs, the output
+and its log-sum-exp, whichever kernel computed them, so the gradients come from the query-tile kernel's backward over
+the same selection (a layout covering it plus the row masks). Training thus gets the hybrid's faster forward (run
+twice under gradient checkpointing) with the backward that exists. (A backward split like the hybrid's, the sparse
+pairs as gathered virtual query rows, was measured 1.6x slower than this one: ``benchmarks/NOTES.md``, session 16.)
+
 Layout conventions are those of :mod:`mixdit.kernels.block_router`: ``q [B, Sq, H, D]`` in block order,
 ``k``/``v`` ``[B, Sk_pad, H, D]`` with block c owning key tiles ``block_tile_start[c] .. + block_tile_count[c]``
 of ``kv_tile`` rows, of which the first ``kv_tile_len[t]`` are real.
@@ -44,7 +50,8 @@ import triton.language as tl
 from .block_router import _store_query_tile_tiles
 from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
-__all__ = ["KeyBlockPlan", "hybrid_block_attention", "key_block_attention", "key_block_plan", "split_by_tile_fill"]
+__all__ = ["KeyBlockPlan", "exact_attention_with_grad", "hybrid_block_attention", "key_block_attention",
+           "key_block_plan", "split_by_tile_fill"]
 
 # Test hook (as in block_sparse_attention): fill the outputs and the pair buffers with NaN / -1 before the
 # kernels run, so a test proves every element is written.
@@ -508,3 +515,65 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
         return res
     dense_work = kv_count.sum(dtype=torch.float32) / float(kv_count.numel() * kv_tile_group.numel())
     return res[0], res[1], res[2] + dense_work
+
+
+class _GradByQueryTiles(torch.autograd.Function):
+    """Forward by ``run(q, k, v) -> (out, lse, work)`` (no autograd of its own), backward by the query-tile kernel's
+    backward on ``layout = (kv_count, kv_index, kv_tile_len, row_select, kv_tile_group, q_tile, kv_tile)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, run, layout, scale):
+        out, lse, work = run(q, k, v)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(work)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return out, lse, work
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, _grad_work):
+        if grad_out is None and grad_lse is None:
+            return (None,) * 6
+        from .block_sparse_attention import block_sparse_attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        kv_count, kv_index, kv_tile_len, row_select, kv_tile_group, q_tile, kv_tile = ctx.layout
+        # an fp32 output (out_dtype, for callers that merge more parts) enters the kernels in q's dtype: the
+        # backward reads it only for delta = rowsum(dO * O), as FlashAttention's does from its rounded output
+        out = out.to(q.dtype)
+        if grad_out is not None:
+            grad_out = grad_out.to(q.dtype)
+        dq, dk, dv = block_sparse_attention_backward(
+            grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=ctx.scale,
+            kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group, grad_lse=grad_lse)
+        return dq, dk, dv, None, None, None
+
+
+def exact_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
+                              hybrid: bool, backward_layout: tuple, q_tile_backward: int, kv_tile_group: torch.Tensor,
+                              block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
+                              kv_tile_len: torch.Tensor, kv_tile: int, scale: float | None = None, **kw):
+    """:func:`hybrid_block_attention` (``hybrid``) or :func:`key_block_attention`, differentiable in q, k, v (and
+    through ``lse``). Returns ``(out, lse, work)`` as they do with ``return_work=True``.
+
+    Gradients: the query-tile kernel's backward (:func:`mixdit.kernels.block_sparse_attention_backward`) with
+    ``backward_layout = (kv_count, kv_index)``, a query-tile layout over ``q_tile_backward``-row tiles that covers
+    every selected (query, key tile) pair (the router's), the per-row ``row_select`` masks and ``kv_tile_group``.
+    Exact: the backward takes the forward's output and log-sum-exp and computes every selected pair, no other.
+    Other keyword arguments go to the forward kernel (``min_fill``, ``q_tile``, ``max_block_tiles`` for the hybrid,
+    ``out_dtype``, launch settings)."""
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    common = dict(block_tile_start=block_tile_start, block_tile_count=block_tile_count, kv_tile_len=kv_tile_len,
+                  kv_tile=kv_tile, scale=scale, return_work=True, **kw)
+
+    def run(q_, k_, v_):
+        if hybrid:
+            return hybrid_block_attention(q_, k_, v_, row_select, kv_tile_group=kv_tile_group, **common)
+        return key_block_attention(q_, k_, v_, row_select, **common)
+
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return run(q, k, v)
+    kv_count, kv_index = backward_layout
+    layout = (kv_count, kv_index, kv_tile_len, row_select, kv_tile_group, int(q_tile_backward), int(kv_tile))
+    return _GradByQueryTiles.apply(q, k, v, run, layout, scale)

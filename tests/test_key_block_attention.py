@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mixdit.attention.vmoba import get_partition
-from mixdit.kernels.key_block_attention import (_chunks, hybrid_block_attention, key_block_attention, key_block_plan,
-                                                split_by_tile_fill)
+from mixdit.kernels.key_block_attention import (_chunks, exact_attention_with_grad, hybrid_block_attention,
+                                                key_block_attention, key_block_plan, split_by_tile_fill)
 from mixdit.kernels.reference import block_sparse_attention_reference, dense_layout
 from mixdit.kernels.router_reference import compact_tiles, row_select_to_selection, selection_to_row_select
 
@@ -161,6 +161,42 @@ def test_hybrid_matches_reference(assert_close, device, min_fill, layer, grid, b
         assert abs(float(work) - float(key_work)) < 1e-6
     else:  # whole tiles of the dense blocks: at least the selected keys' tiles
         assert float(work) >= float(key_work) - 1e-6
+
+
+@pytest.mark.parametrize("min_fill", [0.0, 0.35, 2.0])  # hybrid: all pairs to query tiles / mixed; key blocks
+def test_gradients_match_reference(device, min_fill):
+    """Gradients of the hybrid (and, at min_fill > 1, the key-block) forward, dL/dout and dL/dlse both, from the
+    query-tile backward on the selection's tile layout, against the masked-dense reference's."""
+    from mixdit.kernels.router_reference import tile_layout_from_selection
+
+    part, q, k, v, rs = _layer_inputs("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 2, 3, 32, torch.bfloat16, 0.3,
+                                      device, seed=11 + int(10 * min_fill))
+    gen = torch.Generator().manual_seed(5)
+    g_out = torch.randn(q.shape, generator=gen).to(device, q.dtype)
+    g_lse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen).to(device)
+    union = tile_layout_from_selection(row_select_to_selection(rs, part.num_blocks), part.kv_tile_group, 64)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    hybrid = dict(q_tile=32, min_fill=min_fill) if min_fill <= 1 else {}
+    out, lse, _ = exact_attention_with_grad(
+        *leaves, rs, hybrid=min_fill <= 1, backward_layout=union, q_tile_backward=64,
+        kv_tile_group=part.kv_tile_group, block_tile_start=part.block_tile_start,
+        block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=16, scale=0.3, block_m=16,
+        **hybrid)
+    torch.autograd.backward((out, lse), (g_out, g_lse))
+    layout = dense_layout(q.shape[0], q.shape[2], q.shape[1], k.shape[1], 64, 16, device=device)
+    extra = dict(kv_tile_len=part.kv_tile_len, row_select=rs, kv_tile_group=part.kv_tile_group)
+
+    def reference_grads(upcast):
+        ref = [(t.float() if upcast else t).detach().clone().requires_grad_(True) for t in (q, k, v)]
+        o, l_ = block_sparse_attention_reference(*ref, *layout, q_tile=64, kv_tile=16, scale=0.3, upcast=upcast,
+                                                 **extra)
+        torch.autograd.backward((o, l_), (g_out.to(o.dtype), g_lse))
+        return [t.grad.float() for t in ref]
+
+    for name, leaf, r32, rs_ in zip("qkv", leaves, reference_grads(True), reference_grads(False)):
+        tol = 2 * (rs_ - r32).abs().max().item() + 1e-5
+        err = (leaf.grad.float() - r32).abs().max().item()
+        assert torch.isfinite(leaf.grad).all() and err <= tol, f"d{name}: {err:.3e} > {tol:.3e}"
 
 
 def test_hybrid_trims_a_layout_too_large_for_slot_masks(monkeypatch, assert_close, device):

@@ -174,11 +174,9 @@ def test_sparse_with_text_equals_masked_dense(text_position, text_len, selection
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
-def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
+def test_exact_kernels_agree(layer, monkeypatch):
     """The exact rule through every kernel path gives the masked-dense result: key_blocks, hybrid, query_tiles with
-    the queries sorted by selection (layers of <= 32 blocks, what "auto" picks there) and in block order; a call
-    that needs gradients takes the query tiles (key_blocks / hybrid have no backward) and its gradients match the
-    reference's."""
+    the queries sorted by selection (layers of <= 32 blocks, what "auto" picks there) and in block order."""
     import mixdit.attention.vmoba as vm
 
     grid = (5, 5, 7)  # SMALL blocks: 3 / 9 / 27 per layer type, all <= 32
@@ -198,31 +196,51 @@ def test_exact_kernels_agree_and_gradients_use_query_tiles(layer, monkeypatch):
     assert work["query_tiles", 32] <= work["query_tiles", 0]  # sorted tiles compute no more here
     if layer == 0:
         assert work["query_tiles", 32] < work["query_tiles", 0]  # and here (3 blocks) it saves tiles
-    if layer != 0:  # the gradient route once (the interpreted backward is slow)
-        return
-    monkeypatch.setattr(vm, "SORTED_QUERY_MAX_BLOCKS", 32)
-    calls = []
-    monkeypatch.setattr(vm, "_key_block_call", lambda *a, **kw: calls.append(1))
+
+
+@pytest.mark.parametrize("kernel,text_position,text_len", [("hybrid", "none", 0), ("key_blocks", "after", 9)])
+def test_key_block_forwards_have_gradients(kernel, text_position, text_len, monkeypatch):
+    """A call that needs gradients keeps the key-block / hybrid forward (bit for bit the no-gradient output) and
+    gets the masked-dense reference's gradients from the query-tile backward; with text tokens the gradient also
+    flows through the lse of the log-sum-exp merge."""
+    import mixdit.attention.vmoba as vm
+    from mixdit.kernels import key_block_attention as kba
+
+    grid, layer = (5, 5, 7), 2
+    B, H, D = 2, 2, 32
+    q, k, v = _qkv(B, 175 + text_len, H, D, seed=5)
+    cfg = VMoBAConfig(exact_kernel=kernel, **SMALL)
+    call = dict(grid=grid, layer_index=layer, config=cfg, text_len=text_len, text_position=text_position)
+    no_grad_out = vmoba_attention(q, k, v, **call)
+    backward_layouts = []
+    real = kba.exact_attention_with_grad
+    monkeypatch.setattr(kba, "exact_attention_with_grad",
+                        lambda *a, **kw: backward_layouts.append(kw["backward_layout"]) or real(*a, **kw))
+    monkeypatch.setattr(vm, "_sorted_query_tile_call", None)  # never the query-tile forward
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    for kernel in ("hybrid", "key_blocks"):
-        out = vmoba_attention(*leaves, grid=grid, layer_index=layer, config=VMoBAConfig(exact_kernel=kernel, **SMALL))
-        assert not calls and torch.equal(out.detach(), outs["query_tiles", 32])
+    out = vmoba_attention(*leaves, **call)
+    assert len(backward_layouts) == 1 and backward_layouts[0][0] is not None  # the router built the tile layout
+    assert out.requires_grad and torch.equal(out.detach(), no_grad_out)
     g_out = torch.randn_like(out)
     out.backward(g_out)
 
+    mask, _ = _vmoba_mask(q, k, grid, layer, cfg, text_len, text_position)
+
     def reference_grads(dtype):
         ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-        _masked_attention(*ref_leaves, mask, 1 / math.sqrt(32), dtype).backward(g_out.to(dtype))
+        _masked_attention(*ref_leaves, mask, 1 / math.sqrt(D), dtype).backward(g_out.to(dtype))
         return [t.grad.float() for t in ref_leaves]
 
     for leaf, r32, rs in zip(leaves, reference_grads(torch.float32), reference_grads(q.dtype)):
         tol = 2 * (rs - r32).abs().max().item() + 1e-5
-        assert torch.isfinite(leaf.grad).all() and (leaf.grad.float() - r32).abs().max().item() <= tol
+        err = (leaf.grad.float() - r32).abs().max().item()
+        assert torch.isfinite(leaf.grad).all() and err <= tol, f"{err:.3e} > {tol:.3e}"
 
 
 def test_attention_path_rule(monkeypatch):
-    """The one dispatch rule: "auto" sorts the queries in layers of few blocks and takes the hybrid in the others;
-    gradients, a CPU tensor the kernels don't take, "query_tiles" and the approximations never get key blocks."""
+    """The one dispatch rule: "auto" sorts the queries in layers of few blocks and takes the hybrid in the others,
+    with or without gradients; a CPU tensor the kernels don't take, "query_tiles" and the approximations never get
+    key blocks."""
     import mixdit.attention.vmoba as vm
 
     grid = (5, 5, 7)
@@ -237,9 +255,10 @@ def test_attention_path_rule(monkeypatch):
     assert path(VMoBAConfig(exact_kernel="hybrid", **SMALL), few, q, k, v) == "hybrid"
     assert path(VMoBAConfig(exact_kernel="query_tiles", **SMALL), many, q, k, v) == "query_tiles"
     assert path(VMoBAConfig(exact_kernel="query_tiles", **SMALL), few, q, k, v) == "sorted_query_tiles"
-    assert path(VMoBAConfig(**SMALL), many, q.clone().requires_grad_(True), k, v) == "query_tiles"
-    assert path(VMoBAConfig(exact_kernel="hybrid", **SMALL), few, q.clone().requires_grad_(True), k, v) == \
-        "sorted_query_tiles"
+    # gradients keep the forward (the backward is the query-tile kernel's on the same selection)
+    assert path(VMoBAConfig(**SMALL), many, q.clone().requires_grad_(True), k, v) == "hybrid"
+    assert path(VMoBAConfig(exact_kernel="key_blocks", **SMALL), few, q.clone().requires_grad_(True), k, v) == \
+        "key_blocks"
     assert path(VMoBAConfig(**SMALL), many, q.float(), k.float(), v.float()) == ("hybrid" if DEV == "cuda"
                                                                                  else "query_tiles")
     for approx in (dict(granularity="query_tile"), dict(tile_union_only=True)):
