@@ -70,19 +70,21 @@ class VMoBAConfig:
         selected density. Its fidelity is measured in ``benchmarks/vmoba.py``.
     exact_kernel: how the exact per-token rule is computed. ``"auto"`` (default): layers of at most 32 blocks
         (1D layers at Wan sizes) take ``"query_tiles"`` with sorted queries, the others ``"hybrid"``.
-        ``"key_blocks"`` (inference): each block attends to the queries that selected it, gathered into dense
+        ``"key_blocks"``: each block attends to the queries that selected it, gathered into dense
         tiles, and each query's partial outputs are merged by log-sum-exp
         (:mod:`mixdit.kernels.key_block_attention`): only selected (query, key) pairs are computed, at the price
         of gathers and one partial output per (query, block) pair.
-        ``"hybrid"`` (inference): per (query tile, block) pair the cheaper of the two: blocks that at least a
+        ``"hybrid"``: per (query tile, block) pair the cheaper of the two: blocks that at least a
         share of the tile's rows selected run in the query-tile kernel (whole tiles, per-row masks), the others as
         key blocks; the results are merged by log-sum-exp (tile rows and share per layer type: ``HYBRID_LAUNCH``).
         ``"query_tiles"``: the block-sparse kernel over 128-query tiles with a per-row bitmask; it computes each
         tile's union of selections. In layers of at most 32 blocks each (sample, head)'s queries are first sorted
         by their selection (exact: only the order changes), so equal sets share tiles (1D at Wan-1.3B: 28% of
         the key tiles instead of 54%; 2D/3D selections are too diverse for any order to help,
-        ``benchmarks/NOTES.md``). It is also what any call that needs gradients uses (``key_blocks`` and
-        ``hybrid`` have no backward). All are exact: the same selected keys, equal up to rounding.
+        ``benchmarks/NOTES.md``). ``key_blocks`` and ``hybrid`` have no backward kernel of their own: with
+        gradients their forward runs as is and the query-tile kernel's backward (on the tile union, per-row
+        masks) computes the gradients from its output and lse. All are exact: the same selected keys, equal up to
+        rounding.
     max_tile_density: the dense-fallback rule that keeps VMoBA from being slower than dense. On a
         layer's first sparse call and every 50 calls after (one host sync each time) the layer is
         measured; it then runs dense until the next measurement when the key tiles its selection

@@ -21,8 +21,8 @@ around, as MoBA's reference does with flash-attn varlen, but on the GPU with no 
 Cost beyond the floor: the partials are written and read once (``pairs x (2 D + 4)`` bytes), which matters
 in 3D layers (96-token blocks: ~50 k FLOPs per pair). When the pair buffers would exceed ``max_pair_bytes``
 the (sample, head) pairs are processed in chunks. One host sync per call (the pair count sizes the buffers;
-:class:`KeyBlockPlan` lets a caller queue other GPU work before it waits),
-so this path is for inference; gradients use the query-tile kernel (same selection, equal up to rounding).
+:class:`KeyBlockPlan` lets a caller queue other GPU work before it waits), so the call cannot be captured in a CUDA
+graph; it has no backward kernel of its own (see :func:`exact_attention_with_grad`).
 
 :func:`hybrid_block_attention` combines the two forms per (query tile, block) pair: the blocks most rows of a
 query tile selected go to the query-tile kernel (whole tiles, per-row masks, no partials), the rest through the
@@ -32,7 +32,7 @@ key-block kernel above, whose merge takes the query-tile result as one more part
 and its log-sum-exp, whichever kernel computed them, so the gradients come from the query-tile kernel's backward over
 the same selection (a layout covering it plus the row masks). Training thus gets the hybrid's faster forward (run
 twice under gradient checkpointing) with the backward that exists. (A backward split like the hybrid's, the sparse
-pairs as gathered virtual query rows, was measured 1.6x slower than this one: ``benchmarks/NOTES.md``, session 16.)
+pairs as gathered virtual query rows, was measured 1.5-1.6x slower than this one: ``benchmarks/NOTES.md``, session 16.)
 
 Layout conventions are those of :mod:`mixdit.kernels.block_router`: ``q [B, Sq, H, D]`` in block order,
 ``k``/``v`` ``[B, Sk_pad, H, D]`` with block c owning key tiles ``block_tile_start[c] .. + block_tile_count[c]``
