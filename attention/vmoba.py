@@ -243,8 +243,8 @@ def attention_path(config: VMoBAConfig, part: VMoBAPartition, qb, kb, vb) -> str
     ``"hybrid"`` (:func:`mixdit.kernels.key_block_attention.hybrid_block_attention`: ``"auto"`` in layers of more
     blocks, or ``exact_kernel="hybrid"``) or ``"key_blocks"`` (:func:`~mixdit.kernels.key_block_attention.
     key_block_attention`, ``exact_kernel="key_blocks"``). The last two need Triton (CUDA or the interpreter) and
-    sync the host once per call; with gradients their forward runs as is and the backward is the query-tile
-    kernel's over the same selection (:func:`~mixdit.kernels.key_block_attention.exact_attention_with_grad`)."""
+    sync the host once per call; with gradients their forward runs as is and the backward is split the same way
+    (:func:`~mixdit.kernels.key_block_attention.exact_attention_with_grad`)."""
     if config.granularity != "token" or config.tile_union_only:
         return "query_tiles"
     few_blocks = part.num_blocks <= SORTED_QUERY_MAX_BLOCKS
@@ -294,18 +294,31 @@ def _sorted_query_tile_call(qb, kb, vb, row_select, part: VMoBAPartition, config
     return out, torch.gather(lse_s, 2, inv), work
 
 
+def _union_backward(path: str, qb, kb, vb) -> bool:
+    """Whether this call's gradients come from the query-tile backward on the router's tile layout (the key-block /
+    hybrid forward with ``key_block_attention.EXACT_BACKWARD = "union"``), so the router must build that layout."""
+    if path not in ("key_blocks", "hybrid") or not (torch.is_grad_enabled()
+                                                     and any(t.requires_grad for t in (qb, kb, vb))):
+        return False
+    from mixdit.kernels import key_block_attention
+
+    return key_block_attention.EXACT_BACKWARD == "union"
+
+
 def _key_block_call(qb, kb, vb, r, part: VMoBAPartition, config: VMoBAConfig, scale: float, fp32_out: bool,
                     hybrid: bool):
-    """The key-block or (``hybrid``) the hybrid kernel on the router output ``r``; differentiable, with the query-tile
-    backward on ``r``'s tile layout (the router builds it when gradients are wanted). ``fp32_out``: keep the output
-    in fp32 (text parts are merged into it before the one final rounding)."""
+    """The key-block or (``hybrid``) the hybrid kernel on the router output ``r``; differentiable
+    (:func:`mixdit.kernels.key_block_attention.exact_attention_with_grad`: the backward split like the forward, or
+    the query-tile backward on ``r``'s tile layout). ``fp32_out``: keep the output in fp32 (text parts are merged
+    into it before the one final rounding)."""
     from mixdit.kernels.key_block_attention import exact_attention_with_grad
 
     kw = dict(out_dtype=torch.float32 if fp32_out else None)
     if hybrid:
         kw.update(max_block_tiles=part.max_block_tiles, **hybrid_launch(part, config))
     out, lse, work = exact_attention_with_grad(
-        *_kernel_inputs(qb, kb, vb), r.row_select, hybrid=hybrid, backward_layout=(r.kv_count, r.kv_index),
+        *_kernel_inputs(qb, kb, vb), r.row_select, hybrid=hybrid,
+        backward_layout=None if r.kv_count is None else (r.kv_count, r.kv_index),
         q_tile_backward=config.q_tile, kv_tile_group=part.kv_tile_group, block_tile_start=part.block_tile_start,
         block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale, **kw)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
@@ -549,9 +562,7 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
         kb, vb = _gather_tokens(kv_, part.kv_perm), _gather_tokens(vv, part.kv_perm)
     qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
     path = attention_path(config, part, qb, kb, vb)
-    # the query-tile layout: what the query-tile kernel runs on, and the backward of the key-block / hybrid forward
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))
-    r = route(qb, kb, part, config, tile_layout=path == "query_tiles" or (wants_grad and path != "sorted_query_tiles"))
+    r = route(qb, kb, part, config, tile_layout=path == "query_tiles" or _union_backward(path, qb, kb, vb))
     if path in ("key_blocks", "hybrid"):
         out_b, lse_b, work = _key_block_call(qb, kb, vb, r, part, config, scale, fp32_out=T > 0,
                                              hybrid=path == "hybrid")

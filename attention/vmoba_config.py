@@ -81,10 +81,9 @@ class VMoBAConfig:
         tile's union of selections. In layers of at most 32 blocks each (sample, head)'s queries are first sorted
         by their selection (exact: only the order changes), so equal sets share tiles (1D at Wan-1.3B: 28% of
         the key tiles instead of 54%; 2D/3D selections are too diverse for any order to help,
-        ``benchmarks/NOTES.md``). ``key_blocks`` and ``hybrid`` have no backward kernel of their own: with
-        gradients their forward runs as is and the query-tile kernel's backward (on the tile union, per-row
-        masks) computes the gradients from its output and lse. All are exact: the same selected keys, equal up to
-        rounding.
+        ``benchmarks/NOTES.md``). With gradients ``key_blocks`` and ``hybrid`` keep their forward and their
+        backward is split the same way (:func:`mixdit.kernels.key_block_attention.hybrid_backward`). All are
+        exact: the same selected keys, equal up to rounding.
     max_tile_density: the dense-fallback rule that keeps VMoBA from being slower than dense. On a
         layer's first sparse call and every 50 calls after (one host sync each time) the layer is
         measured; it then runs dense until the next measurement when the key tiles its selection

@@ -438,10 +438,13 @@ def train_step_study(reps: int = 10, profile: bool = False) -> dict:
     81 frames, B = 1): forward with gradients (what gradient checkpointing runs twice) and forward + backward of
     ``vmoba_attention`` (permutations and router included) with ``exact_kernel="query_tiles"`` (the training path
     up to session 15: the query-tile kernel in block order in 2D/3D layers, sorted queries in 1D) and ``"auto"``
-    (since session 16 the hybrid in 2D/3D layers, forward and backward; 3D also with 128-key tiles), against cuDNN
-    dense. ``profile``: also the GPU time per kernel of one forward + backward of the default path."""
+    (since session 16 the hybrid forward in 2D/3D layers) with either backward of the exact rule
+    (``key_block_attention.EXACT_BACKWARD``: the query-tile backward on the tile union, or split like the hybrid),
+    against cuDNN dense. ``profile``: also the GPU time per kernel of one forward + backward with the split backward."""
     from mixdit.attention.vmoba import vmoba_attention
+    from mixdit.kernels import key_block_attention as kba
 
+    default_backward = kba.EXACT_BACKWARD
     base = dict(min_tokens=0, dense_layers=())
     rows = []
     for _, B, D, layer_type, part, qb, kb, vb, r, raster in _model_layers(tuple(LAYER_OF_TYPE), VMoBAConfig(**base)):
@@ -454,13 +457,22 @@ def train_step_study(reps: int = 10, profile: bool = False) -> dict:
                 return F.scaled_dot_product_attention(qh, kh, vh, scale=D ** -0.5).transpose(1, 2)
 
         fns = {"dense (cuDNN)": dense}
-        variants = {"query_tiles": dict(exact_kernel="query_tiles"), "auto": {}}
-        if layer_type == "spatiotemporal":  # 128-key tiles (33% padding) instead of 32 in 3D layers
-            variants["auto kv_tile 128"] = dict(kv_tile_spatiotemporal=128)
-        for label, extra in variants.items():
-            cfg = VMoBAConfig(**extra, **base)
-            fns[f"vmoba {label}"] = (lambda c: lambda: vmoba_attention(
-                q, k, v, grid=(21, 30, 52), layer_index=LAYER_OF_TYPE[layer_type], config=c))(cfg)
+        # (config, the exact rule's backward); session 16 also measured 128-key tiles in 3D layers: slower
+        variants = {"query_tiles": (dict(exact_kernel="query_tiles"), None), "auto union-bwd": ({}, "union"),
+                    "auto split-bwd": ({}, "split")}
+
+        def call(cfg, backward):
+            def fn():
+                kba.EXACT_BACKWARD = backward or kba.EXACT_BACKWARD
+                try:
+                    return vmoba_attention(q, k, v, grid=(21, 30, 52), layer_index=LAYER_OF_TYPE[layer_type],
+                                           config=cfg)
+                finally:
+                    kba.EXACT_BACKWARD = default_backward
+            return fn
+
+        for label, (extra, backward) in variants.items():
+            fns[f"vmoba {label}"] = call(VMoBAConfig(**extra, **base), backward)
         outs = {}
         for name, fn in fns.items():
             out = fn()
@@ -476,7 +488,7 @@ def train_step_study(reps: int = 10, profile: bool = False) -> dict:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
 
-            fn = fns["vmoba auto"]
+            fn = fns["vmoba auto split-bwd"]
             torch.cuda.synchronize()
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                 torch.autograd.grad(fn(), (q, k, v), grad)
@@ -489,11 +501,12 @@ def train_step_study(reps: int = 10, profile: bool = False) -> dict:
             rows.append(dict(layer_type=layer_type, profile_auto_fwd_bwd_ms=dict(top)))
             print(f"profile {layer_type}: total {sum(per_kernel.values()):.2f} ms; "
                   + "; ".join(f"{n} {ms:.2f}" for n, ms in top), flush=True)
-        a, b = outs["vmoba query_tiles"], outs["vmoba auto"]  # same selection, two kernels: equal up to rounding
-        rel = [float((x - y).norm() / y.norm()) for x, y in zip([a[0], *a[1]], [b[0], *b[1]])]
-        rows.append(dict(layer_type=layer_type, rel_l2_auto_vs_query_tiles_out_dq_dk_dv=rel))
-        print(f"train {layer_type:14s} auto vs query_tiles rel. L2 (out, dq, dk, dv): "
-              + ", ".join(f"{x:.1e}" for x in rel), flush=True)
+        for other in ("vmoba auto union-bwd", "vmoba auto split-bwd"):  # same selection: equal up to rounding
+            a, b = outs["vmoba query_tiles"], outs[other]
+            rel = [float((x - y).norm() / y.norm()) for x, y in zip([a[0], *a[1]], [b[0], *b[1]])]
+            rows.append(dict(layer_type=layer_type, path=other, rel_l2_vs_query_tiles_out_dq_dk_dv=rel))
+            print(f"train {layer_type:14s} {other} vs query_tiles rel. L2 (out, dq, dk, dv): "
+                  + ", ".join(f"{x:.1e}" for x in rel), flush=True)
     return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
                          f"vmoba-train-step-{torch.cuda.get_device_name().replace(' ', '-')}.json")
 

@@ -956,7 +956,7 @@ def transpose_layout(kv_count, kv_index, n_kv_tiles: int):
 
 
 def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, grp, grad_lse,
-              dq_mode):
+              dq_mode, grad_dtype=None):
     # inputs as _normalise returns them; grad_out in q's dtype with a unit last stride, lse / grad_lse fp32
     # contiguous; scale a float. Launches: prologue (delta, padded lse, transposed layout, zeroed dQ accumulator),
     # dK/dV (+ dQ atomics), then the dQ kernel (split) or the dQ cast (atomic).
@@ -973,9 +973,9 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
     lse_arg = torch.empty_like(delta) if padded else lse
     qbuf = torch.empty((B, H, n_kt, n_qt + 1), device=dev, dtype=torch.int32)
     acc = torch.empty((B * H, Sq_pad, D), device=dev, dtype=torch.float32) if atomic else delta
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = torch.empty_like(q, dtype=grad_dtype)
+    dk = torch.empty_like(k, dtype=grad_dtype)
+    dv = torch.empty_like(v, dtype=grad_dtype)
     if _POISON_OUTPUTS:  # the prologue's buffers too: a row it misses shows up as NaN
         for t in (dq, dk, dv, delta, lse_arg, acc) if padded else (dq, dk, dv):
             t.fill_(float("nan"))
@@ -1051,8 +1051,10 @@ def _grads_in(grad_out, grad_lse, out):
 
 def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile: int = 128,
                                     kv_tile: int = 128, scale: Optional[float] = None, kv_tile_len=None,
-                                    row_select=None, kv_tile_group=None, grad_lse=None, dq_mode: Optional[str] = None):
-    """Launch the backward kernels; returns ``(dq, dk, dv)``. ``grad_lse`` (optional) is dL/dlse.
+                                    row_select=None, kv_tile_group=None, grad_lse=None, dq_mode: Optional[str] = None,
+                                    grad_dtype: Optional[torch.dtype] = None):
+    """Launch the backward kernels; returns ``(dq, dk, dv)``. ``grad_lse`` (optional) is dL/dlse. ``grad_dtype``:
+    of the gradients (default the inputs'; fp32 for a caller that adds more parts before rounding).
 
     ``dq_mode``: ``"split"`` (a separate dQ kernel) or ``"atomic"`` (dQ by fp32 atomics in the dK/dV kernel);
     default ``_BWD_OPTS["dq"]`` (env ``MIXDIT_BWD_DQ``, else split).
@@ -1064,7 +1066,8 @@ def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_in
         lse = lse.float().contiguous()
     grad_out, grad_lse = _grads_in(grad_out, grad_lse, out)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _backward(grad_out, q, k, v, out, lse, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp, grad_lse, dq_mode)
+    return _backward(grad_out, q, k, v, out, lse, kc, ki, q_tile, kv_tile, scale, kv_len, rs, grp, grad_lse, dq_mode,
+                     grad_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

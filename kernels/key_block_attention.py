@@ -28,11 +28,13 @@ graph; it has no backward kernel of its own (see :func:`exact_attention_with_gra
 query tile selected go to the query-tile kernel (whole tiles, per-row masks, no partials), the rest through the
 key-block kernel above, whose merge takes the query-tile result as one more partial.
 
-:func:`exact_attention_with_grad` makes either differentiable: attention's backward needs only the inputs, the output
-and its log-sum-exp, whichever kernel computed them, so the gradients come from the query-tile kernel's backward over
-the same selection (a layout covering it plus the row masks). Training thus gets the hybrid's faster forward (run
-twice under gradient checkpointing) with the backward that exists. (A backward split like the hybrid's, the sparse
-pairs as gathered virtual query rows, was measured 1.5-1.6x slower than this one: ``benchmarks/NOTES.md``, session 16.)
+:func:`exact_attention_with_grad` makes either differentiable. Attention's backward needs only the inputs, the output
+and its log-sum-exp, whichever kernel computed them, and is a sum over the selected (query, key) pairs, so it splits
+like the forward (:func:`hybrid_backward`, the default ``EXACT_BACKWARD = "split"``): the full (query tile, block)
+pairs through the query-tile kernel's backward (per-row masks), the rest key-block-major
+(:func:`key_block_backward`: dQ per list tile with fp32 atomics, dK/dV per block walking its whole list, rows read
+through the pair lists), both parts accumulating in fp32. ``"union"``: the query-tile backward over the tile union of
+the whole selection (what training used before; 1.4x slower in 2D/3D layers, ``benchmarks/NOTES.md``, session 16).
 
 Layout conventions are those of :mod:`mixdit.kernels.block_router`: ``q [B, Sq, H, D]`` in block order,
 ``k``/``v`` ``[B, Sk_pad, H, D]`` with block c owning key tiles ``block_tile_start[c] .. + block_tile_count[c]``
@@ -50,8 +52,8 @@ import triton.language as tl
 from .block_router import _store_query_tile_tiles
 from .block_sparse_attention import _LOG2E, _f32_dot, _mm
 
-__all__ = ["KeyBlockPlan", "exact_attention_with_grad", "hybrid_block_attention", "key_block_attention",
-           "key_block_plan", "split_by_tile_fill"]
+__all__ = ["EXACT_BACKWARD", "KeyBlockPlan", "exact_attention_with_grad", "hybrid_backward", "hybrid_block_attention",
+           "key_block_attention", "key_block_backward", "key_block_plan", "split_by_tile_fill"]
 
 # Test hook (as in block_sparse_attention): fill the outputs and the pair buffers with NaN / -1 before the
 # kernels run, so a test proves every element is written.
@@ -230,6 +232,107 @@ def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, BASE_O,
 
 
 @triton.jit
+def _gathered_rows(Q, DO, LSE, DELTA, PAIR_Q, start, i, n, b, h, bh, Sq, stride_qb, stride_qs, stride_qh,
+                   stride_db, stride_ds, stride_dh, D: tl.constexpr):
+    # the q and dO rows of pairs start + i of a block's list (zeros past n), their lse (log2 units) and delta
+    ok = i < n
+    offs_d = tl.arange(0, D)
+    qrow = tl.load(PAIR_Q + start + i, mask=ok, other=0).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + qrow[:, None] * stride_qs + offs_d[None, :],
+                mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + qrow[:, None] * stride_ds + offs_d[None, :],
+                 mask=ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Sq + qrow, mask=ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * Sq + qrow, mask=ok, other=0.0)
+    return qrow, ok, q, do, lse2, delta
+
+
+@triton.jit
+def _key_block_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PAIR_Q, LIST_START, LIST_LEN, TILE_LIST, TILE_J,
+                         TILE_START, TILE_COUNT, KV_TILE_LEN, stride_qb, stride_qs, stride_qh,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                         stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh, bh0, H, NB, Sq, scale,
+                         qk_scale, F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr):
+    # dQ of one tile of a block's list against the block's keys, added to the rows' fp32 dQ (a row's pairs sit in
+    # different programs: atomics)
+    t = tl.program_id(0)
+    lst = tl.load(TILE_LIST + t)
+    bh = bh0 + lst // NB
+    c = lst % NB
+    b = bh // H
+    h = bh % H
+    i = tl.load(TILE_J + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qrow, ok, q, do, lse2, delta = _gathered_rows(Q, DO, LSE, DELTA, PAIR_Q, tl.load(LIST_START + lst), i,
+                                                  tl.load(LIST_LEN + lst), b, h, bh, Sq, stride_qb, stride_qs,
+                                                  stride_qh, stride_db, stride_ds, stride_dh, D)
+    offs_d = tl.arange(0, D)
+    r0 = tl.load(TILE_START + c) * KV_TILE
+    r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for r in range(r0, r1, BLOCK_N):
+        kr = r + tl.arange(0, BLOCK_N)
+        in_blk = kr < r1
+        tile = kr // KV_TILE
+        real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+        kt = tl.load(k_base + kr.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=in_blk[:, None], other=0.0)
+        vt = tl.load(v_base + kr.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], mask=in_blk[:, None], other=0.0)
+        p = tl.math.exp2(_mm(q, tl.trans(kt), F32_DOT) * qk_scale - lse2[:, None])
+        p = tl.where(real[None, :], p, 0.0)
+        ds = p * (_mm(do, tl.trans(vt), F32_DOT) - delta[:, None])
+        dq += _mm(ds.to(kt.dtype), kt, F32_DOT)
+    dst = DQ + b.to(tl.int64) * stride_gb + h * stride_gh + qrow[:, None] * stride_gs + offs_d[None, :]
+    tl.atomic_add(dst, dq * scale, mask=ok[:, None])
+
+
+@triton.jit
+def _key_block_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PAIR_Q, LIST_START, LIST_LEN,
+                           TILE_START, TILE_COUNT, KV_TILE_LEN, stride_qb, stride_qs, stride_qh,
+                           stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                           stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh, bh0, H, NB, Sq, scale,
+                           qk_scale, F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr):
+    # dK/dV of BLOCK_N keys of one block against its whole list of queries; those keys belong to no other program
+    # of this launch, so the fp32 accumulators are updated without atomics
+    lst = tl.program_id(0)
+    bh = bh0 + lst // NB
+    c = lst % NB
+    b = bh // H
+    h = bh % H
+    r0 = tl.load(TILE_START + c) * KV_TILE
+    r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
+    kr = r0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if r0 + tl.program_id(1) * BLOCK_N < r1:
+        in_blk = kr < r1
+        tile = kr // KV_TILE
+        real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+        offs_d = tl.arange(0, D)
+        kt = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + kr.to(tl.int64)[:, None] * stride_ks
+                     + offs_d[None, :], mask=in_blk[:, None], other=0.0)
+        vt = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + kr.to(tl.int64)[:, None] * stride_vs
+                     + offs_d[None, :], mask=in_blk[:, None], other=0.0)
+        start = tl.load(LIST_START + lst)
+        n = tl.load(LIST_LEN + lst)
+        dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        for m0 in range(0, n, BLOCK_M):
+            i = m0 + tl.arange(0, BLOCK_M)
+            qrow, ok, q, do, lse2, delta = _gathered_rows(Q, DO, LSE, DELTA, PAIR_Q, start, i, n, b, h, bh, Sq,
+                                                          stride_qb, stride_qs, stride_qh, stride_db, stride_ds,
+                                                          stride_dh, D)
+            p = tl.math.exp2(_mm(q, tl.trans(kt), F32_DOT) * qk_scale - lse2[:, None])
+            p = tl.where(ok[:, None] & real[None, :], p, 0.0)
+            dv += _mm(tl.trans(p.to(do.dtype)), do, F32_DOT)
+            ds = p * (_mm(do, tl.trans(vt), F32_DOT) - delta[:, None])
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, F32_DOT)
+        off = b.to(tl.int64) * stride_gb + h * stride_gh + kr.to(tl.int64)[:, None] * stride_gs + offs_d[None, :]
+        tl.store(DK + off, tl.load(DK + off, mask=in_blk[:, None]) + dk * scale, mask=in_blk[:, None])
+        tl.store(DV + off, tl.load(DV + off, mask=in_blk[:, None]) + dv, mask=in_blk[:, None])
+
+
+@triton.jit
 def _tile_fill_split_kernel(RS, DENSE_RS, SPARSE_RS, UNION, TILE_START, TILE_COUNT, KV_COUNT, KV_INDEX,
                             Sq, W, NB, n_qt, n_kt, max_tc, min_fill,
                             Q_TILE: tl.constexpr, R: tl.constexpr, NB_PAD: tl.constexpr, W_PAD: tl.constexpr,
@@ -336,6 +439,41 @@ def _chunks(pairs_per_head: list, limit: int):
     return out
 
 
+def _pair_lists(row_select: torch.Tensor, plan: KeyBlockPlan, h0: int, nh: int, n_pairs: int):
+    """The (query, block) pairs of the flattened (sample, head)s ``h0 .. h0 + nh - 1`` of ``row_select`` (``n_pairs``,
+    the plan's count): ``pair_q`` (each pair's query row, key-major: by head, block, row), ``pair_dst`` (its slot in
+    query-major order), ``row_off [nh * Sq]`` (each row's first query-major slot), ``list_start`` / ``list_len``
+    ``[nh * NB]`` (each (head, block)'s list in ``pair_q``)."""
+    Sq, W = row_select.shape[2:]
+    NB, n_rt = plan.col_cnt.shape[1:]
+    dev = row_select.device
+    rc = plan.row_cnt[h0:h0 + nh].reshape(-1)
+    row_off = (torch.cumsum(rc, 0, dtype=torch.int64) - rc).to(torch.int32)
+    col_flat = plan.col_cnt[h0:h0 + nh].reshape(-1)
+    col_off = (torch.cumsum(col_flat, 0, dtype=torch.int64) - col_flat).to(torch.int32)
+    list_len = plan.list_len[h0:h0 + nh].reshape(-1)
+    list_start = col_off.view(nh * NB, n_rt)[:, 0].contiguous()
+    pair_q = torch.empty(n_pairs, device=dev, dtype=torch.int32)
+    pair_dst = torch.empty(n_pairs, device=dev, dtype=torch.int32)
+    if _POISON_OUTPUTS:
+        pair_q.fill_(-1)
+        pair_dst.fill_(-1)
+    _pair_fill_kernel[(n_rt, nh)](row_select, row_off, col_off, pair_q, pair_dst, h0, Sq, W, NB, n_rt,
+                                  BM=plan.rows_per_tile, NB_PAD=max(32, _next_pow2(NB)), num_warps=4)
+    return pair_q, pair_dst, row_off, list_start, list_len
+
+
+def _list_tiles(list_len: torch.Tensor, block_m: int, n_tiles: int):
+    """Each list cut into tiles of ``block_m`` pairs: per tile its list and its index in the list (int32)."""
+    dev = list_len.device
+    list_tiles = (list_len + block_m - 1) // block_m
+    tile_list = torch.repeat_interleave(torch.arange(list_len.numel(), device=dev, dtype=torch.int32), list_tiles,
+                                        output_size=n_tiles)
+    first_tile = torch.cumsum(list_tiles, 0) - list_tiles
+    tile_j = (torch.arange(n_tiles, device=dev) - first_tile[tile_list.long()]).to(torch.int32)
+    return tile_list, tile_j
+
+
 def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                         block_tile_start: torch.Tensor, block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor,
                         kv_tile: int, scale: float | None = None, block_m: int = DEFAULT_BLOCK_M, block_n: int = 32,
@@ -374,12 +512,8 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
         plan = key_block_plan(row_select, NB, block_m)
     elif plan.block_m != block_m:  # its list-tile totals count tiles of plan.block_m queries
         raise ValueError(f"plan was made for block_m={plan.block_m}, the call has block_m={block_m}")
-    row_cnt, col_cnt, list_len_all = plan.row_cnt, plan.col_cnt, plan.list_len
+    row_cnt, list_len_all = plan.row_cnt, plan.list_len
     pairs, tiles = plan.per_head()
-    n_rt = col_cnt.shape[-1]
-    NB_PAD = max(32, _next_pow2(NB))
-    BM = plan.rows_per_tile
-    W = row_select.shape[-1]
     work = None
     if return_work:  # as the query-tile kernel counts it: key tiles (padding included) over all key tiles
         padded_keys = block_tile_count.to(torch.float32).view(1, NB)
@@ -398,26 +532,13 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_s
     for h0, nh in _chunks(pairs, limit):
         n_pairs, n_tiles = sum(pairs[h0:h0 + nh]), sum(tiles[h0:h0 + nh])
         rc = row_cnt[h0:h0 + nh]
-        cc = col_cnt[h0:h0 + nh]
-        row_off = (torch.cumsum(rc.reshape(-1), 0, dtype=torch.int64) - rc.reshape(-1)).to(torch.int32)
-        col_flat = cc.reshape(-1)
-        col_off = (torch.cumsum(col_flat, 0, dtype=torch.int64) - col_flat).to(torch.int32)
-        list_len = list_len_all[h0:h0 + nh].reshape(-1)  # [nh * NB]
-        list_start = col_off.view(nh * NB, n_rt)[:, 0].contiguous()
-        list_tiles = (list_len + block_m - 1) // block_m
-        tile_list = torch.repeat_interleave(torch.arange(nh * NB, device=dev, dtype=torch.int32), list_tiles,
-                                            output_size=n_tiles)
-        first_tile = torch.cumsum(list_tiles, 0) - list_tiles
-        tile_j = (torch.arange(n_tiles, device=dev) - first_tile[tile_list.long()]).to(torch.int32)
-        pair_q = torch.empty(n_pairs, device=dev, dtype=torch.int32)
-        pair_dst = torch.empty(n_pairs, device=dev, dtype=torch.int32)
+        pair_q, pair_dst, row_off, list_start, list_len = _pair_lists(row_select, plan, h0, nh, n_pairs)
+        tile_list, tile_j = _list_tiles(list_len, block_m, n_tiles)
         o_part = torch.empty(n_pairs, D, device=dev, dtype=q.dtype)
         lse_part = torch.empty(n_pairs, device=dev, dtype=torch.float32)
         if _POISON_OUTPUTS:
-            for t in (pair_q, pair_dst, o_part, lse_part):
-                t.fill_(-1 if t.dtype == torch.int32 else float("nan"))
-        _pair_fill_kernel[(n_rt, nh)](row_select, row_off, col_off, pair_q, pair_dst, h0, Sq, W, NB, n_rt,
-                                      BM=BM, NB_PAD=NB_PAD, num_warps=4)
+            for t in (o_part, lse_part):
+                t.fill_(float("nan"))
         if n_tiles:
             _key_block_attn_kernel[(n_tiles,)](
                 q, k, v, pair_q, pair_dst, list_start, list_len.to(torch.int32), tile_list, tile_j,
@@ -517,63 +638,177 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     return res[0], res[1], res[2] + dense_work
 
 
-class _GradByQueryTiles(torch.autograd.Function):
-    """Forward by ``run(q, k, v) -> (out, lse, work)`` (no autograd of its own), backward by the query-tile kernel's
-    backward on ``layout = (kv_count, kv_index, kv_tile_len, row_select, kv_tile_group, q_tile, kv_tile)``."""
+# the exact rule's backward: "split" (like the hybrid forward: full (query tile, block) pairs through the query-tile
+# backward, the rest key-block-major, hybrid_backward) or "union" (the query-tile backward over the tile union of the
+# whole selection, per-row masks). H200, Wan2.1-1.3B's own q/k/v, forward + backward per layer: spatial 25.0 ms split
+# vs 33.2 union, 3D 42.6 vs 56.5 (dense cuDNN 41.4-42.1); training step 0.418 vs 0.367 samples/s (NOTES, session 16).
+EXACT_BACKWARD = "split"
+# key-block backward launches: (BLOCK_M queries, BLOCK_N keys, warps) of the dQ and the dK/dV kernels
+_KB_BWD_DQ_LAUNCH = (64, 32, 4)
+_KB_BWD_DKDV_LAUNCH = (64, 32, 4)
+_KB_BWD_MAX_PAIR_BYTES = 1 << 30  # pair lists (12 bytes a pair) per chunk of (sample, head)s
+
+
+def key_block_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_start, block_tile_count, kv_tile_len,
+                       kv_tile: int, scale: float, grad_lse=None, dq=None, dk=None, dv=None):
+    """Gradients of the (query, block) pairs of ``row_select`` given the attention's final ``out`` / ``lse`` (over
+    however many more keys), added into fp32 ``dq``, ``dk``, ``dv`` (``[B, S, H, D]``; zeros when None); returns
+    them. Per list tile of a block's selecting queries one program adds their dQ against the block's keys (fp32
+    atomics: a row's pairs are in different programs); per (block, ``BLOCK_N`` keys) one program walks the block's
+    whole list for dK and dV (no other program has those keys). Rows are read through the pair lists: no gathered
+    copies. One host sync (the pair counts)."""
+    B, Sq, H, D = q.shape
+    NB = block_tile_start.numel()
+    dev = q.device
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_out = grad_out.to(q.dtype)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    # delta = rowsum(dO * O) (minus dL/dlse: lse's own gradient enters every score's as p * dlse)
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse = lse.float().contiguous()
+    dq = torch.zeros(q.shape, device=dev, dtype=torch.float32) if dq is None else dq
+    dk = torch.zeros(k.shape, device=dev, dtype=torch.float32) if dk is None else dk
+    dv = torch.zeros(v.shape, device=dev, dtype=torch.float32) if dv is None else dv
+    if dk.stride() != dv.stride():
+        raise ValueError("dk and dv must have the same strides (the dK/dV kernel addresses both with one offset)")
+    qm, qn, q_warps = _KB_BWD_DQ_LAUNCH
+    km, kn, k_warps = _KB_BWD_DKDV_LAUNCH
+    plan = key_block_plan(row_select, NB, qm)
+    pairs, tiles = plan.per_head()
+    max_tc = int(block_tile_count.max())
+    f32_dot = _f32_dot(q)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    for h0, nh in _chunks(pairs, max(1, _KB_BWD_MAX_PAIR_BYTES // 12)):
+        n_pairs, n_tiles = sum(pairs[h0:h0 + nh]), sum(tiles[h0:h0 + nh])
+        if not n_pairs:
+            continue
+        pair_q, _, _, list_start, list_len = _pair_lists(row_select, plan, h0, nh, n_pairs)
+        list_len = list_len.to(torch.int32)
+        tile_list, tile_j = _list_tiles(list_len, qm, n_tiles)
+        common = (h0, H, NB, Sq, scale, scale * _LOG2E)
+        _key_block_dq_kernel[(n_tiles,)](
+            q, k, v, grad_out, lse, delta, dq, pair_q, list_start, list_len, tile_list, tile_j,
+            block_tile_start, block_tile_count, kv_tile_len, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            *common, F32_DOT=f32_dot, D=D, BLOCK_M=qm, BLOCK_N=min(qn, kv_tile), KV_TILE=kv_tile, num_warps=q_warps)
+        bn = min(kn, _next_pow2(max_tc * kv_tile))
+        _key_block_dkdv_kernel[(nh * NB, triton.cdiv(max_tc * kv_tile, bn))](
+            q, k, v, grad_out, lse, delta, dk, dv, pair_q, list_start, list_len,
+            block_tile_start, block_tile_count, kv_tile_len, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+            *common, F32_DOT=f32_dot, D=D, BLOCK_M=km, BLOCK_N=bn, KV_TILE=kv_tile, num_warps=k_warps)
+    return dq, dk, dv
+
+
+def hybrid_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_start, block_tile_count, kv_tile_len,
+                    kv_tile_group, kv_tile: int, q_tile: int, min_fill: float, scale: float, grad_lse=None,
+                    max_block_tiles: int | None = None):
+    """Gradients ``(dq, dk, dv)`` of exact attention over per-row block selections from its ``out`` / ``lse``, split
+    as :func:`hybrid_block_attention` splits the forward: the (query tile, block) pairs at least ``min_fill`` of the
+    tile's rows selected through the query-tile kernel's backward (that layout, per-row masks), the others through
+    :func:`key_block_backward`; ``min_fill > 1``: all of them the second way. Both parts accumulate in fp32, rounded
+    once."""
+    from .block_sparse_attention import block_sparse_attention_backward
+
+    NB = block_tile_start.numel()
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_out, out = grad_out.to(q.dtype), out.to(q.dtype)
+    tiles = dict(block_tile_start=block_tile_start, block_tile_count=block_tile_count, kv_tile_len=kv_tile_len,
+                 kv_tile=kv_tile, scale=scale)
+    acc = dict(dq=None, dk=None, dv=None)
+    sparse_rs = row_select
+    if min_fill <= 1:
+        if max_block_tiles is None:
+            max_block_tiles = int(block_tile_count.max())
+        dense_rs, sparse_rs, _, (kv_count, kv_index) = split_by_tile_fill(
+            row_select, NB, q_tile, min_fill,
+            (block_tile_start, block_tile_count, kv_tile_group.numel(), max_block_tiles))
+        parts = block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile=q_tile,
+                                                kv_tile=kv_tile, scale=scale, kv_tile_len=kv_tile_len,
+                                                row_select=dense_rs, kv_tile_group=kv_tile_group, grad_lse=grad_lse,
+                                                grad_dtype=torch.float32)
+        acc = dict(zip(("dq", "dk", "dv"), parts))
+    dq, dk, dv = key_block_backward(grad_out, q, k, v, out, lse, sparse_rs, grad_lse=grad_lse, **tiles, **acc)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _ExactGrad(torch.autograd.Function):
+    """Forward by ``run(q, k, v) -> (out, lse, work)`` (no autograd of its own); backward by ``grads(grad_out, q, k,
+    v, out, lse, grad_lse) -> (dq, dk, dv)``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, run, layout, scale):
+    def forward(ctx, q, k, v, run, grads):
         out, lse, work = run(q, k, v)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(work)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.grads = grads
         return out, lse, work
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, _grad_work):
         if grad_out is None and grad_lse is None:
-            return (None,) * 6
-        from .block_sparse_attention import block_sparse_attention_backward
-
+            return (None,) * 5
         q, k, v, out, lse = ctx.saved_tensors
-        kv_count, kv_index, kv_tile_len, row_select, kv_tile_group, q_tile, kv_tile = ctx.layout
-        # an fp32 output (out_dtype, for callers that merge more parts) enters the kernels in q's dtype: the
-        # backward reads it only for delta = rowsum(dO * O), as FlashAttention's does from its rounded output
-        out = out.to(q.dtype)
-        if grad_out is not None:
-            grad_out = grad_out.to(q.dtype)
-        dq, dk, dv = block_sparse_attention_backward(
-            grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile=q_tile, kv_tile=kv_tile, scale=ctx.scale,
-            kv_tile_len=kv_tile_len, row_select=row_select, kv_tile_group=kv_tile_group, grad_lse=grad_lse)
-        return dq, dk, dv, None, None, None
+        return (*ctx.grads(grad_out, q, k, v, out, lse, grad_lse), None, None)
 
 
 def exact_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
-                              hybrid: bool, backward_layout: tuple, q_tile_backward: int, kv_tile_group: torch.Tensor,
-                              block_tile_start: torch.Tensor, block_tile_count: torch.Tensor,
-                              kv_tile_len: torch.Tensor, kv_tile: int, scale: float | None = None, **kw):
+                              hybrid: bool, backward_layout: tuple | None, q_tile_backward: int,
+                              kv_tile_group: torch.Tensor, block_tile_start: torch.Tensor,
+                              block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor, kv_tile: int,
+                              scale: float | None = None, backward: str | None = None, **kw):
     """:func:`hybrid_block_attention` (``hybrid``) or :func:`key_block_attention`, differentiable in q, k, v (and
     through ``lse``). Returns ``(out, lse, work)`` as they do with ``return_work=True``.
 
-    Gradients: the query-tile kernel's backward (:func:`mixdit.kernels.block_sparse_attention_backward`) with
-    ``backward_layout = (kv_count, kv_index)``, a query-tile layout over ``q_tile_backward``-row tiles that covers
-    every selected (query, key tile) pair (the router's), the per-row ``row_select`` masks and ``kv_tile_group``.
-    Exact: the backward takes the forward's output and log-sum-exp and computes every selected pair, no other.
+    Attention's backward needs only the inputs, the output and its lse, whichever kernel computed them.
+    ``backward`` (default :data:`EXACT_BACKWARD`): ``"union"``: the query-tile kernel's backward
+    (:func:`mixdit.kernels.block_sparse_attention_backward`) with ``backward_layout = (kv_count, kv_index)``, a
+    query-tile layout over ``q_tile_backward``-row tiles covering every selected (query, key tile) pair (the
+    router's), and the per-row ``row_select`` masks; ``"split"``: :func:`hybrid_backward` with the forward's split
+    (key blocks: every pair key-block-major). Both exact: every selected pair, no other.
     Other keyword arguments go to the forward kernel (``min_fill``, ``q_tile``, ``max_block_tiles`` for the hybrid,
     ``out_dtype``, launch settings)."""
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    common = dict(block_tile_start=block_tile_start, block_tile_count=block_tile_count, kv_tile_len=kv_tile_len,
-                  kv_tile=kv_tile, scale=scale, return_work=True, **kw)
+    tiles = dict(block_tile_start=block_tile_start, block_tile_count=block_tile_count, kv_tile_len=kv_tile_len,
+                 kv_tile=kv_tile, scale=scale)
 
     def run(q_, k_, v_):
         if hybrid:
-            return hybrid_block_attention(q_, k_, v_, row_select, kv_tile_group=kv_tile_group, **common)
-        return key_block_attention(q_, k_, v_, row_select, **common)
+            return hybrid_block_attention(q_, k_, v_, row_select, kv_tile_group=kv_tile_group, return_work=True,
+                                          **tiles, **kw)
+        return key_block_attention(q_, k_, v_, row_select, return_work=True, **tiles, **kw)
 
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return run(q, k, v)
-    kv_count, kv_index = backward_layout
-    layout = (kv_count, kv_index, kv_tile_len, row_select, kv_tile_group, int(q_tile_backward), int(kv_tile))
-    return _GradByQueryTiles.apply(q, k, v, run, layout, scale)
+    backward = EXACT_BACKWARD if backward is None else backward
+    if backward == "split":
+        split = dict(q_tile=kw.get("q_tile", 128), min_fill=kw["min_fill"]) if hybrid else dict(q_tile=128,
+                                                                                                min_fill=2.0)
+
+        def grads(grad_out, q_, k_, v_, out, lse, grad_lse):
+            return hybrid_backward(grad_out, q_, k_, v_, out, lse, row_select, kv_tile_group=kv_tile_group,
+                                   grad_lse=grad_lse, max_block_tiles=kw.get("max_block_tiles"), **split, **tiles)
+    elif backward == "union":
+        from .block_sparse_attention import block_sparse_attention_backward
+
+        if backward_layout is None:
+            raise ValueError("the 'union' backward needs backward_layout (the router's query-tile layout)")
+        kv_count, kv_index = backward_layout
+
+        def grads(grad_out, q_, k_, v_, out, lse, grad_lse):
+            # an fp32 output (out_dtype, for callers merging more parts) enters in q's dtype: the backward reads
+            # it only for delta = rowsum(dO * O), as FlashAttention's does from its rounded output
+            return block_sparse_attention_backward(
+                None if grad_out is None else grad_out.to(q_.dtype), q_, k_, v_, out.to(q_.dtype), lse, kv_count,
+                kv_index, q_tile=int(q_tile_backward), kv_tile=kv_tile, scale=scale, kv_tile_len=kv_tile_len,
+                row_select=row_select, kv_tile_group=kv_tile_group, grad_lse=grad_lse)
+    else:
+        raise ValueError(f"backward must be 'union' or 'split', got {backward!r}")
+    return _ExactGrad.apply(q, k, v, run, grads)

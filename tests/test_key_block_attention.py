@@ -163,11 +163,18 @@ def test_hybrid_matches_reference(assert_close, device, min_fill, layer, grid, b
         assert float(work) >= float(key_work) - 1e-6
 
 
-@pytest.mark.parametrize("min_fill", [0.0, 0.35, 2.0])  # hybrid: all pairs to query tiles / mixed; key blocks
-def test_gradients_match_reference(device, min_fill):
-    """Gradients of the hybrid (and, at min_fill > 1, the key-block) forward, dL/dout and dL/dlse both, from the
-    query-tile backward on the selection's tile layout, against the masked-dense reference's."""
+@pytest.mark.parametrize("backward,min_fill", [("union", 0.35), ("union", 2.0), ("split", 0.0), ("split", 0.35),
+                                              ("split", 2.0), ("split-chunked", 0.35)])
+def test_gradients_match_reference(monkeypatch, device, backward, min_fill):
+    """Gradients of the hybrid (and, at min_fill > 1, the key-block) forward, dL/dout and dL/dlse both, against the
+    masked-dense reference's: from the query-tile backward on the selection's tile layout ("union"), and split like
+    the forward ("split": all pairs to the query tiles / mixed / all key-block-major; "-chunked": one (sample,
+    head) per chunk of the key-block backward)."""
     from mixdit.kernels.router_reference import tile_layout_from_selection
+
+    if backward == "split-chunked":
+        monkeypatch.setattr(importlib.import_module("mixdit.kernels.key_block_attention"), "_KB_BWD_MAX_PAIR_BYTES", 1)
+        backward = "split"
 
     part, q, k, v, rs = _layer_inputs("spatiotemporal", (3, 5, 7), (2, 3, 4), 16, 2, 3, 32, torch.bfloat16, 0.3,
                                       device, seed=11 + int(10 * min_fill))
@@ -178,7 +185,7 @@ def test_gradients_match_reference(device, min_fill):
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     hybrid = dict(q_tile=32, min_fill=min_fill) if min_fill <= 1 else {}
     out, lse, _ = exact_attention_with_grad(
-        *leaves, rs, hybrid=min_fill <= 1, backward_layout=union, q_tile_backward=64,
+        *leaves, rs, hybrid=min_fill <= 1, backward_layout=union, q_tile_backward=64, backward=backward,
         kv_tile_group=part.kv_tile_group, block_tile_start=part.block_tile_start,
         block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=16, scale=0.3, block_m=16,
         **hybrid)

@@ -198,11 +198,14 @@ def test_exact_kernels_agree(layer, monkeypatch):
         assert work["query_tiles", 32] < work["query_tiles", 0]  # and here (3 blocks) it saves tiles
 
 
-@pytest.mark.parametrize("kernel,text_position,text_len", [("hybrid", "none", 0), ("key_blocks", "after", 9)])
-def test_key_block_forwards_have_gradients(kernel, text_position, text_len, monkeypatch):
+@pytest.mark.parametrize("kernel,text_position,text_len,backward", [("hybrid", "none", 0, "split"),
+                                                                    ("key_blocks", "after", 9, "split"),
+                                                                    ("hybrid", "before", 7, "union")])
+def test_key_block_forwards_have_gradients(kernel, text_position, text_len, backward, monkeypatch):
     """A call that needs gradients keeps the key-block / hybrid forward (bit for bit the no-gradient output) and
-    gets the masked-dense reference's gradients from the query-tile backward; with text tokens the gradient also
-    flows through the lse of the log-sum-exp merge."""
+    gets the masked-dense reference's gradients from either backward of the exact rule (the router builds its tile
+    layout only for the union one); with text tokens the gradient also flows through the lse of the log-sum-exp
+    merge."""
     import mixdit.attention.vmoba as vm
     from mixdit.kernels import key_block_attention as kba
 
@@ -212,17 +215,25 @@ def test_key_block_forwards_have_gradients(kernel, text_position, text_len, monk
     cfg = VMoBAConfig(exact_kernel=kernel, **SMALL)
     call = dict(grid=grid, layer_index=layer, config=cfg, text_len=text_len, text_position=text_position)
     no_grad_out = vmoba_attention(q, k, v, **call)
-    backward_layouts = []
-    real = kba.exact_attention_with_grad
+    monkeypatch.setattr(kba, "EXACT_BACKWARD", backward)
+    backward_layouts, split_calls = [], []
+    real, real_split = kba.exact_attention_with_grad, kba.hybrid_backward
     monkeypatch.setattr(kba, "exact_attention_with_grad",
                         lambda *a, **kw: backward_layouts.append(kw["backward_layout"]) or real(*a, **kw))
+    monkeypatch.setattr(kba, "hybrid_backward",
+                        lambda *a, **kw: split_calls.append(kw["min_fill"]) or real_split(*a, **kw))
     monkeypatch.setattr(vm, "_sorted_query_tile_call", None)  # never the query-tile forward
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = vmoba_attention(*leaves, **call)
-    assert len(backward_layouts) == 1 and backward_layouts[0][0] is not None  # the router built the tile layout
+    assert len(backward_layouts) == 1 and (backward_layouts[0] is None) == (backward == "split")
     assert out.requires_grad and torch.equal(out.detach(), no_grad_out)
-    g_out = torch.randn_like(out)
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(out.device, out.dtype)
     out.backward(g_out)
+    if backward == "split":  # split as the forward was (key blocks: every pair key-block-major)
+        fill = vm.hybrid_launch(partition_for_layer(grid, layer, cfg, DEV), cfg)["min_fill"]
+        assert split_calls == [fill if kernel == "hybrid" else 2.0]
+    else:
+        assert not split_calls
 
     mask, _ = _vmoba_mask(q, k, grid, layer, cfg, text_len, text_position)
 
