@@ -508,7 +508,7 @@ def train_step_study(reps: int = 10, profile: bool = False) -> dict:
             print(f"train {layer_type:14s} {other} vs query_tiles rel. L2 (out, dq, dk, dv): "
                   + ", ".join(f"{x:.1e}" for x in rel), flush=True)
     return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
-                         f"vmoba-train-step-{torch.cuda.get_device_name().replace(' ', '-')}.json")
+                         f"vmoba-train-step-{torch.cuda.get_device_name().lower().replace(' ', '-')}.json")
 
 
 def layout_probe():

@@ -38,6 +38,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_forward",
     "block_sparse_attention_backward",
+    "backward_delta",
     "BlockSparseAttentionFunction",
     "transpose_layout",
 ]
@@ -1033,6 +1034,26 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
         PADDED=padded, USE_TMA=use_tma, EVEN_K=Sk % kv_tile == 0, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
+
+
+def backward_delta(out: torch.Tensor, grad_out: torch.Tensor,
+                   grad_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The backward's row term ``delta = rowsum(dO * O) - dL/dlse``, fp32 ``[B, H, Sq]``, computed by the backward
+    prologue's row programs (on chip, no fp32 copies of O and dO); for backward kernels outside this module.
+    ``out`` / ``grad_out`` ``[B, Sq, H, D]`` with a unit last stride, ``grad_lse`` fp32 ``[B, H, Sq]`` contiguous."""
+    B, Sq, H, D = out.shape
+    delta = torch.empty((B, H, Sq), device=out.device, dtype=torch.float32)
+    no_layout = torch.zeros(1, device=out.device, dtype=torch.int32)  # (the prologue's layout half is not launched)
+    so, sd = out.stride(), grad_out.stride()
+    n_pre = _cdiv(Sq, _PRE_BLOCK_M)
+    bt, bq, bs = _TR_BLOCKS
+    _bwd_prologue_kernel[(n_pre, B * H)](
+        out, grad_out, delta if grad_lse is None else grad_lse, delta, delta, delta, delta, no_layout, no_layout,
+        no_layout, so[0], so[1], so[2], sd[0], sd[1], sd[2], 0, 0, 0, 0, 0, 0, 0, H, Sq, Sq, n_pre, 0, 0,
+        HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M, HAS_DLSE=grad_lse is not None, PAD=False, ZERO_ACC=False,
+        BT=bt, BQ=bq, BS=bs, num_warps=4,
+    )
+    return delta
 
 
 def _grads_in(grad_out, grad_lse, out):

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .block_router import _store_query_tile_tiles
-from .block_sparse_attention import _LOG2E, _f32_dot, _mm
+from .block_sparse_attention import _LOG2E, _f32_dot, _mm, backward_delta
 
 __all__ = ["EXACT_BACKWARD", "KeyBlockPlan", "exact_attention_with_grad", "hybrid_backward", "hybrid_block_attention",
            "key_block_attention", "key_block_backward", "key_block_plan", "split_by_tile_fill"]
@@ -232,6 +232,23 @@ def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, BASE_O,
 
 
 @triton.jit
+def _list_block(lst, bh0, NB, H, TILE_START, TILE_COUNT, KV_TILE: tl.constexpr):
+    # list lst = (head in chunk) * NB + block: its (sample * H + head), block, sample, head and the block's key rows
+    bh = bh0 + lst // NB
+    c = lst % NB
+    r0 = tl.load(TILE_START + c) * KV_TILE
+    return bh, bh // H, bh % H, r0, r0 + tl.load(TILE_COUNT + c) * KV_TILE
+
+
+@triton.jit
+def _block_keys(kr, r1, KV_TILE_LEN, KV_TILE: tl.constexpr):
+    # key rows kr of a block ending at r1: inside the block, and real (not a tile's padding)
+    in_blk = kr < r1
+    tile = kr // KV_TILE
+    return in_blk, in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+
+
+@triton.jit
 def _gathered_rows(Q, DO, LSE, DELTA, PAIR_Q, start, i, n, b, h, bh, Sq, stride_qb, stride_qs, stride_qh,
                    stride_db, stride_ds, stride_dh, D: tl.constexpr):
     # the q and dO rows of pairs start + i of a block's list (zeros past n), their lse (log2 units) and delta
@@ -258,25 +275,18 @@ def _key_block_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PAIR_Q, LIST_START, LIST_L
     # different programs: atomics)
     t = tl.program_id(0)
     lst = tl.load(TILE_LIST + t)
-    bh = bh0 + lst // NB
-    c = lst % NB
-    b = bh // H
-    h = bh % H
+    bh, b, h, r0, r1 = _list_block(lst, bh0, NB, H, TILE_START, TILE_COUNT, KV_TILE)
     i = tl.load(TILE_J + t) * BLOCK_M + tl.arange(0, BLOCK_M)
     qrow, ok, q, do, lse2, delta = _gathered_rows(Q, DO, LSE, DELTA, PAIR_Q, tl.load(LIST_START + lst), i,
                                                   tl.load(LIST_LEN + lst), b, h, bh, Sq, stride_qb, stride_qs,
                                                   stride_qh, stride_db, stride_ds, stride_dh, D)
     offs_d = tl.arange(0, D)
-    r0 = tl.load(TILE_START + c) * KV_TILE
-    r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
     k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for r in range(r0, r1, BLOCK_N):
         kr = r + tl.arange(0, BLOCK_N)
-        in_blk = kr < r1
-        tile = kr // KV_TILE
-        real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+        in_blk, real = _block_keys(kr, r1, KV_TILE_LEN, KV_TILE)
         kt = tl.load(k_base + kr.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=in_blk[:, None], other=0.0)
         vt = tl.load(v_base + kr.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], mask=in_blk[:, None], other=0.0)
         p = tl.math.exp2(_mm(q, tl.trans(kt), F32_DOT) * qk_scale - lse2[:, None])
@@ -297,17 +307,10 @@ def _key_block_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PAIR_Q, LIST_START, 
     # dK/dV of BLOCK_N keys of one block against its whole list of queries; those keys belong to no other program
     # of this launch, so the fp32 accumulators are updated without atomics
     lst = tl.program_id(0)
-    bh = bh0 + lst // NB
-    c = lst % NB
-    b = bh // H
-    h = bh % H
-    r0 = tl.load(TILE_START + c) * KV_TILE
-    r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
+    bh, b, h, r0, r1 = _list_block(lst, bh0, NB, H, TILE_START, TILE_COUNT, KV_TILE)
     kr = r0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if r0 + tl.program_id(1) * BLOCK_N < r1:
-        in_blk = kr < r1
-        tile = kr // KV_TILE
-        real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+        in_blk, real = _block_keys(kr, r1, KV_TILE_LEN, KV_TILE)
         offs_d = tl.arange(0, D)
         kt = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + kr.to(tl.int64)[:, None] * stride_ks
                      + offs_d[None, :], mask=in_blk[:, None], other=0.0)
@@ -650,13 +653,14 @@ _KB_BWD_MAX_PAIR_BYTES = 1 << 30  # pair lists (12 bytes a pair) per chunk of (s
 
 
 def key_block_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_start, block_tile_count, kv_tile_len,
-                       kv_tile: int, scale: float, grad_lse=None, dq=None, dk=None, dv=None):
+                       kv_tile: int, scale: float, grad_lse=None, dq=None, dk=None, dv=None,
+                       max_block_tiles: int | None = None):
     """Gradients of the (query, block) pairs of ``row_select`` given the attention's final ``out`` / ``lse`` (over
     however many more keys), added into fp32 ``dq``, ``dk``, ``dv`` (``[B, S, H, D]``; zeros when None); returns
     them. Per list tile of a block's selecting queries one program adds their dQ against the block's keys (fp32
     atomics: a row's pairs are in different programs); per (block, ``BLOCK_N`` keys) one program walks the block's
     whole list for dK and dV (no other program has those keys). Rows are read through the pair lists: no gathered
-    copies. One host sync (the pair counts)."""
+    copies. One host sync (the pair counts; one more without ``max_block_tiles``, the largest block's tile count)."""
     B, Sq, H, D = q.shape
     NB = block_tile_start.numel()
     dev = q.device
@@ -665,11 +669,10 @@ def key_block_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_st
     grad_out = grad_out.to(q.dtype)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    # delta = rowsum(dO * O) (minus dL/dlse: lse's own gradient enters every score's as p * dlse)
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)
+    out = out if out.stride(-1) == 1 else out.contiguous()
     if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+        grad_lse = grad_lse.float().contiguous()
+    delta = backward_delta(out, grad_out, grad_lse)
     lse = lse.float().contiguous()
     dq = torch.zeros(q.shape, device=dev, dtype=torch.float32) if dq is None else dq
     dk = torch.zeros(k.shape, device=dev, dtype=torch.float32) if dk is None else dk
@@ -680,7 +683,7 @@ def key_block_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_st
     km, kn, k_warps = _KB_BWD_DKDV_LAUNCH
     plan = key_block_plan(row_select, NB, qm)
     pairs, tiles = plan.per_head()
-    max_tc = int(block_tile_count.max())
+    max_tc = int(block_tile_count.max()) if max_block_tiles is None else int(max_block_tiles)
     f32_dot = _f32_dot(q)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
@@ -722,9 +725,9 @@ def hybrid_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_start
                  kv_tile=kv_tile, scale=scale)
     acc = dict(dq=None, dk=None, dv=None)
     sparse_rs = row_select
+    if max_block_tiles is None:
+        max_block_tiles = int(block_tile_count.max())
     if min_fill <= 1:
-        if max_block_tiles is None:
-            max_block_tiles = int(block_tile_count.max())
         dense_rs, sparse_rs, _, (kv_count, kv_index) = split_by_tile_fill(
             row_select, NB, q_tile, min_fill,
             (block_tile_start, block_tile_count, kv_tile_group.numel(), max_block_tiles))
@@ -733,7 +736,8 @@ def hybrid_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_start
                                                 row_select=dense_rs, kv_tile_group=kv_tile_group, grad_lse=grad_lse,
                                                 grad_dtype=torch.float32)
         acc = dict(zip(("dq", "dk", "dv"), parts))
-    dq, dk, dv = key_block_backward(grad_out, q, k, v, out, lse, sparse_rs, grad_lse=grad_lse, **tiles, **acc)
+    dq, dk, dv = key_block_backward(grad_out, q, k, v, out, lse, sparse_rs, grad_lse=grad_lse,
+                                    max_block_tiles=max_block_tiles, **tiles, **acc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
