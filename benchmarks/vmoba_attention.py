@@ -511,6 +511,70 @@ def train_step_study(reps: int = 10, profile: bool = False) -> dict:
                          f"vmoba-train-step-{torch.cuda.get_device_name().lower().replace(' ', '-')}.json")
 
 
+# --train-sweep variants against the current defaults, each a label and its knobs: "split" (the split backward's
+# q_tile / min_fill), "kb_dq" / "kb_dkdv" (key-block backward launches), "qt_switches" / "qt_configs" (the
+# query-tile part's backward_variant). Session 17's first round (one knob at a time) set today's defaults
+# (results/vmoba-train-sweep-round1-session17-*.json); this is its second round (combinations).
+TRAIN_SWEEP = [("default", {})]
+TRAIN_SWEEP += [(f"bwd q_tile {t} min_fill {f}", {"split": {"q_tile": t, "min_fill": f}})
+                for t in (64, 128) for f in (0.375, 0.5, 0.625)]
+TRAIN_SWEEP += [(f"bwd q_tile 128, qt {kind} {c}", {"split": {"q_tile": 128}, "qt_configs": {kind: c}})
+                for kind, c in (("dq", (128, 32, 4, 3)), ("dq", (128, 32, 8, 2)), ("dq", (128, 32, 8, 3)),
+                                ("dkdv", (64, 32, 4, 2)), ("dkdv", (128, 32, 8, 3)), ("dkdv", (32, 32, 4, 3)))]
+TRAIN_SWEEP += [(f"kb dkdv {c}", {"kb_dkdv": c}) for c in ((64, 64, 8), (128, 64, 8), (32, 64, 4), (64, 128, 8))]
+TRAIN_SWEEP += [(f"kb dq {c}", {"kb_dq": c}) for c in ((128, 32, 8), (128, 64, 8), (256, 32, 8), (128, 64, 4))]
+TRAIN_SWEEP += [(f"qt dkdv {c}", {"qt_configs": {"dkdv": c}}) for c in ((64, 64, 4, 2), (64, 32, 4, 2),
+                                                                          (128, 32, 4, 3))]
+
+
+def train_sweep(reps: int = 10, layer_types=("spatiotemporal", "spatial")) -> dict:
+    """The exact rule's split backward, one knob at a time (``TRAIN_SWEEP``): forward + backward of
+    ``vmoba_attention`` per layer type on a random-weight Wan2.1-1.3B's own q/k/v (480p / 81 frames, B = 1), with
+    the gradients' relative L2 against the default's (every variant computes the same pairs)."""
+    from mixdit.attention.vmoba import vmoba_attention
+    import importlib
+
+    from mixdit.kernels import key_block_attention as kba
+
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")  # the package exports a function so named
+    base = VMoBAConfig(min_tokens=0, dense_layers=())
+    launches = (kba._KB_BWD_DQ_LAUNCH, kba._KB_BWD_DKDV_LAUNCH)
+    rows = []
+    for _, B, D, layer_type, part, qb, kb, vb, r, raster in _model_layers(layer_types, base):
+        q, k, v = (t.detach().requires_grad_(True) for t in raster)
+        grad = torch.randn_like(q)
+        ref = None
+        for label, knobs in TRAIN_SWEEP:
+            def step():
+                kba._SPLIT_BACKWARD_OVERRIDE.update(knobs.get("split", {}))
+                kba._KB_BWD_DQ_LAUNCH = knobs.get("kb_dq", launches[0])
+                kba._KB_BWD_DKDV_LAUNCH = knobs.get("kb_dkdv", launches[1])
+                try:
+                    with bsa.backward_variant(knobs.get("qt_switches"), knobs.get("qt_configs")):
+                        out = vmoba_attention(q, k, v, grid=(21, 30, 52), layer_index=LAYER_OF_TYPE[layer_type],
+                                              config=base)
+                        return torch.autograd.grad(out, (q, k, v), grad)
+                finally:
+                    kba._SPLIT_BACKWARD_OVERRIDE.clear()
+                    kba._KB_BWD_DQ_LAUNCH, kba._KB_BWD_DKDV_LAUNCH = launches
+            try:
+                g = [t.float() for t in step()]
+                ms = _bench(step, reps)
+            except Exception as e:  # a launch that does not fit (registers, shared memory) is a result too
+                rows.append(dict(layer_type=layer_type, variant=label, error=repr(e)[:200]))
+                print(f"sweep {layer_type:14s} {label:28s} failed: {repr(e)[:120]}", flush=True)
+                continue
+            ref = ref or g
+            rel = [float((a - b).norm() / b.norm()) for a, b in zip(g, ref)]
+            rows.append(dict(layer_type=layer_type, variant=label, fwd_bwd_ms=ms, rel_l2_dq_dk_dv=rel))
+            print(f"sweep {layer_type:14s} {label:28s} fwd+bwd {ms:6.2f} ms  rel. L2 vs default "
+                  + ", ".join(f"{x:.1e}" for x in rel), flush=True)
+        del q, k, v, grad, ref
+        torch.cuda.empty_cache()
+    return _write_result(dict(gpu=torch.cuda.get_device_name(), rows=rows),
+                         f"vmoba-train-sweep-{torch.cuda.get_device_name().lower().replace(' ', '-')}.json")
+
+
 def layout_probe():
     """Where VMoBA layouts lose against a random layout of the same density (query_tile, smooth q/k, B = 1): the
     sparse kernel on the routed layout with its kv_tile_len masks, without them (timing only), with each query
@@ -661,12 +725,17 @@ if __name__ == "__main__":
                     help="only the exact rule's kernels: key-block attention (+ variants), hybrid, query tiles, dense")
     ap.add_argument("--train", action="store_true",
                     help="only the exact rule in training per layer type (model q/k/v): forward, forward + backward")
+    ap.add_argument("--train-sweep", action="store_true",
+                    help="only the exact rule's split backward, one launch / split knob at a time (TRAIN_SWEEP)")
     ap.add_argument("--profile", action="store_true", help="--train: also GPU time per kernel of the default path")
     ap.add_argument("--model-qk", action="store_true",
                     help="--key-blocks on a random-weight Wan2.1-1.3B's own q/k/v instead of synthetic fields")
     a = ap.parse_args()
     if a.train:
         train_step_study(profile=a.profile)
+    elif a.train_sweep:
+        train_sweep(layer_types=tuple(a.layer_types.split(",")) if a.layer_types != ",".join(LAYER_OF_TYPE)
+                    else ("spatiotemporal", "spatial"))
     elif a.key_blocks:
         key_blocks_study(variants=not a.quick, source="model" if a.model_qk else "smooth")
     elif a.gathers:

@@ -143,18 +143,32 @@ def _pair_fill_kernel(RS, ROW_OFF, COL_OFF, PAIR_Q, PAIR_DST, bh0, Sq, W, NB, n_
 
 
 @triton.jit
+def _list_block(lst, bh0, NB, H, TILE_START, TILE_COUNT, KV_TILE: tl.constexpr):
+    # list lst = (head in chunk) * NB + block: its (sample * H + head), block, sample, head and the block's key rows
+    bh = bh0 + lst // NB
+    c = lst % NB
+    r0 = tl.load(TILE_START + c) * KV_TILE
+    return bh, bh // H, bh % H, r0, r0 + tl.load(TILE_COUNT + c) * KV_TILE
+
+
+@triton.jit
+def _block_keys(kr, r1, KV_TILE_LEN, KV_TILE: tl.constexpr):
+    # key rows kr of a block ending at r1: inside the block, and real (not a tile's padding)
+    in_blk = kr < r1
+    tile = kr // KV_TILE
+    return in_blk, in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+
+
+@triton.jit
 def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE_LIST, TILE_J,
                            TILE_START, TILE_COUNT, KV_TILE_LEN, O_PART, LSE_PART,
                            stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                            stride_vb, stride_vs, stride_vh, bh0, H, NB, qk_scale,
                            F32_DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr):
     t = tl.program_id(0)
-    lst = tl.load(TILE_LIST + t)  # list = (head in chunk) * NB + block
+    lst = tl.load(TILE_LIST + t)
     jt = tl.load(TILE_J + t)
-    bh = bh0 + lst // NB
-    c = lst % NB
-    b = bh // H
-    h = bh % H
+    bh, b, h, r0, r1 = _list_block(lst, bh0, NB, H, TILE_START, TILE_COUNT, KV_TILE)
     start = tl.load(LIST_START + lst)
     n = tl.load(LIST_LEN + lst)
     i = jt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,8 +177,6 @@ def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE
     qrow = tl.load(PAIR_Q + start + i, mask=ok, other=0)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + qrow.to(tl.int64)[:, None] * stride_qs
                 + offs_d[None, :], mask=ok[:, None], other=0.0)
-    r0 = tl.load(TILE_START + c) * KV_TILE
-    r1 = r0 + tl.load(TILE_COUNT + c) * KV_TILE
     k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -172,9 +184,7 @@ def _key_block_attn_kernel(Q, K, V, PAIR_Q, PAIR_DST, LIST_START, LIST_LEN, TILE
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for r in range(r0, r1, BLOCK_N):
         kr = r + tl.arange(0, BLOCK_N)
-        in_blk = kr < r1
-        tile = kr // KV_TILE
-        real = in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
+        in_blk, real = _block_keys(kr, r1, KV_TILE_LEN, KV_TILE)
         kt = tl.load(k_base + kr.to(tl.int64)[None, :] * stride_ks + offs_d[:, None], mask=in_blk[None, :], other=0.0)
         s = _mm(q, kt, F32_DOT) * qk_scale
         s = tl.where(real[None, :], s, float("-inf"))
@@ -229,23 +239,6 @@ def _pair_merge_kernel(O_PART, LSE_PART, ROW_OFF, ROW_CNT, OUT, LSE_OUT, BASE_O,
     tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_os
              + offs_d[None, :], (acc / l_[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE_OUT + bh.to(tl.int64) * Sq + rows, m + tl.log(l_), mask=row_ok)
-
-
-@triton.jit
-def _list_block(lst, bh0, NB, H, TILE_START, TILE_COUNT, KV_TILE: tl.constexpr):
-    # list lst = (head in chunk) * NB + block: its (sample * H + head), block, sample, head and the block's key rows
-    bh = bh0 + lst // NB
-    c = lst % NB
-    r0 = tl.load(TILE_START + c) * KV_TILE
-    return bh, bh // H, bh % H, r0, r0 + tl.load(TILE_COUNT + c) * KV_TILE
-
-
-@triton.jit
-def _block_keys(kr, r1, KV_TILE_LEN, KV_TILE: tl.constexpr):
-    # key rows kr of a block ending at r1: inside the block, and real (not a tile's padding)
-    in_blk = kr < r1
-    tile = kr // KV_TILE
-    return in_blk, in_blk & ((kr - tile * KV_TILE) < tl.load(KV_TILE_LEN + tile, mask=in_blk, other=0))
 
 
 @triton.jit
@@ -644,11 +637,17 @@ def hybrid_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
 # the exact rule's backward: "split" (like the hybrid forward: full (query tile, block) pairs through the query-tile
 # backward, the rest key-block-major, hybrid_backward) or "union" (the query-tile backward over the tile union of the
 # whole selection, per-row masks). H200, Wan2.1-1.3B's own q/k/v, forward + backward per layer: spatial 25.0 ms split
-# vs 33.2 union, 3D 42.6 vs 56.5 (dense cuDNN 41.4-42.1); training step 0.418 vs 0.367 samples/s (NOTES, session 16).
+# vs 33.2 union, 3D 42.6 vs 56.5 (dense cuDNN 41.4-42.1); training step 0.418 vs 0.367 samples/s (NOTES, session 16);
+# with the launches tuned (session 17) spatial 21.4, 3D 33.5 ms, training 0.446 samples/s.
 EXACT_BACKWARD = "split"
-# key-block backward launches: (BLOCK_M queries, BLOCK_N keys, warps) of the dQ and the dK/dV kernels
-_KB_BWD_DQ_LAUNCH = (64, 32, 4)
-_KB_BWD_DKDV_LAUNCH = (64, 32, 4)
+# the split backward takes the forward's split (the hybrid's q_tile and min_fill; key blocks: every pair
+# key-block-major); the benchmark's sweeps set {"q_tile": .., "min_fill": ..} here to try others
+_SPLIT_BACKWARD_OVERRIDE: dict = {}
+# key-block backward launches: (BLOCK_M queries, BLOCK_N keys, warps) of the dQ and the dK/dV kernels. H200,
+# Wan-1.3B, forward + split backward, each against (64, 32, 4): dQ 128 x 32 spatial 23.3 -> 22.8 ms, 3D 39.9 -> 39.4;
+# dK/dV 64 x 64 spatial 23.3 -> 21.8, 3D 39.9 -> 39.4 (session 17, results/vmoba-train-sweep-*.json)
+_KB_BWD_DQ_LAUNCH = (128, 32, 4)
+_KB_BWD_DKDV_LAUNCH = (64, 64, 4)
 _KB_BWD_MAX_PAIR_BYTES = 1 << 30  # pair lists (12 bytes a pair) per chunk of (sample, head)s
 
 
@@ -795,6 +794,7 @@ def exact_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if backward == "split":
         split = dict(q_tile=kw.get("q_tile", 128), min_fill=kw["min_fill"]) if hybrid else dict(q_tile=128,
                                                                                                 min_fill=2.0)
+        split.update(_SPLIT_BACKWARD_OVERRIDE)
 
         def grads(grad_out, q_, k_, v_, out, lse, grad_lse):
             return hybrid_backward(grad_out, q_, k_, v_, out, lse, row_select, kv_tile_group=kv_tile_group,
