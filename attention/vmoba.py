@@ -36,6 +36,7 @@ from mixdit.attention.vmoba_config import (  # noqa: F401  (re-exported: the set
 )
 from mixdit.config import check_choice
 from mixdit.errors import ConfigError
+from mixdit.pipelines.context import keeping_attention, kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,10 +226,33 @@ def _kernel_attention(q, k, v, kv_count, kv_index, *, scale, **kw):
     if not _kernel_runs(q):
         from mixdit.kernels.reference import block_sparse_attention_reference
         return block_sparse_attention_reference(q, k, v, kv_count, kv_index, scale=scale, **kw)
-    from mixdit.kernels import block_sparse_attention
+    if keeping_attention() and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, lse = _kept_block_sparse(*_kernel_inputs(q, k, v), kv_count, kv_index, scale=scale, **kw)
+    else:
+        from mixdit.kernels import block_sparse_attention
 
-    out, lse = block_sparse_attention(*_kernel_inputs(q, k, v), kv_count, kv_index, scale=scale, **kw)
+        out, lse = block_sparse_attention(*_kernel_inputs(q, k, v), kv_count, kv_index, scale=scale, **kw)
     return out[..., :q.shape[-1]].to(q.dtype), lse
+
+
+def _kept_block_sparse(q, k, v, kv_count, kv_index, *, scale, **kw):
+    """The block-sparse kernel with gradients inside a checkpointed call that keeps attention: the forward's output
+    is handed back to the recomputation (:func:`mixdit.pipelines.context.kept`), the backward is the kernel's."""
+    from mixdit.kernels.block_sparse_attention import block_sparse_attention_backward, block_sparse_attention_forward
+    from mixdit.kernels.key_block_attention import attention_with_grads
+
+    def run(q_, k_, v_):
+        return kept("vmoba.block_sparse",
+                    lambda: (*block_sparse_attention_forward(q_, k_, v_, kv_count, kv_index, scale=scale, **kw), None))
+
+    bwd = {name: val for name, val in kw.items() if name != "kv_full"}  # the backward does not use it
+
+    def grads(grad_out, q_, k_, v_, out, lse, grad_lse):
+        return block_sparse_attention_backward(grad_out, q_, k_, v_, out, lse, kv_count, kv_index, scale=scale,
+                                               grad_lse=grad_lse, **bwd)
+
+    out, lse, _ = attention_with_grads(q, k, v, run, grads)
+    return out, lse
 
 
 def _kernel_runs(q) -> bool:
@@ -320,7 +344,8 @@ def _key_block_call(qb, kb, vb, r, part: VMoBAPartition, config: VMoBAConfig, sc
         *_kernel_inputs(qb, kb, vb), r.row_select, hybrid=hybrid,
         backward_layout=None if r.kv_count is None else (r.kv_count, r.kv_index),
         q_tile_backward=config.q_tile, kv_tile_group=part.kv_tile_group, block_tile_start=part.block_tile_start,
-        block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale, **kw)
+        block_tile_count=part.block_tile_count, kv_tile_len=part.kv_tile_len, kv_tile=part.kv_tile, scale=scale,
+        memo=functools.partial(kept, "vmoba.exact"), **kw)
     return out[..., :qb.shape[-1]].to(torch.float32 if fp32_out else qb.dtype), lse, work
 
 
@@ -562,7 +587,9 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
         kb, vb = _gather_tokens(kv_, part.kv_perm), _gather_tokens(vv, part.kv_perm)
     qb, kb, vb = qb.contiguous(), kb.contiguous(), vb.contiguous()
     path = attention_path(config, part, qb, kb, vb)
-    r = route(qb, kb, part, config, tile_layout=path == "query_tiles" or _union_backward(path, qb, kb, vb))
+    tile_layout = path == "query_tiles" or _union_backward(path, qb, kb, vb)
+    with torch.no_grad():  # the selection is not differentiable; kept for gradient checkpointing's recomputation
+        r = kept("vmoba.route", lambda: route(qb, kb, part, config, tile_layout=tile_layout))
     if path in ("key_blocks", "hybrid"):
         out_b, lse_b, work = _key_block_call(qb, kb, vb, r, part, config, scale, fp32_out=T > 0,
                                              hybrid=path == "hybrid")

@@ -45,12 +45,15 @@ hold identical weights. Noise and timesteps are drawn per rank (seed + rank).
 Gradient checkpointing keeps VMoBA active in the recomputation: :func:`mixdit.pipelines.context.checkpoint_keeping_context`
 carries mixdit's forward context into the backward pass. With diffusers' default checkpoint
 function the recomputed blocks see no context, run dense attention, and torch raises a
-``CheckpointError`` (different saved tensors) in backward.
+``CheckpointError`` (different saved tensors) in backward. The recomputation does not compute attention
+again (VMoBA's kernels hand back the forward's output, lse and selection; PyTorch's SDPA is saved by
+selective checkpointing) unless ``recompute_attention``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -547,7 +550,7 @@ def train_vmoba(config: TrainConfig) -> dict:
     ``losses`` (mean over processes, one per optimizer step), ``samples_per_second`` (all
     processes, excluding the first step's warm-up), ``seconds``, ``steps``, ``world_size``,
     ``out`` (folder), ``saved`` (paths written), ``vmoba`` (mixdit summary or None),
-    ``weights_sha256`` (checksum of the trained expert).
+    ``weights_sha256`` (checksum of the trained expert), ``peak_gpu_memory_gb`` (this process; None on CPU).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -567,7 +570,8 @@ def train_vmoba(config: TrainConfig) -> dict:
     if config.gradient_checkpointing:
         if not getattr(transformer, "_supports_gradient_checkpointing", False):
             raise ConfigError("gradient_checkpointing", True, f"False ({type(transformer).__name__} does not support it)")
-        transformer.enable_gradient_checkpointing(checkpoint_keeping_context)
+        transformer.enable_gradient_checkpointing(
+            functools.partial(checkpoint_keeping_context, keep_attention=not config.recompute_attention))
     session = _apply_vmoba(transformer, config.vmoba)
 
     micro_batches = config.steps * config.gradient_accumulation_steps
@@ -652,6 +656,8 @@ def train_vmoba(config: TrainConfig) -> dict:
         "samples_per_second": samples / timed if timed > 0 else float("nan"), "seconds": seconds,
         "world_size": world, "out": str(out), "saved": saved, "vmoba": summary, "weights_sha256": checksum,
         "dataset_size": len(dataset), "flow_shift": objective.shift,
+        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 30
+                               if accelerator.device.type == "cuda" else None),
     }
     if accelerator.is_main_process and config.save:
         out.mkdir(parents=True, exist_ok=True)

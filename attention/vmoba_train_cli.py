@@ -76,7 +76,10 @@ def register_commands(subparsers) -> None:
     p.add_argument("--frames", type=int, default=None, help="frames per clip (4k+1)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="also save OUT/checkpoint-<step> every N steps (0: end only)")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=MIXED_PRECISIONS)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block in the backward; attention outputs are kept, not recomputed")
+    p.add_argument("--recompute-attention", action="store_true",
+                   help="with --gradient-checkpointing: recompute attention too (less memory, slower)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     p.add_argument("--timestep-sampling", default=d.timestep_sampling, choices=TIMESTEP_SAMPLINGS)
@@ -121,6 +124,7 @@ def config_from_args(args) -> TrainConfig:
         gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed, height=args.height,
         width=args.width, frames=args.frames, vmoba=vmoba, save_every=args.save_every,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        recompute_attention=args.recompute_attention,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, timestep_sampling=args.timestep_sampling,
         flow_shift=args.flow_shift, max_sequence_length=args.max_sequence_length, cache_dir=args.cache_dir,
         cpu=args.cpu, num_workers=args.num_workers, record_samples=args.record_samples, progress=not args.no_progress)

@@ -40,6 +40,9 @@ class TrainConfig:
         per process.
     save_every: also save ``OUT/checkpoint-<step>/<expert>`` every this many steps (0: only at
         the end).
+    gradient_checkpointing: recompute each transformer block in the backward instead of keeping its
+        activations; attention is not computed again (its output, lse and VMoBA's selection are kept,
+        one attention output per block) unless ``recompute_attention`` (the least memory).
     flow_shift: shift of the training sigmas; None: the pipeline scheduler's ``flow_shift`` /
         ``shift`` (3.0 if it has neither).
     record_samples: debug: per-rank JSON with the sample indices each rank saw and a checksum of
@@ -63,6 +66,7 @@ class TrainConfig:
     save_every: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    recompute_attention: bool = False
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -102,6 +106,8 @@ class TrainConfig:
         check_number("num_workers", self.num_workers, 0, integer=True)
         if self.flow_shift is not None:
             check_number("flow_shift", self.flow_shift, 0.0, lo_open=True)
+        if self.recompute_attention and not self.gradient_checkpointing:
+            raise ConfigError("recompute_attention", True, "only with gradient_checkpointing (nothing is recomputed without it)")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None:

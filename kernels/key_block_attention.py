@@ -52,8 +52,9 @@ import triton.language as tl
 from .block_router import _store_query_tile_tiles
 from .block_sparse_attention import _LOG2E, _f32_dot, _mm, backward_delta
 
-__all__ = ["EXACT_BACKWARD", "KeyBlockPlan", "exact_attention_with_grad", "hybrid_backward", "hybrid_block_attention",
-           "key_block_attention", "key_block_backward", "key_block_plan", "split_by_tile_fill"]
+__all__ = ["EXACT_BACKWARD", "KeyBlockPlan", "attention_with_grads", "exact_attention_with_grad", "hybrid_backward",
+           "hybrid_block_attention", "key_block_attention", "key_block_backward", "key_block_plan",
+           "split_by_tile_fill"]
 
 # Test hook (as in block_sparse_attention): fill the outputs and the pair buffers with NaN / -1 before the
 # kernels run, so a test proves every element is written.
@@ -741,14 +742,15 @@ def hybrid_backward(grad_out, q, k, v, out, lse, row_select, *, block_tile_start
 
 
 class _ExactGrad(torch.autograd.Function):
-    """Forward by ``run(q, k, v) -> (out, lse, work)`` (no autograd of its own); backward by ``grads(grad_out, q, k,
-    v, out, lse, grad_lse) -> (dq, dk, dv)``."""
+    """Forward by ``run(q, k, v) -> (out, lse, work)`` (no autograd of its own; ``work`` a tensor or None);
+    backward by ``grads(grad_out, q, k, v, out, lse, grad_lse) -> (dq, dk, dv)``."""
 
     @staticmethod
     def forward(ctx, q, k, v, run, grads):
         out, lse, work = run(q, k, v)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(work)
+        if work is not None:
+            ctx.mark_non_differentiable(work)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.grads = grads
         return out, lse, work
@@ -761,11 +763,18 @@ class _ExactGrad(torch.autograd.Function):
         return (*ctx.grads(grad_out, q, k, v, out, lse, grad_lse), None, None)
 
 
+def attention_with_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run, grads):
+    """``run(q, k, v) -> (out, lse, work)`` made differentiable in q, k, v (and through ``lse``) by ``grads(grad_out,
+    q, k, v, out, lse, grad_lse) -> (dq, dk, dv)``: attention's backward needs only the inputs, the output and
+    its lse, whichever kernel (or earlier pass: gradient checkpointing's kept results) computed them."""
+    return _ExactGrad.apply(q, k, v, run, grads)
+
+
 def exact_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_select: torch.Tensor, *,
                               hybrid: bool, backward_layout: tuple | None, q_tile_backward: int,
                               kv_tile_group: torch.Tensor, block_tile_start: torch.Tensor,
                               block_tile_count: torch.Tensor, kv_tile_len: torch.Tensor, kv_tile: int,
-                              scale: float | None = None, backward: str | None = None, **kw):
+                              scale: float | None = None, backward: str | None = None, memo=None, **kw):
     """:func:`hybrid_block_attention` (``hybrid``) or :func:`key_block_attention`, differentiable in q, k, v (and
     through ``lse``). Returns ``(out, lse, work)`` as they do with ``return_work=True``.
 
@@ -775,6 +784,8 @@ def exact_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     query-tile layout over ``q_tile_backward``-row tiles covering every selected (query, key tile) pair (the
     router's), and the per-row ``row_select`` masks; ``"split"``: :func:`hybrid_backward` with the forward's split
     (key blocks: every pair key-block-major). Both exact: every selected pair, no other.
+    ``memo(compute)``: with gradients, the forward runs as ``memo(lambda: forward)`` (gradient checkpointing hands
+    the first pass's result back to its recomputation: :func:`mixdit.pipelines.context.kept`).
     Other keyword arguments go to the forward kernel (``min_fill``, ``q_tile``, ``max_block_tiles`` for the hybrid,
     ``out_dtype``, launch settings)."""
     D = q.shape[-1]
@@ -790,6 +801,11 @@ def exact_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return run(q, k, v)
+    if memo is not None:
+        compute = run
+
+        def run(q_, k_, v_):
+            return memo(lambda: compute(q_, k_, v_))
     backward = EXACT_BACKWARD if backward is None else backward
     if backward == "split":
         split = dict(q_tile=kw.get("q_tile", 128), min_fill=kw["min_fill"]) if hybrid else dict(q_tile=128,
@@ -815,4 +831,4 @@ def exact_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 row_select=row_select, kv_tile_group=kv_tile_group, grad_lse=grad_lse)
     else:
         raise ValueError(f"backward must be 'union' or 'split', got {backward!r}")
-    return _ExactGrad.apply(q, k, v, run, grads)
+    return attention_with_grads(q, k, v, run, grads)

@@ -92,6 +92,9 @@ def test_bad_arguments_raise_one_clear_config_error(tmp_path, capsys):
     with pytest.raises(ConfigError) as e:
         _cfg(tmp_path, data="synthetic:0").validate()
     assert e.value.field == "data"
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, recompute_attention=True).validate()
+    assert e.value.field == "recompute_attention" and "gradient_checkpointing" in str(e.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match="none found"):

@@ -1,9 +1,11 @@
 """VMoBA: config, partition, dense rules and the functional attention (CPU, Triton interpreter)."""
 
+import importlib
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -502,3 +504,97 @@ def test_query_tile_router_fused_tau_one_and_per_sample(selection):
     k2[1] = torch.randn_like(k2[1])
     _, _, _, r2, _ = _qt_route_both(grid, layer, cfg, q2, k2)
     assert torch.equal(r.kv_count[0], r2.kv_count[0]) and torch.equal(_visited(r)[0], _visited(r2)[0])
+
+
+@pytest.mark.parametrize("kernel,layer,text_len", [("hybrid", 2, 0), ("key_blocks", 3, 6), ("auto", 1, 0)])
+def test_checkpoint_keeping_attention_skips_the_recomputed_attention(kernel, layer, text_len, monkeypatch):
+    """Gradient checkpointing that keeps attention (``checkpoint_keeping_context``'s default) gives bit for bit the
+    gradients of no checkpointing, and its recomputation runs neither the router nor an attention kernel;
+    ``keep_attention=False`` recomputes both. Paths: hybrid, key blocks (+ text: its dense part and the SDPA of the
+    text rows), sorted query tiles (1D, ``auto``: the query-tile kernel, as in block order)."""
+    import mixdit.attention.vmoba as vm
+    from mixdit.kernels import key_block_attention as kba
+    from mixdit.pipelines.context import checkpoint_keeping_context
+
+    bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")
+    grid, B, H, D = (5, 5, 7), 1, 2, 32
+    S, C = 175 + text_len, H * D
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(B, S, C, generator=g).to(DEV, torch.bfloat16)
+    weights = [(torch.randn(C, C, generator=g) / C ** 0.5).to(DEV, torch.bfloat16).requires_grad_(True)
+               for _ in range(3)]
+    g_out = torch.randn(B, S, C, generator=g).to(DEV, torch.bfloat16)
+    cfg = VMoBAConfig(exact_kernel=kernel, **SMALL)
+    calls = {"route": 0, "kernel": 0}
+
+    def counted(name, fn, what):
+        def wrapper(*a, **kw):
+            calls[what] += 1
+            return fn(*a, **kw)
+        monkeypatch.setattr(*name, wrapper)
+
+    counted((vm, "route"), vm.route, "route")
+    for mod, fn in ((kba, "hybrid_block_attention"), (kba, "key_block_attention"), (bsa, "_forward")):
+        counted((mod, fn), getattr(mod, fn), "kernel")
+
+    def block(inp):
+        q, k, v = ((inp @ w).view(B, S, H, D) for w in weights)
+        return vmoba_attention(q, k, v, grid=grid, layer_index=layer, config=cfg, text_len=text_len,
+                               text_position="after" if text_len else "none").flatten(2)
+
+    def grads(run):
+        for w in weights:
+            w.grad = None
+        calls.update(route=0, kernel=0)
+        run().backward(g_out)
+        return [w.grad.clone() for w in weights], dict(calls)
+
+    plain, plain_calls = grads(lambda: block(x))
+    kept_grads, kept_calls = grads(lambda: checkpoint_keeping_context(block, x))
+    redone, redone_calls = grads(lambda: checkpoint_keeping_context(block, x, keep_attention=False))
+    assert plain_calls["route"] == 1 and plain_calls["kernel"] >= 1
+    assert kept_calls == plain_calls  # the recomputation ran neither
+    assert redone_calls == {n: 2 * c for n, c in plain_calls.items()}
+    for a, b, c in zip(plain, kept_grads, redone):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        if DEV == "cpu":
+            assert torch.equal(a, b) and torch.equal(a, c)
+        else:  # the exact rule's dQ adds by fp32 atomics: run to run, the order (last bits) varies
+            assert max((a - b).abs().max(), (a - c).abs().max()) <= 0.02 * a.abs().max()
+
+
+def test_checkpoint_keeping_attention_saves_dense_sdpa():
+    """Dense attention under the same checkpointing: PyTorch's SDPA runs once (selective checkpointing saves its
+    outputs), gradients bit for bit those of no checkpointing; ``keep_attention=False`` runs it twice."""
+    from mixdit.pipelines.context import checkpoint_keeping_context
+
+    g = torch.Generator().manual_seed(13)
+    B, S, H, D = 2, 40, 2, 16
+    x = torch.randn(B, S, H * D, generator=g)
+    w = (torch.randn(H * D, H * D, generator=g) / (H * D) ** 0.5).requires_grad_(True)
+
+    def block(inp):
+        q = (inp @ w).view(B, S, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q.tanh(), q.sin()).transpose(1, 2).flatten(2)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSDPA(TorchDispatchMode):  # entered outside the checkpoint: sees only the SDPA calls that really run
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            self.n += "_scaled_dot_product" in name and "backward" not in name
+            return func(*args, **(kwargs or {}))
+
+    def run(fn):
+        w.grad = None
+        with CountSDPA() as count:
+            fn().square().sum().backward()
+        return w.grad.clone(), count.n
+
+    plain, n_plain = run(lambda: block(x))
+    kept_grad, n_kept = run(lambda: checkpoint_keeping_context(block, x))
+    redone, n_redone = run(lambda: checkpoint_keeping_context(block, x, keep_attention=False))
+    assert n_plain >= 1 and n_kept == n_plain and n_redone == 2 * n_plain
+    assert torch.equal(plain, kept_grad) and torch.equal(plain, redone)
