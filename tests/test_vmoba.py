@@ -97,6 +97,10 @@ def test_partition_membership(grid, layer):
         assert torch.equal(rows, p.q_perm[s0:s0 + int(p.block_size[c])])
         assert tc == math.ceil(int(p.block_size[c]) / T)
     assert p.kv_perm.numel() == p.num_kv_tiles * T and (p.kv_perm < S).all()
+    # kv_inv: each raster token's own (real, not pad) row of the padded layout
+    assert torch.equal(p.kv_perm[p.kv_inv], torch.arange(S))
+    real = (torch.arange(T).view(1, -1) < p.kv_tile_len.view(-1, 1).long()).reshape(-1)
+    assert torch.equal(torch.sort(p.kv_inv).values, torch.nonzero(real).view(-1))
 
 
 def test_partition_is_cached():
