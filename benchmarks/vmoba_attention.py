@@ -525,6 +525,10 @@ TRAIN_SWEEP += [(f"kb dkdv {c}", {"kb_dkdv": c}) for c in ((64, 64, 8), (128, 64
 TRAIN_SWEEP += [(f"kb dq {c}", {"kb_dq": c}) for c in ((128, 32, 8), (128, 64, 8), (256, 32, 8), (128, 64, 4))]
 TRAIN_SWEEP += [(f"qt dkdv {c}", {"qt_configs": {"dkdv": c}}) for c in ((64, 64, 4, 2), (64, 32, 4, 2),
                                                                           (128, 32, 4, 3))]
+# later in session 17: dK/dV programs over pairs of 32-key tiles (block_sparse_attention _DKDV_PAIR_TILES_MAX)
+TRAIN_SWEEP += [("qt dkdv single tiles", {"qt_switches": {"pair_tiles": False}})]
+TRAIN_SWEEP += [(f"qt dkdv pairs {c}", {"qt_configs": {"dkdv": c}}) for c in ((64, 64, 4, 2), (128, 64, 8, 3),
+                                                                                (64, 64, 8, 3))]
 
 
 def train_sweep(reps: int = 10, layer_types=("spatiotemporal", "spatial")) -> dict:

@@ -341,11 +341,13 @@ def _preprocess_rows(
 @triton.jit
 def _transpose_tiles(
     pid_t, pid_bh, KV_COUNT, KV_INDEX, QBUF, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii, H, n_qt, n_kt,
-    BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+    BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr, TPP: tl.constexpr,
 ):
     # The transposed layout of BT key tiles: QBUF[b, h, t] = (count, query tiles visiting t in ascending order),
     # rows of n_qt + 1 int32. Query tiles are scanned in chunks of BQ, their visited lists in chunks of BS;
     # a key tile is hit by a query tile if any live slot names it (duplicates count once).
+    # TPP > 1: rows per group of TPP consecutive key tiles (n_kt counts groups): the query tiles visiting any of
+    # them, each entry qt << TPP | (bit j: it visits the group's tile j).
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -362,12 +364,16 @@ def _transpose_tiles(
             offs_s = s0 + tl.arange(0, BS)
             idx = tl.load(i_base + offs_q[:, None] * s_iq + offs_s[None, :] * s_ii, mask=offs_s[None, :] < c[:, None],
                           other=-1)
-            eq = (idx[None, :, :] == offs_t[:, None, None]).to(tl.int32)  # [BT, BQ, BS]
-            hit = tl.maximum(hit, tl.max(eq, 2))
-        pos = cnt[:, None] + tl.cumsum(hit, 1) - hit
-        tl.store(row[:, None] + 1 + pos, offs_q[None, :] + tl.zeros([BT, BQ], dtype=tl.int32),
-                 mask=(hit != 0) & t_ok[:, None])
-        cnt += tl.sum(hit, 1)
+            for j in tl.static_range(TPP):  # bit j: the group's tile j is visited (TPP = 1: the tile)
+                eq = (idx[None, :, :] == offs_t[:, None, None] * TPP + j).to(tl.int32)  # [BT, BQ, BS]
+                hit = hit | (tl.max(eq, 2) << j)
+        seen = (hit != 0).to(tl.int32)
+        pos = cnt[:, None] + tl.cumsum(seen, 1) - seen
+        entry = offs_q[None, :] + tl.zeros([BT, BQ], dtype=tl.int32)
+        if TPP > 1:  # the query tile and which of the group's tiles it visits
+            entry = (entry << TPP) | hit
+        tl.store(row[:, None] + 1 + pos, entry, mask=(hit != 0) & t_ok[:, None])
+        cnt += tl.sum(seen, 1)
     tl.store(row, cnt, mask=t_ok)
 
 
@@ -377,10 +383,10 @@ def _bwd_prologue_kernel(
     s_ob, s_os, s_oh, s_db, s_ds, s_dh, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii,
     H, Sq, Sq_pad, n_pre, n_qt, n_kt,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, PAD: tl.constexpr,
-    ZERO_ACC: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+    ZERO_ACC: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr, TPP: tl.constexpr,
 ):
     # one launch for the backward's small jobs: programs [0, n_pre) preprocess BLOCK_M query rows each,
-    # the rest transpose the layout for BT key tiles each (the two read and write disjoint buffers)
+    # the rest transpose the layout for BT key tiles (or groups of TPP tiles) each (disjoint buffers)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if pid < n_pre:
@@ -388,7 +394,7 @@ def _bwd_prologue_kernel(
                          H, Sq, Sq_pad, HEAD_DIM, BLOCK_M, HAS_DLSE, PAD, ZERO_ACC)
     else:
         _transpose_tiles(pid - n_pre, pid_bh, KV_COUNT, KV_INDEX, QBUF, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq, s_ii,
-                         H, n_qt, n_kt, BT, BQ, BS)
+                         H, n_qt, n_kt, BT, BQ, BS, TPP)
 
 
 @triton.jit
@@ -397,7 +403,7 @@ def _transpose_kernel(
     BT: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
 ):
     _transpose_tiles(tl.program_id(0), tl.program_id(1), KV_COUNT, KV_INDEX, QBUF, s_cb, s_ch, s_cq, s_ib, s_ih, s_iq,
-                     s_ii, H, n_qt, n_kt, BT, BQ, BS)
+                     s_ii, H, n_qt, n_kt, BT, BQ, BS, 1)
 
 
 @triton.jit
@@ -425,13 +431,16 @@ def _bwd_dkdv_kernel(
     s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh, s_rb, s_rh, s_rs,
     H, Sq, Sk, n_kt, n_qt, sm_scale, qk_scale,
     Q_TILE: tl.constexpr, KV_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TPP: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_SEL: tl.constexpr, F32_DOT: tl.constexpr,
     PADDED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_Q: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
     # one program owns BLOCK_N keys of key tile kt and loops over the query tiles that visit kt
     # (QBUF: the transposed layout, rows of n_qt + 1 int32 = count, then the query tiles).
+    # TPP = 2 (not with DQ_ATOMIC): the program owns the two key tiles kt, kt + 1 (BLOCK_N = 2 KV_TILE) and QBUF
+    # has a row per pair (n_kt counts pairs), entries qt << 2 | (bit j: qt visits tile kt + j); a key's p is
+    # zero for a query tile that does not visit its tile.
     # Padding keys past Sk need no mask: their dK/dV rows are never stored.
     # PADDED: LSE holds lse*log2(e) and DELTA delta, both n_qt*Q_TILE rows long with p = 0 past Sq, so the
     # loop needs no row masks; a key past kv_tile_len only touches its own dK/dV row, zeroed once at the end.
@@ -453,10 +462,19 @@ def _bwd_dkdv_kernel(
     k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     if HAS_LEN:
-        key_ok = key_ok & ((pid_n * BLOCK_N - kt * KV_TILE + tl.arange(0, BLOCK_N)) < tl.load(KV_LEN + kt))
+        if TPP == 1:
+            key_ok = key_ok & ((pid_n * BLOCK_N - kt * KV_TILE + tl.arange(0, BLOCK_N)) < tl.load(KV_LEN + kt))
+        else:
+            kt_n = offs_n // KV_TILE
+            key_ok = key_ok & ((offs_n - kt_n * KV_TILE) < tl.load(KV_LEN + kt_n, mask=offs_n < Sk, other=0))
     if HAS_SEL:
         g = tl.load(KV_GROUP + kt)
         sel_base = ROW_SEL + b * s_rb + h * s_rh + g // 32
+        if TPP > 1:
+            g_hi = tl.load(KV_GROUP + kt + 1, mask=(kt + 1) * KV_TILE < Sk, other=0)
+            sel_hi = ROW_SEL + b * s_rb + h * s_rh + g_hi // 32
+    if TPP > 1:
+        hi_key = offs_n >= (kt + 1) * KV_TILE  # the pair's second tile
 
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_db + h * s_dh
@@ -467,7 +485,7 @@ def _bwd_dkdv_kernel(
     if USE_TMA:  # bulk copies of each gathered [BLOCK_M, D] tile; rows past Sq read as zeros
         q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[s_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
         do_desc = tl.make_tensor_descriptor(do_base, shape=[Sq, HEAD_DIM], strides=[s_ds, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    lay = (pid_bh.to(tl.int64) * n_kt + kt) * (n_qt + 1)
+    lay = (pid_bh.to(tl.int64) * n_kt + kt // TPP) * (n_qt + 1)
     count = tl.load(QBUF + lay)
     idx_base = QBUF + lay + 1
     if DQ_ATOMIC:
@@ -480,6 +498,9 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for it in range(0, count * SUB):
         qt = tl.load(idx_base + it // SUB)
+        if TPP > 1:
+            vis = (tl.where(hi_key, qt >> 1, qt) & 1) != 0  # [BLOCK_N]: this query tile visits the key's tile
+            qt = qt >> TPP
         m0 = qt * Q_TILE + (it % SUB) * BLOCK_M
         offs_m = m0 + offs_mb
         row_ok = offs_m < Sq
@@ -501,20 +522,30 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
         sT = _mm(k, tl.trans(q), F32_DOT)
         pT = tl.exp2(sT * qk_scale - lse2[None, :])
+        if HAS_SEL:
+            word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
+            sel = (((word >> (g % 32)) & 1) != 0)[None, :]
+            if TPP > 1:
+                word_hi = tl.load(sel_hi + offs_m * s_rs, mask=row_ok, other=0)
+                sel = tl.where(hi_key[:, None], (((word_hi >> (g_hi % 32)) & 1) != 0)[None, :], sel)
         if PADDED:
             if HAS_SEL:
-                word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
-                ok = (((word >> (g % 32)) & 1) != 0)[None, :]
+                ok = sel
                 if DQ_ATOMIC:
                     ok = ok & key_ok[:, None]
+                if TPP > 1:
+                    ok = ok & vis[:, None]
                 pT = tl.where(ok, pT, 0.0)
+            elif TPP > 1:
+                pT = tl.where(vis[:, None], pT, 0.0)
             elif DQ_ATOMIC and (HAS_LEN or tail):
                 pT = tl.where(key_ok[:, None], pT, 0.0)
-        elif HAS_LEN or HAS_SEL:
+        elif HAS_LEN or HAS_SEL or TPP > 1:
             ok = key_ok[:, None]
             if HAS_SEL:
-                word = tl.load(sel_base + offs_m * s_rs, mask=row_ok, other=0)
-                ok = ok & (((word >> (g % 32)) & 1) != 0)[None, :]
+                ok = ok & sel
+            if TPP > 1:
+                ok = ok & vis[:, None]
             pT = tl.where(ok, pT, 0.0)
         dv += _mm(pT.to(do.dtype), do, F32_DOT)
         dpT = _mm(v, tl.trans(do), F32_DOT)
@@ -634,6 +665,13 @@ _FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 _FWD_CONFIGS_SMALL_KV = {"row_masks": {64: (64, 32, 4, 3), 128: (64, 32, 4, 3)},
                          "lengths_only": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2)}}
 _DKDV_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}  # (BLOCK_M queries, BLOCK_N keys, ...)
+# key tiles <= this: each dK/dV program takes a pair of neighbouring key tiles and walks the union of the query
+# tiles visiting either (the transposed layout says which of the two each visits; p = 0 for the other):
+# 32-key programs made M = 32 MMAs (no wgmma on Hopper). _BWD_OPTS["pair_tiles"] switches it (A/B).
+# H200, Wan-1.3B 3D layer, the exact rule's forward + split backward: 32.3 -> 29.4 ms, and 28.4-28.9 with 2 stages
+# (session 17, results/vmoba-train-sweep-pairs-session17-*.json)
+_DKDV_PAIR_TILES_MAX = 32
+_DKDV_CONFIGS_PAIRS = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 _DQ_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 # dQ over key tiles <= 32 (VMoBA's 3D layers): 4 warps. H200, Wan-1.3B 3D layer, the exact rule's forward + split
 # backward: 39.9 -> 34.1 ms against the table above clipped to 64 x 32 with 8 warps (session 17,
@@ -710,7 +748,7 @@ def forward_variant(switches: dict | None = None, config=None, launch_extra: dic
 # kernel (5 tile matmuls per pair instead of 7; always padded). MIXDIT_BWD_DQ=atomic|split, or the launcher's
 # dq_mode argument. "dq_tma_reduce": the atomic path's adds as TMA reduce-adds (Hopper only; a sweep option).
 _BWD_OPTS = {"tma": os.environ.get("MIXDIT_BWD_TMA", "1") != "0", "padded": os.environ.get("MIXDIT_BWD_TMA", "1") != "0",
-             "dq": _env_dq_mode(), "dq_tma_reduce": False}
+             "dq": _env_dq_mode(), "dq_tma_reduce": False, "pair_tiles": True}
 _DQ_MODES = ("split", "atomic")
 
 
@@ -976,7 +1014,10 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
     Sq_pad = n_qt * q_tile if padded else Sq
     delta = torch.empty((B, H, Sq_pad), device=dev, dtype=torch.float32)
     lse_arg = torch.empty_like(delta) if padded else lse
-    qbuf = torch.empty((B, H, n_kt, n_qt + 1), device=dev, dtype=torch.int32)
+    # dK/dV programs over pairs of key tiles (small tiles with per-row masks): see _DKDV_PAIR_TILES
+    tpp = 2 if (not atomic and kv_tile <= _DKDV_PAIR_TILES_MAX and _BWD_OPTS["pair_tiles"]) else 1
+    n_kp = _cdiv(n_kt, tpp)  # rows of the transposed layout: key tiles, or pairs of them
+    qbuf = torch.empty((B, H, n_kp, n_qt + 1), device=dev, dtype=torch.int32)
     acc = torch.empty((B * H, Sq_pad, D), device=dev, dtype=torch.float32) if atomic else delta
     dq = torch.empty_like(q, dtype=grad_dtype)
     dk = torch.empty_like(k, dtype=grad_dtype)
@@ -989,12 +1030,12 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
     n_pre = _cdiv(Sq_pad, pre_bm)
     bt, bq, bs = _TR_BLOCKS
     so, sd, sc, si = out.stride(), grad_out.stride(), kv_count.stride(), kv_index.stride()
-    _bwd_prologue_kernel[(n_pre + _cdiv(n_kt, bt), B * H)](
+    _bwd_prologue_kernel[(n_pre + _cdiv(n_kp, bt), B * H)](
         out, grad_out, delta if grad_lse is None else grad_lse, delta, lse, lse_arg, acc, kv_count, kv_index, qbuf,
         so[0], so[1], so[2], sd[0], sd[1], sd[2], sc[0], sc[1], sc[2], si[0], si[1], si[2], si[3],
-        H, Sq, Sq_pad, n_pre, n_qt, n_kt,
+        H, Sq, Sq_pad, n_pre, n_qt, n_kp,
         HEAD_DIM=D, BLOCK_M=pre_bm, HAS_DLSE=grad_lse is not None, PAD=padded, ZERO_ACC=atomic,
-        BT=bt, BQ=bq, BS=bs, num_warps=4,
+        BT=bt, BQ=bq, BS=bs, TPP=tpp, num_warps=4,
     )
 
     kv_len_arg = kv_count if kv_len is None else kv_len
@@ -1006,14 +1047,17 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
     if atomic:
         bm, bn, warps, stages = _pick("dkdv_atomic", _DKDV_ATOMIC_CONFIGS, D, q_tile, kv_tile)
     else:
-        bm, bn, warps, stages = _pick("dkdv", _DKDV_CONFIGS, D, q_tile, kv_tile)
+        bm, bn, warps, stages = _pick("dkdv", _DKDV_CONFIGS_PAIRS if tpp > 1 else _DKDV_CONFIGS, D, q_tile,
+                                      kv_tile * tpp)
+        if tpp > 1:
+            bn = kv_tile * tpp
     sdk, sdv = dk.stride(), dv.stride()
     _bwd_dkdv_kernel[(_cdiv(Sk, bn), B * H)](
         q, k, v, grad_out, lse_arg, delta, dk, dv, qbuf, kv_len_arg, rs_arg, grp_arg, acc,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sd[0], sd[1], sd[2],
         sdk[0], sdk[1], sdk[2], sdv[0], sdv[1], sdv[2], srs[0], srs[1], srs[2],
-        H, Sq, Sk, n_kt, n_qt, scale, scale * _LOG2E,
-        Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+        H, Sq, Sk, n_kp, n_qt, scale, scale * _LOG2E,
+        Q_TILE=q_tile, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, TPP=tpp,
         HAS_LEN=has_len, HAS_SEL=has_sel, F32_DOT=f32_dot,
         PADDED=padded, USE_TMA=use_tma, EVEN_Q=Sq % q_tile == 0,
         DQ_ATOMIC=atomic, DQ_TMA=atomic and use_tma and bool(_BWD_OPTS["dq_tma_reduce"]),
@@ -1055,7 +1099,7 @@ def backward_delta(out: torch.Tensor, grad_out: torch.Tensor,
         out, grad_out, delta if grad_lse is None else grad_lse, delta, delta, delta, delta, no_layout, no_layout,
         no_layout, so[0], so[1], so[2], sd[0], sd[1], sd[2], 0, 0, 0, 0, 0, 0, 0, H, Sq, Sq, n_pre, 0, 0,
         HEAD_DIM=D, BLOCK_M=_PRE_BLOCK_M, HAS_DLSE=grad_lse is not None, PAD=False, ZERO_ACC=False,
-        BT=bt, BQ=bq, BS=bs, num_warps=4,
+        BT=bt, BQ=bq, BS=bs, TPP=1, num_warps=4,
     )
     return delta
 

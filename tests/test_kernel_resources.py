@@ -47,12 +47,19 @@ _SCRIPT = textwrap.dedent("""
                 out.append(("fwd-even", D, has_len, compile_one(bsa._fwd_kernel, fwd_even, w, s)))
             bm, bn, w, s = bsa._DKDV_CONFIGS[D]
             dkdv = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
-                        F32_DOT=False, PADDED=True, USE_TMA=True, EVEN_Q=False, DQ_ATOMIC=False, DQ_TMA=False)
+                        F32_DOT=False, PADDED=True, USE_TMA=True, EVEN_Q=False, DQ_ATOMIC=False, DQ_TMA=False, TPP=1)
             out.append(("dkdv", D, has_len, compile_one(bsa._bwd_dkdv_kernel, dkdv, w, s)))
             bm, bn, w, s = bsa._DQ_CONFIGS[D]
             dq = dict(Q_TILE=128, KV_TILE=128, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, HAS_LEN=has_len, HAS_SEL=has_sel,
                       F32_DOT=False, PADDED=True, USE_TMA=True, EVEN_K=False)
             out.append(("dq", D, has_len, compile_one(bsa._bwd_dq_kernel, dq, w, s)))
+            if has_sel and D == 128:  # VMoBA's 3D layers in training: 32-key tiles, dK/dV over pairs of them
+                bm, _, w, s = bsa._DKDV_CONFIGS_PAIRS[D]
+                pairs = dict(dkdv, Q_TILE=64, KV_TILE=32, BLOCK_M=bm, BLOCK_N=64, TPP=2)
+                out.append(("dkdv-32-pairs", D, has_len, compile_one(bsa._bwd_dkdv_kernel, pairs, w, s)))
+                bm, bn, w, s = bsa._DQ_CONFIGS_SMALL_KV[D]
+                out.append(("dq-32", D, has_len, compile_one(bsa._bwd_dq_kernel, dict(dq, Q_TILE=64, KV_TILE=32,
+                                                                                     BLOCK_M=bm, BLOCK_N=bn), w, s)))
     print("RESULT" + json.dumps(out))
 """)
 
@@ -69,7 +76,7 @@ def test_default_configs_fit_hopper_shared_memory(tmp_path):
         pytest.skip("Triton's ptxas is not available here")
     assert line is not None, proc.stderr[-3000:]
     rows = json.loads(line[len("RESULT"):])
-    assert len(rows) == 24
+    assert len(rows) == 26
     over = [(k, D, masks, smem) for k, D, masks, smem in rows if smem > HOPPER_SMEM_PER_BLOCK]
     assert not over, f"kernels over Hopper's {HOPPER_SMEM_PER_BLOCK} B of shared memory (kernel, D, masks, bytes): {over}"
     # A mask-free forward loop once got two K/V buffers instead of three (164 vs 229 KB at D = 128) and ran 9%
