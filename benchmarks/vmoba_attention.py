@@ -525,7 +525,7 @@ TRAIN_SWEEP += [(f"kb dkdv {c}", {"kb_dkdv": c}) for c in ((64, 64, 8), (128, 64
 TRAIN_SWEEP += [(f"kb dq {c}", {"kb_dq": c}) for c in ((128, 32, 8), (128, 64, 8), (256, 32, 8), (128, 64, 4))]
 TRAIN_SWEEP += [(f"qt dkdv {c}", {"qt_configs": {"dkdv": c}}) for c in ((64, 64, 4, 2), (64, 32, 4, 2),
                                                                           (128, 32, 4, 3))]
-# later in session 17: dK/dV programs over pairs of 32-key tiles (block_sparse_attention _DKDV_PAIR_TILES_MAX)
+# later in session 17: dK/dV programs over pairs of 32-key tiles (block_sparse_attention _SMALL_KV_TILE)
 TRAIN_SWEEP += [("qt dkdv single tiles", {"qt_switches": {"pair_tiles": False}})]
 TRAIN_SWEEP += [(f"qt dkdv pairs {c}", {"qt_configs": {"dkdv": c}}) for c in ((64, 64, 4, 2), (128, 64, 8, 3),
                                                                                 (64, 64, 8, 3))]
@@ -535,9 +535,9 @@ def train_sweep(reps: int = 10, layer_types=("spatiotemporal", "spatial")) -> di
     """The exact rule's split backward, one knob at a time (``TRAIN_SWEEP``): forward + backward of
     ``vmoba_attention`` per layer type on a random-weight Wan2.1-1.3B's own q/k/v (480p / 81 frames, B = 1), with
     the gradients' relative L2 against the default's (every variant computes the same pairs)."""
-    from mixdit.attention.vmoba import vmoba_attention
     import importlib
 
+    from mixdit.attention.vmoba import vmoba_attention
     from mixdit.kernels import key_block_attention as kba
 
     bsa = importlib.import_module("mixdit.kernels.block_sparse_attention")  # the package exports a function so named

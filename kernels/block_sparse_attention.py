@@ -657,7 +657,9 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M/BLOCK_N are clipped to the layout tiles.
 _FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
-# layouts of key tiles <= 32 (VMoBA's 3D layers): 64-row programs of 4 warps, 3 stages with row masks and 2 without.
+# key tiles <= this (VMoBA's 3D layers) take the *_SMALL_KV tables and the paired dK/dV programs below
+_SMALL_KV_TILE = 32
+# layouts of key tiles <= _SMALL_KV_TILE: 64-row programs of 4 warps, 3 stages with row masks and 2 without.
 # H200, Wan-1.3B 3D layer with the router (session 13, results/fwd-config-sweep-session13-*.json): exact rule
 # (per-slot masks) 10.92 -> 10.02 ms against 128 x 32 with 8 warps, 3 stages (2 stages: 10.15); query_tile
 # granularity (lengths only) 3.10 -> 2.96 ms (3 stages: 3.19). 128-key layouts keep the table above (64-row or
@@ -665,15 +667,14 @@ _FWD_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 _FWD_CONFIGS_SMALL_KV = {"row_masks": {64: (64, 32, 4, 3), 128: (64, 32, 4, 3)},
                          "lengths_only": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2)}}
 _DKDV_CONFIGS = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}  # (BLOCK_M queries, BLOCK_N keys, ...)
-# key tiles <= this: each dK/dV program takes a pair of neighbouring key tiles and walks the union of the query
-# tiles visiting either (the transposed layout says which of the two each visits; p = 0 for the other):
+# key tiles <= _SMALL_KV_TILE: each dK/dV program takes a pair of neighbouring key tiles and walks the union of
+# the query tiles visiting either (the transposed layout says which of the two each visits; p = 0 for the other):
 # 32-key programs made M = 32 MMAs (no wgmma on Hopper). _BWD_OPTS["pair_tiles"] switches it (A/B).
 # H200, Wan-1.3B 3D layer, the exact rule's forward + split backward: 32.3 -> 29.4 ms, and 28.4-28.9 with 2 stages
 # (session 17, results/vmoba-train-sweep-pairs-session17-*.json)
-_DKDV_PAIR_TILES_MAX = 32
 _DKDV_CONFIGS_PAIRS = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 _DQ_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
-# dQ over key tiles <= 32 (VMoBA's 3D layers): 4 warps. H200, Wan-1.3B 3D layer, the exact rule's forward + split
+# dQ over key tiles <= _SMALL_KV_TILE: 4 warps. H200, Wan-1.3B 3D layer, the exact rule's forward + split
 # backward: 39.9 -> 34.1 ms against the table above clipped to 64 x 32 with 8 warps (session 17,
 # results/vmoba-train-sweep-*.json)
 _DQ_CONFIGS_SMALL_KV = {64: (64, 32, 4, 3), 128: (64, 32, 4, 3)}
@@ -911,7 +912,8 @@ def _forward(q, k, v, kv_count, kv_index, q_tile, kv_tile, scale, kv_len, rs, gr
     if _POISON_OUTPUTS:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    table = _FWD_CONFIGS_SMALL_KV["lengths_only" if rs is None else "row_masks"] if kv_tile <= 32 else _FWD_CONFIGS
+    small = _FWD_CONFIGS_SMALL_KV["lengths_only" if rs is None else "row_masks"]
+    table = small if kv_tile <= _SMALL_KV_TILE else _FWD_CONFIGS
     bm, bn, warps, stages = _pick("fwd", table, D, q_tile, kv_tile)
     sq, sk, sv, so, sc, si = q.stride(), k.stride(), v.stride(), out.stride(), kv_count.stride(), kv_index.stride()
     srs = (0, 0, 0) if rs is None else rs.stride()
@@ -1014,8 +1016,8 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
     Sq_pad = n_qt * q_tile if padded else Sq
     delta = torch.empty((B, H, Sq_pad), device=dev, dtype=torch.float32)
     lse_arg = torch.empty_like(delta) if padded else lse
-    # dK/dV programs over pairs of key tiles (small tiles with per-row masks): see _DKDV_PAIR_TILES
-    tpp = 2 if (not atomic and kv_tile <= _DKDV_PAIR_TILES_MAX and _BWD_OPTS["pair_tiles"]) else 1
+    # dK/dV programs over pairs of small key tiles (_DKDV_CONFIGS_PAIRS)
+    tpp = 2 if (not atomic and kv_tile <= _SMALL_KV_TILE and _BWD_OPTS["pair_tiles"]) else 1
     n_kp = _cdiv(n_kt, tpp)  # rows of the transposed layout: key tiles, or pairs of them
     qbuf = torch.empty((B, H, n_kp, n_qt + 1), device=dev, dtype=torch.int32)
     acc = torch.empty((B * H, Sq_pad, D), device=dev, dtype=torch.float32) if atomic else delta
@@ -1049,7 +1051,7 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
     else:
         bm, bn, warps, stages = _pick("dkdv", _DKDV_CONFIGS_PAIRS if tpp > 1 else _DKDV_CONFIGS, D, q_tile,
                                       kv_tile * tpp)
-        if tpp > 1:
+        if tpp > 1:  # a program owns its whole pair (also under a sweep's config override)
             bn = kv_tile * tpp
     sdk, sdv = dk.stride(), dv.stride()
     _bwd_dkdv_kernel[(_cdiv(Sk, bn), B * H)](
@@ -1070,7 +1072,8 @@ def _backward(grad_out, q, k, v, out, lse, kv_count, kv_index, q_tile, kv_tile, 
             acc, dq, sdq[0], sdq[1], sdq[2], H, Sq, Sq_pad, scale, HEAD_DIM=D, BLOCK_M=pre_bm, num_warps=4,
         )
         return dq, dk, dv
-    bm, bn, warps, stages = _pick("dq", _DQ_CONFIGS_SMALL_KV if kv_tile <= 32 else _DQ_CONFIGS, D, q_tile, kv_tile)
+    dq_table = _DQ_CONFIGS_SMALL_KV if kv_tile <= _SMALL_KV_TILE else _DQ_CONFIGS
+    bm, bn, warps, stages = _pick("dq", dq_table, D, q_tile, kv_tile)
     sc, si = kv_count.stride(), kv_index.stride()
     _bwd_dq_kernel[(_cdiv(Sq, bm), B * H)](
         q, k, v, grad_out, lse_arg, delta, dq, kv_count, kv_index, kv_len_arg, rs_arg, grp_arg,

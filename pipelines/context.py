@@ -7,6 +7,7 @@ by mixdit read it through :func:`current_context` instead of re-deriving anythin
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,26 +75,22 @@ class AttentionKeep:
         self.entries: list = []
         self.replay_at: int | None = None  # next entry to hand back; None while recording
 
-    def _enter(self, replay: bool):
-        import contextlib
-
-        @contextlib.contextmanager
-        def scope():
-            token = _KEEP.set(self)
-            self.replay_at = 0 if replay else None
-            try:
-                yield
-            finally:
-                _KEEP.reset(token)
-                if replay:
-                    self.entries.clear()
-        return scope()
+    @contextlib.contextmanager
+    def _scope(self, replay: bool):
+        token = _KEEP.set(self)
+        self.replay_at = 0 if replay else None
+        try:
+            yield
+        finally:
+            _KEEP.reset(token)
+            if replay:
+                self.entries.clear()
 
     def recording(self):
-        return self._enter(replay=False)
+        return self._scope(replay=False)
 
     def replaying(self):
-        return self._enter(replay=True)
+        return self._scope(replay=True)
 
 
 _KEEP: contextvars.ContextVar[AttentionKeep | None] = contextvars.ContextVar("mixdit_attention_keep", default=None)
@@ -139,8 +136,6 @@ _SDPA_OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_a
 def _keep_contexts():
     """``context_fn`` of ``torch.utils.checkpoint``: (forward, recomputation) contexts that keep mixdit's attention
     kernels' results (:func:`kept`) and PyTorch's SDPA outputs (selective checkpointing) for the recomputation."""
-    import contextlib
-
     import torch
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
