@@ -39,7 +39,7 @@ Kernels
 
 4. ``_tile_query_means_kernel`` + ``_tile_route_kernel`` (:func:`route_query_tiles_fused`): VMoBA's
    approximate ``granularity="query_tile"`` router, one selection per (sample, head, query tile) from
-   the tile's mean query. The gate ``[B*H, query tiles, NB_PAD]`` is one fp32 ``torch.bmm``; the route
+   the tile's mean query. The gate ``[B*H, query tiles, NB_PAD]`` comes from ``_token_gate_kernel`` (3xTF32); the route
    kernel takes up to 16 tiles per program (:func:`_tile_route_shape`) and applies the rule on chip
    (threshold: the reference's cut value found exactly, bit by bit on the fp32 patterns of the
    normalised gates; top-k: iterated arg-max), then writes the visited part of ``kv_index`` directly
@@ -51,9 +51,7 @@ Everything stays on the device: no ``.item()``, no ``nonzero``, no data-dependen
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -357,31 +355,6 @@ def token_gate(q: torch.Tensor, means_t: torch.Tensor, num_blocks: int, h0: int,
     return gate[..., :num_blocks]
 
 
-_FP32_MATMUL_LOCK = threading.Lock()
-_fp32_matmul_state = {"users": 0, "saved": None}
-
-
-@contextlib.contextmanager
-def _fp32_matmul():
-    """The query-tile gate is an fp32 matmul as in the reference, also where a caller allowed TF32 globally
-    (benchmarks do, for the model's own layers). PyTorch has only the process-wide flag, so it is turned off while
-    any thread is inside (other threads' matmuls run in full fp32 meanwhile: slower, never less exact) and the
-    caller's value comes back when the last one leaves: with plain save/restore, two overlapping threads could
-    restore each other's ``False`` and leave TF32 off for the rest of the process."""
-    with _FP32_MATMUL_LOCK:
-        if _fp32_matmul_state["users"] == 0:
-            _fp32_matmul_state["saved"] = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-        _fp32_matmul_state["users"] += 1
-    try:
-        yield
-    finally:
-        with _FP32_MATMUL_LOCK:
-            _fp32_matmul_state["users"] -= 1
-            if _fp32_matmul_state["users"] == 0:
-                torch.backends.cuda.matmul.allow_tf32 = _fp32_matmul_state["saved"]
-
-
 def _rule_first_check(nb_pad: int) -> int:
     """``EARLY_EXIT`` of the threshold rule for ``nb_pad`` blocks: the bits left when the search first checks whether
     it may stop. The check costs about a third of a round (the kernel is issue-bound: 88% of the SM's issue slots,
@@ -593,7 +566,7 @@ def _global_cut(launch, BH: int, n_rt: int, threshold: float, dev):
 # ----------------------------------------------------------------------------------------------
 # query-tile router (VMoBA granularity="query_tile"): one selection per (sample, head, query tile)
 # ----------------------------------------------------------------------------------------------
-# Modes of ``_tile_route_kernel`` (the gate comes from one bmm before it). THRESHOLD / TOPK: one launch
+# Modes of ``_tile_route_kernel`` (the gate comes from token_gate before it). THRESHOLD / TOPK: one launch
 # does rule and layout. The global rule needs per-(sample, head) reductions over all (tile, block)
 # pairs, so it runs as GATE (partial min/max of the gate), TILE_GLOBAL_PASSES x PASS (partial sums at candidate
 # cuts) and SELECT (rule + layout); every launch re-derives the head's state from the stored
@@ -851,7 +824,7 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     unwritten, as the layout contract allows (the kernels never read them).
 
     CUDA kernels per call (threshold / top-k: 6): the zero fill and kernel of
-    :func:`block_key_means`, tile mean queries, the gate's ``bmm``, one route kernel (global: a
+    :func:`block_key_means`, tile mean queries, the gate (:func:`token_gate`), one route kernel (global: a
     min/max launch, ``TILE_GLOBAL_PASSES`` search launches and a select launch instead, 13 in all),
     one ``sum`` for the statistics.
 
@@ -884,8 +857,9 @@ def route_query_tiles_fused(q: torch.Tensor, k: torch.Tensor, *, q_block: torch.
     _tile_query_means_kernel[(BH, n_qt)](
         q, qmean, q.stride(0), q.stride(1), q.stride(2), q.stride(3), Sq, H, n_qt,
         D=D, D_PAD=D_PAD, Q_TILE=q_tile, ROWS=min(q_tile, max(16, 8192 // D_PAD)), num_warps=4)
-    with _fp32_matmul():
-        gate = torch.bmm(qmean, means_t)  # [B*H, n_qt, NB_PAD]; zero past the real blocks
+    # [B*H, n_qt, NB_PAD], zero past the real blocks: fp32-accurate on tensor cores (3xTF32) whatever the caller's
+    # TF32 flag says, without touching that process-wide flag (a cuBLAS fp32 bmm needed it off)
+    gate = token_gate(qmean.view(B, H, n_qt, D_PAD).transpose(1, 2), means_t, NB_PAD, 0, BH)
 
     kv_count = torch.empty(B, H, n_qt, device=dev, dtype=torch.int32)
     kv_index = torch.empty(B, H, n_qt, n_kt, device=dev, dtype=torch.int32)

@@ -461,12 +461,9 @@ def _bwd_dkdv_kernel(
     tail = pid_n * BLOCK_N + BLOCK_N > Sk  # this program holds keys past Sk
     k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    if HAS_LEN:
-        if TPP == 1:
-            key_ok = key_ok & ((pid_n * BLOCK_N - kt * KV_TILE + tl.arange(0, BLOCK_N)) < tl.load(KV_LEN + kt))
-        else:
-            kt_n = offs_n // KV_TILE
-            key_ok = key_ok & ((offs_n - kt_n * KV_TILE) < tl.load(KV_LEN + kt_n, mask=offs_n < Sk, other=0))
+    if HAS_LEN:  # each key against its own tile's length (one tile, kt, unless TPP > 1)
+        kt_n = offs_n // KV_TILE
+        key_ok = key_ok & ((offs_n - kt_n * KV_TILE) < tl.load(KV_LEN + kt_n, mask=offs_n < Sk, other=0))
     if HAS_SEL:
         g = tl.load(KV_GROUP + kt)
         sel_base = ROW_SEL + b * s_rb + h * s_rh + g // 32

@@ -280,40 +280,6 @@ def test_threshold_rule_early_exit_selects_as_the_full_search():
             assert sel.all()
 
 
-def test_fp32_matmul_restores_tf32_after_overlapping_threads(monkeypatch):
-    """Thread A enters, B enters, A leaves, B leaves: TF32 is off while either is inside and the caller's setting
-    comes back at the end (plain save/restore in each thread would leave it off: B saved A's False)."""
-    import threading
-
-    from mixdit.kernels import block_router as br
-
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
-    seen = {}
-
-    def thread_a():
-        with br._fp32_matmul():
-            a_in.set()
-            b_in.wait(5)
-            seen["a"] = torch.backends.cuda.matmul.allow_tf32
-        a_out.set()
-
-    def thread_b():
-        a_in.wait(5)
-        with br._fp32_matmul():
-            b_in.set()
-            a_out.wait(5)
-            seen["b"] = torch.backends.cuda.matmul.allow_tf32  # A has left, B is still inside
-
-    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert seen == {"a": False, "b": False}
-    assert torch.backends.cuda.matmul.allow_tf32 is True and br._fp32_matmul_state["users"] == 0
-
-
 @pytest.mark.parametrize("grid,block,kv_tile,q_tile", [((5, 4, 6), (2, 4, 6), 32, 16), ((7, 6, 6), (1, 6, 6), 16, 32)])
 def test_sorted_tile_layout_matches_the_pytorch_layout(grid, block, kv_tile, q_tile):
     """The sorted 1D path's layout kernel (union and every-row set per query tile from one selection word per row)
