@@ -4,51 +4,11 @@ and :class:`~mixdit.attention.vmoba_config.VMoBAConfig` without loading torch) a
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
+from mixdit.attention.vmoba_cli import add_vmoba_arguments, vmoba_fields_from_args
 from mixdit.attention.vmoba_train_config import (EXPERTS, MIXED_PRECISIONS, TIMESTEP_SAMPLINGS,
                                                  TRAINING_VMOBA_DEFAULTS, TrainConfig)
-from mixdit.errors import ConfigError
-
-
-def _vmoba_fields():
-    from mixdit.attention.vmoba_config import VMoBAConfig
-
-    return list(dataclasses.fields(VMoBAConfig))
-
-
-def _parse_vmoba_value(field_, text: str):
-    default = field_.default
-    if isinstance(default, bool):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"vmoba.{field_.name}", text, "true or false")
-    if isinstance(text, (list, tuple)):  # nargs="*": "--vmoba-spatial-block 3 4" (or "3,4"; none = ())
-        text = ",".join(text)
-    if default is None:  # optional number (e.g. kv_tile_spatiotemporal)
-        low = text.strip().lower()
-        if low in ("", "none"):
-            return None
-        try:
-            return int(low) if low.lstrip("-").isdigit() else float(low)
-        except ValueError:
-            return text
-    if isinstance(default, tuple):
-        parts = [p for p in text.replace(" ", "").strip("()[]").split(",") if p]
-        try:
-            return tuple(int(p) for p in parts)
-        except ValueError:
-            raise ConfigError(f"vmoba.{field_.name}", text, "comma-separated integers, e.g. 3,4") from None
-    if isinstance(default, (int, float)):
-        try:
-            return int(text) if text.strip().lstrip("-").isdigit() else float(text)
-        except ValueError:
-            raise ConfigError(f"vmoba.{field_.name}", text, "a number") from None
-    return text
 
 
 def register_commands(subparsers) -> None:
@@ -91,15 +51,8 @@ def register_commands(subparsers) -> None:
     p.add_argument("--no-vmoba", action="store_true", help="train with dense attention (the baseline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--record-samples", default=None, help=argparse_suppress())
-    group = p.add_argument_group("VMoBA", "fields of VMoBAConfig (default: its defaults)")
-    for f in _vmoba_fields():
-        default = f.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        if f.name in TRAINING_VMOBA_DEFAULTS:
-            shown = f"{TRAINING_VMOBA_DEFAULTS[f.name]} in training: the dense-fallback rule is off"
-        extra = dict(nargs="*", metavar="N") if isinstance(default, tuple) else dict(metavar="V")
-        group.add_argument(f"--vmoba-{f.name.replace('_', '-')}", dest=f"vmoba_{f.name}", default=None,
-                           help=f"(default: {shown})", **extra)
+    group = p.add_argument_group("VMoBA", "any VMoBAConfig field (default: its defaults)")
+    add_vmoba_arguments(group, {name: f"{value} in training" for name, value in TRAINING_VMOBA_DEFAULTS.items()})
     p.set_defaults(func=_cmd_train_vmoba)
     train.set_defaults(func=lambda args, modules: (train.print_help(), 2)[1])
 
@@ -111,13 +64,7 @@ def argparse_suppress():
 
 
 def config_from_args(args) -> TrainConfig:
-    vmoba = None
-    if not args.no_vmoba:
-        vmoba = {}
-        for f in _vmoba_fields():
-            text = getattr(args, f"vmoba_{f.name}", None)
-            if text is not None:
-                vmoba[f.name] = _parse_vmoba_value(f, text)
+    vmoba = None if args.no_vmoba else vmoba_fields_from_args(args)
     return TrainConfig(
         model=args.model, data=args.data, out=args.out, expert=args.expert, steps=args.steps,
         learning_rate=args.learning_rate, batch_size=args.batch_size,

@@ -168,9 +168,17 @@ def _after_import(name: str, fn) -> None:
     sys.meta_path.insert(0, Finder())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the flag and what it takes, no usage dump), exit code 2; subcommands'
+    parsers are of the same class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(modules=None) -> argparse.ArgumentParser:
     modules = _feature_modules() if modules is None else modules
-    parser = argparse.ArgumentParser(prog="mixdit", description="Faster, better diffusers DiTs.")
+    parser = _Parser(prog="mixdit", description="Faster, better diffusers DiTs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub, modules)
@@ -186,7 +194,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     modules = _feature_modules()
     parser = build_parser(modules)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -69,6 +69,59 @@ def test_bad_input_one_line_exit_2(argv, field, capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv,flag", [
+    (["generate", "x", "--steps", "abc"], "--steps"),
+    (["generate", "x", "--vmoba", "--vmoba-q-tile", "big"], "--vmoba-q-tile"),
+    (["generate", "x", "--vmoba", "--vmoba-spatial-block", "3"], "--vmoba-spatial-block"),
+    (["generate", "x", "--vmoba", "--vmoba-tile-union-only", "maybe"], "--vmoba-tile-union-only"),
+    (["train", "vmoba", "--data", "synthetic:2", "--out", "o", "--vmoba-dense-layers", "one"], "--vmoba-dense-layers"),
+    (["bogus"], "COMMAND"),
+])
+def test_argument_type_errors_one_line_exit_2(argv, flag, capsys, tmp_path):
+    """argparse's own errors (a value of the wrong type, a missing value, an unknown command): one line naming the
+    flag and what it takes, exit code 2, no usage dump."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixdit") and "error: argument " + flag in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_vmoba_config_field_is_a_flag_of_generate_and_train(capsys):
+    """`mixdit generate --vmoba` and `mixdit train vmoba` take the same --vmoba-<field> flags, one per VMoBAConfig
+    field, parsed to the field's type (tuples, optional values, booleans, whole-count dense steps)."""
+    import dataclasses
+
+    from mixdit.attention.vmoba_cli import features_from_args
+    from mixdit.attention.vmoba_config import VMoBAConfig
+    from mixdit.attention.vmoba_train_cli import config_from_args
+    from mixdit.cli import build_parser
+
+    names = [f.name for f in dataclasses.fields(VMoBAConfig)]
+    flags = ["--vmoba-selection", "topk", "--vmoba-topk-spatial", "7", "--vmoba-spatiotemporal-block", "2", "3", "4",
+             "--vmoba-dense-layers", "--vmoba-dense-steps", "3", "--vmoba-router-precision", "ieee",
+             "--vmoba-kv-tile-spatiotemporal", "none", "--vmoba-tile-union-only", "yes",
+             "--vmoba-granularity", "query_tile", "--vmoba-max-tile-density", "0.7"]
+    expect = dict(selection="topk", topk_spatial=7, spatiotemporal_block=(2, 3, 4), dense_layers=(), dense_steps=3,
+                  router_precision="ieee", kv_tile_spatiotemporal=None, tile_union_only=True,
+                  granularity="query_tile", max_tile_density=0.7)
+    parser = build_parser()
+    gen = features_from_args(parser.parse_args(["generate", "x", "--vmoba", *flags]))["vmoba"]
+    train = config_from_args(parser.parse_args(["train", "vmoba", "--data", "synthetic:2", "--out", "o", *flags]))
+    train.validate()
+    for cfg in (gen, train.vmoba):
+        got = dataclasses.asdict(cfg)
+        assert {k: got[k] for k in expect} == expect
+        assert isinstance(cfg.dense_steps, int)
+    for cmd in (["generate", "--help"], ["train", "vmoba", "--help"]):
+        capsys.readouterr()
+        assert main(cmd) == 0
+        text = capsys.readouterr().out
+        for name in names:
+            assert "--vmoba-" + name.replace("_", "-") in text, (cmd, name)
+    assert dataclasses.asdict(features_from_args(parser.parse_args(["generate", "x", "--vmoba"]))["vmoba"]) == \
+        dataclasses.asdict(VMoBAConfig())
+
+
 def test_debug_shows_traceback():
     from mixdit.errors import ModelNotFoundError
 

@@ -266,7 +266,7 @@ def test_cli_vmoba_flags_follow_the_config_fields():
 
     args = build_parser().parse_args(
         ["train", "vmoba", "--data", "synthetic:2", "--out", "o", "--vmoba-spatial-block", "3", "4",
-         "--vmoba-spatiotemporal-block", "2,2,2", "--vmoba-dense-layers", "--vmoba-threshold", "0.3",
+         "--vmoba-spatiotemporal-block", "2", "2", "2", "--vmoba-dense-layers", "--vmoba-threshold", "0.3",
          "--vmoba-min-tokens", "0", "--vmoba-selection", "topk", "--lr", "2e-4", "--expert", "transformer_2"])
     config = config_from_args(args)
     config.validate()
