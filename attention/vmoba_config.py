@@ -56,7 +56,7 @@ class VMoBAConfig:
         tensor cores; ``"ieee"`` exact and slower; ``"tf32"`` fastest, ~1e-3 relative error); None = ``"tf32x3"``.
         The per-token top-k / global router only: the threshold rule's gate is
         ``mixdit.kernels.block_router.token_gate`` (q times the means split into parts exact in bf16 / TF32,
-        about fp32), ``query_tile``'s an fp32 batched matmul.
+        about fp32), ``query_tile``'s the same kernel on the tile mean queries (3xTF32).
     kv_tile_spatiotemporal: key tile for 3D layers only (None: ``kv_tile``). Default 32: 3D blocks are
         small (4x6x4 = 96 tokens), so 128-row tiles carry 33-60% padding; 32-row tiles carry almost none
         and made the 3D layers' kernel 1.4x faster (H200, Wan 1.3B and 14B, benchmarks/NOTES.md).
