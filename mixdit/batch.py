@@ -369,6 +369,7 @@ def run_batch(jobs: list[Job], out_dir: Path, args, features: dict, ranks: Ranks
     bar = tqdm(mine, desc=desc, unit="job", position=ranks.rank, disable=args.no_progress,
                dynamic_ncols=True)
     rank_manifest = out_dir / RANK_MANIFEST.format(rank=ranks.rank)
+    loop_start = time.perf_counter()
     with open(rank_manifest, "a", encoding="utf-8") as manifest:
         if rank_manifest.stat().st_size and not rank_manifest.read_bytes().endswith(b"\n"):
             manifest.write("\n")  # a line cut short by an interrupted run stays on its own line
@@ -410,6 +411,7 @@ def run_batch(jobs: list[Job], out_dir: Path, args, features: dict, ranks: Ranks
             manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
             manifest.flush()
     bar.close()
+    counts["seconds"] = time.perf_counter() - loop_start
 
     ranks.barrier()
     totals = ranks.gather(counts)
@@ -419,8 +421,11 @@ def run_batch(jobs: list[Job], out_dir: Path, args, features: dict, ranks: Ranks
         failed = sum(c["failed"] for c in totals)
         skipped = len(jobs) - len(pending) + sum(c["skipped"] for c in totals)
         used = sum(1 for c in totals if c["done"] or c["failed"])
+        seconds = max(c["seconds"] for c in totals)  # the slowest rank's jobs, after its model was loaded
+        rate = f" ({60 * done / seconds:.1f} jobs/min)" if done and seconds > 0 else ""
         print(f"{done} done, {skipped} skipped, {failed} failed ({len(jobs)} jobs"
-              + (f", {ranks.world} processes, {used} used" if ranks.world > 1 else "") + f") in {out_dir}")
+              + (f", {ranks.world} processes, {used} used" if ranks.world > 1 else "") + f") in {out_dir}; "
+              f"{seconds:.1f} s after loading{rate}")
         print(f"manifest: {out_dir / MANIFEST}")
     failed_any = any(c["failed"] for c in totals)
     ranks.barrier()

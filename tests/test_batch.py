@@ -2,6 +2,7 @@
 seeds, feature flags, failed jobs, and a 2-process `accelerate launch --cpu` run (tiny models)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,6 +111,7 @@ def test_outputs_manifest_and_metadata_match_generate(main, tmp_path, capsys):
     assert main(["batch", str(tmp_path / "p.txt"), "--out", str(out), *FAST, "--seed", "3", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
     assert "4 done, 0 skipped, 0 failed" in printed and str(out) in printed
+    assert re.search(r"; \d+\.\d s after loading \(\d+\.\d jobs/min\)", printed), printed
     names = ["00000-a-red-square-s3.png", "00000-a-red-square-s4.png", "00001-a-blue-circle-s3.png",
              "00001-a-blue-circle-s4.png"]
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["manifest.jsonl"])  # no temporary files left
