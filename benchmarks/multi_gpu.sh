@@ -70,6 +70,9 @@ for kind in ("img", "vid"):
             per_rank = {}
             for r in done:
                 per_rank.setdefault(r["rank"], []).append(r["seconds"])
+            if not done or len(done) == len(per_rank):
+                print(f"batch {kind} {n} GPU: {len(done)} of {len(rows)} jobs done, too few to time")
+                continue
             busiest = max(sum(v) for v in per_rank.values())
             steady = max(sum(v[1:]) for v in per_rank.values())
             n_steady = len(done) - len(per_rank)
